@@ -1,0 +1,303 @@
+"""The KIVI attention backend for vLLM 0.26: backend, metadata, builder and impl.
+
+Each step's metadata is built once on the host. ``forward`` attends first (context
+from the quantized pages and the full-precision tail, the step's own tokens in full
+precision) and then stores the step's tokens, so a chunk never reads a tail entry it
+overwrote itself. On CPU the pure-PyTorch reference runs; on CUDA the Triton kernels.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+import torch
+from vllm.config import VllmConfig
+from vllm.logger import init_logger
+from vllm.v1.attention.backend import (
+    AttentionBackend,
+    AttentionCGSupport,
+    AttentionImpl,
+    AttentionLayer,
+    AttentionMetadata,
+    AttentionMetadataBuilder,
+    AttentionType,
+    CommonAttentionMetadata,
+    MultipleOf,
+)
+from vllm.v1.attention.backends.utils import split_decodes_and_prefills
+
+from kivi_vllm import reference, state
+from kivi_vllm.config import ALLOWED_GROUP_SIZES, KiviConfig
+from kivi_vllm.memory import num_tail_slots
+from kivi_vllm.page_format import PageFormat
+from kivi_vllm.spec import KiviAttentionSpec
+
+logger = init_logger("vllm.kivi")
+
+
+class KiviAttentionBackend(AttentionBackend):
+    """Paged KV cache in KIVI form (2/4-bit codes + full-precision tail)."""
+
+    accept_output_buffer: bool = True
+    forward_includes_kv_cache_update: bool = True
+    supported_dtypes: ClassVar[list[torch.dtype]] = [
+        torch.float16,
+        torch.bfloat16,
+        torch.float32,
+    ]
+    supported_kv_cache_dtypes: ClassVar[list] = ["auto"]
+
+    @staticmethod
+    def get_name() -> str:
+        """The registry entry KIVI occupies: CPU_ATTN on CPU, CUSTOM elsewhere."""
+        from vllm.platforms import current_platform
+
+        return "CPU_ATTN" if current_platform.is_cpu() else "CUSTOM"
+
+    @staticmethod
+    def get_supported_kernel_block_sizes() -> list[int | MultipleOf]:
+        return list(ALLOWED_GROUP_SIZES)
+
+    @classmethod
+    def get_supported_head_sizes(cls) -> list[int]:
+        return [64, 96, 128, 192, 256]
+
+    @classmethod
+    def supports_attn_type(cls, attn_type: str) -> bool:
+        return attn_type == AttentionType.DECODER
+
+    @staticmethod
+    def get_impl_cls() -> type[KiviAttentionImpl]:
+        return KiviAttentionImpl
+
+    @staticmethod
+    def get_builder_cls() -> type[KiviMetadataBuilder]:
+        return KiviMetadataBuilder
+
+    @staticmethod
+    def get_kv_cache_shape(
+        num_blocks: int,
+        block_size: int,
+        num_kv_heads: int,
+        head_size: int,
+        cache_dtype_str: str = "auto",
+    ) -> tuple[int, ...]:
+        cfg = state.active_config()
+        fmt = PageFormat(cfg.bits, cfg.group_size, head_size, num_kv_heads)
+        assert block_size == fmt.block_size, (block_size, fmt.block_size)
+        return (num_blocks, fmt.page_bytes)
+
+    @staticmethod
+    def use_cascade_attention(*args, **kwargs) -> bool:
+        return False
+
+
+@dataclass
+class KiviMetadata(AttentionMetadata):
+    """Per-step metadata (decodes first, then prefill chunks)."""
+
+    num_actual_tokens: int
+    num_reqs: int
+    num_decodes: int
+    num_decode_tokens: int
+    max_query_len: int
+    max_seq_len: int
+    query_start_loc: torch.Tensor  # [num_reqs + 1] int32, device
+    seq_lens: torch.Tensor  # [num_reqs] int32, device (context + this step)
+    block_table: torch.Tensor  # [num_reqs, max_blocks] int32, device
+    slot_mapping: torch.Tensor  # [num_tokens] int64, device (-1 = padding)
+    tail_slots: torch.Tensor  # [num_reqs] int32, device
+    valid_from: torch.Tensor  # [num_reqs] int32, device
+    query_start_loc_cpu: torch.Tensor
+    seq_lens_cpu: torch.Tensor
+    tail_slots_cpu: np.ndarray
+    valid_from_cpu: np.ndarray
+
+
+class KiviMetadataBuilder(AttentionMetadataBuilder[KiviMetadata]):
+    """Builds :class:`KiviMetadata` and owns the tail rings of its layers."""
+
+    _cudagraph_support: ClassVar[AttentionCGSupport] = (
+        AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE
+    )
+
+    def __init__(
+        self,
+        kv_cache_spec: KiviAttentionSpec,
+        layer_names: list[str],
+        vllm_config: VllmConfig,
+        device: torch.device,
+    ) -> None:
+        super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+        self._init_reorder_batch_threshold(1, supports_spec_as_decode=False)
+        self.cfg = state.active_config()
+        slots = num_tail_slots(vllm_config)
+        state.STEP.ensure(slots)
+        state.allocate_tails(
+            layer_names,
+            num_slots=slots + 1,
+            residual=self.cfg.residual,
+            num_kv_heads=kv_cache_spec.num_kv_heads,
+            head_size=kv_cache_spec.head_size,
+            dtype=vllm_config.model_config.dtype,
+            device=device,
+        )
+        max_reqs = vllm_config.scheduler_config.max_num_seqs
+        self._tail_slots = torch.zeros(max_reqs, dtype=torch.int32, device=device)
+        self._valid_from = torch.zeros(max_reqs, dtype=torch.int32, device=device)
+        pin = device.type == "cuda"
+        self._tail_slots_host = torch.zeros(max_reqs, dtype=torch.int32, pin_memory=pin)
+        self._valid_from_host = torch.zeros(max_reqs, dtype=torch.int32, pin_memory=pin)
+
+    def build(
+        self,
+        common_prefix_len: int,
+        common_attn_metadata: CommonAttentionMetadata,
+        fast_build: bool = False,
+    ) -> KiviMetadata:
+        cam = common_attn_metadata
+        n = cam.num_reqs
+        num_decodes, _, num_decode_tokens, _ = split_decodes_and_prefills(
+            cam, decode_threshold=1
+        )
+        slots, valid_from = state.STEP.rows(n)
+        self._tail_slots_host[:n].copy_(torch.from_numpy(slots))
+        self._valid_from_host[:n].copy_(torch.from_numpy(valid_from))
+        self._tail_slots[:n].copy_(self._tail_slots_host[:n], non_blocking=True)
+        self._valid_from[:n].copy_(self._valid_from_host[:n], non_blocking=True)
+        seq_lens_cpu = cam.seq_lens_cpu_upper_bound
+        if seq_lens_cpu is None:
+            seq_lens_cpu = cam.seq_lens.cpu()
+        state.STEP.count_packed_groups(
+            seq_lens_cpu[:n].numpy(), cam.query_start_loc_cpu[: n + 1].numpy(),
+            self.cfg.group_size, len(self.layer_names),
+        )
+        return KiviMetadata(
+            num_actual_tokens=cam.num_actual_tokens,
+            num_reqs=n,
+            num_decodes=num_decodes,
+            num_decode_tokens=num_decode_tokens,
+            max_query_len=cam.max_query_len,
+            max_seq_len=cam.max_seq_len,
+            query_start_loc=cam.query_start_loc,
+            seq_lens=cam.seq_lens,
+            block_table=cam.block_table_tensor,
+            slot_mapping=cam.slot_mapping,
+            tail_slots=self._tail_slots[:n],
+            valid_from=self._valid_from[:n],
+            query_start_loc_cpu=cam.query_start_loc_cpu,
+            seq_lens_cpu=seq_lens_cpu,
+            tail_slots_cpu=slots,
+            valid_from_cpu=valid_from,
+        )
+
+
+class KiviAttentionImpl(AttentionImpl[KiviMetadata]):
+    """Attention over KIVI pages + tail; stores the step's tokens after attending."""
+
+    def __init__(
+        self,
+        num_heads: int,
+        head_size: int,
+        scale: float,
+        num_kv_heads: int | None = None,
+        alibi_slopes: list[float] | None = None,
+        sliding_window: int | None = None,
+        kv_cache_dtype: str = "auto",
+        logits_soft_cap: float | None = None,
+        attn_type: str = AttentionType.DECODER,
+        kv_sharing_target_layer_name: str | None = None,
+        **kwargs,
+    ) -> None:
+        unsupported = {
+            "alibi_slopes": alibi_slopes,
+            "sliding_window": sliding_window,
+            "logits_soft_cap": logits_soft_cap,
+            "kv_sharing_target_layer_name": kv_sharing_target_layer_name,
+            "sinks": kwargs.get("sinks"),
+        }
+        for name, value in unsupported.items():
+            if value is not None:
+                raise NotImplementedError(f"KIVI attention does not support {name}")
+        if attn_type != AttentionType.DECODER:
+            raise NotImplementedError(f"KIVI attention serves decoder layers, not {attn_type}")
+        self.num_heads = num_heads
+        self.head_size = head_size
+        self.scale = float(scale)
+        self.num_kv_heads = num_kv_heads or num_heads
+        self.cfg: KiviConfig = state.active_config()
+        self.cfg.check_head_size(head_size)
+        self.fmt = PageFormat(self.cfg.bits, self.cfg.group_size, head_size, self.num_kv_heads)
+
+    def forward(
+        self,
+        layer: AttentionLayer,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        kv_cache: torch.Tensor,
+        attn_metadata: KiviMetadata | None,
+        output: torch.Tensor | None = None,
+        output_scale: torch.Tensor | None = None,
+        output_block_scale: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        assert output is not None
+        if output_scale is not None or output_block_scale is not None:
+            raise NotImplementedError("KIVI attention does not fuse output quantization")
+        if attn_metadata is None:  # profiling run
+            return output.fill_(0)
+        tail = state.tail_for(layer.layer_name)
+        n = attn_metadata.num_actual_tokens
+        q = query[:n].view(n, self.num_heads, self.head_size)
+        k = key[:n].view(n, self.num_kv_heads, self.head_size)
+        v = value[:n].view(n, self.num_kv_heads, self.head_size)
+        out = output[:n].view(n, self.num_heads, self.head_size)
+        if kv_cache.is_cuda:
+            from kivi_vllm.kernels import ops
+
+            ops.forward(q, k, v, kv_cache, tail, attn_metadata, self, out)
+        else:
+            self._forward_reference(q, k, v, kv_cache, tail, attn_metadata, out)
+        return output
+
+    def _forward_reference(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        kv_cache: torch.Tensor,
+        tail: torch.Tensor,
+        md: KiviMetadata,
+        out: torch.Tensor,
+    ) -> None:
+        views = self.fmt.views(kv_cache)
+        steps = reference_steps(md, self.fmt.group_size)
+        bounds = md.query_start_loc_cpu.tolist()
+        for i, seq in enumerate(steps):
+            lo, hi = bounds[i], bounds[i + 1]
+            ck, cv = reference.context_kv(views, tail, seq, self.fmt, self.cfg.residual)
+            out[lo:hi] = reference.attend(q[lo:hi], k[lo:hi], v[lo:hi], ck, cv, self.scale)
+        for i, seq in enumerate(steps):
+            lo, hi = bounds[i], bounds[i + 1]
+            reference.store(views, tail, k[lo:hi], v[lo:hi], seq, self.fmt, self.cfg.residual)
+
+
+def reference_steps(md: KiviMetadata, group: int) -> list[reference.SeqStep]:
+    """Per-sequence views of a step for the reference path (host data only)."""
+    qsl = md.query_start_loc_cpu.tolist()
+    seq_lens = md.seq_lens_cpu.tolist()
+    steps = []
+    for i in range(md.num_reqs):
+        q_len = qsl[i + 1] - qsl[i]
+        steps.append(
+            reference.SeqStep(
+                ctx_len=seq_lens[i] - q_len,
+                query_len=q_len,
+                block_ids=md.block_table[i],
+                tail_slot=int(md.tail_slots_cpu[i]),
+                valid_from=int(md.valid_from_cpu[i]),
+            )
+        )
+    return steps

@@ -1,0 +1,95 @@
+"""KIVI configuration: parsing and start-up validation."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+ALLOWED_BITS = (2, 4)
+ALLOWED_GROUP_SIZES = (32, 64, 128)
+CONFIG_KEY = "kivi"
+
+
+class KiviConfigError(ValueError):
+    """A KIVI option (or a model/engine feature) the backend cannot serve."""
+
+
+@dataclass(frozen=True)
+class KiviConfig:
+    """Per-engine KIVI settings, read from ``--additional-config '{"kivi": {...}}'``.
+
+    bits: code width (2 or 4). group_size: tokens per key group and channels per
+    value group; also the KV block size. residual: full-precision window in tokens
+    (a multiple of group_size).
+    """
+
+    bits: int = 2
+    group_size: int = 32
+    residual: int = 32
+
+    def __post_init__(self) -> None:
+        for name in ("bits", "group_size", "residual"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise KiviConfigError(
+                    f"kivi.{name} must be an integer, got {value!r}"
+                )
+        if self.bits not in ALLOWED_BITS:
+            raise KiviConfigError(
+                f"kivi.bits={self.bits} is not supported; allowed values: {ALLOWED_BITS}"
+            )
+        if self.group_size not in ALLOWED_GROUP_SIZES:
+            raise KiviConfigError(
+                f"kivi.group_size={self.group_size} is not supported; "
+                f"allowed values: {ALLOWED_GROUP_SIZES}"
+            )
+        if self.residual < self.group_size or self.residual % self.group_size:
+            raise KiviConfigError(
+                f"kivi.residual={self.residual} must be a positive multiple of "
+                f"kivi.group_size={self.group_size} (e.g. {self.group_size}, "
+                f"{2 * self.group_size}, {4 * self.group_size})"
+            )
+
+    @classmethod
+    def from_dict(cls, raw: Any) -> KiviConfig:
+        """Build from the ``kivi`` entry of ``additional_config``; unknown keys fail."""
+        if raw is True or raw == {}:
+            return cls()
+        if not isinstance(raw, dict):
+            raise KiviConfigError(
+                f"additional_config['kivi'] must be a JSON object, got {raw!r}"
+            )
+        allowed = set(cls.__dataclass_fields__)
+        unknown = sorted(set(raw) - allowed)
+        if unknown:
+            raise KiviConfigError(
+                f"unknown kivi option(s) {unknown}; allowed options: {sorted(allowed)}"
+            )
+        return cls(**raw)
+
+    def check_head_size(self, head_size: int) -> None:
+        """Fail unless the group divides the head size (values are grouped by channel)."""
+        if head_size % self.group_size:
+            allowed = [g for g in ALLOWED_GROUP_SIZES if head_size % g == 0]
+            raise KiviConfigError(
+                f"kivi.group_size={self.group_size} does not divide the model's "
+                f"head size {head_size}; allowed group sizes for this model: {allowed}"
+            )
+
+    def to_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+    @property
+    def name(self) -> str:
+        return f"kivi{self.bits}-g{self.group_size}-r{self.residual}"
+
+
+def kivi_config_from_vllm(vllm_config: Any) -> KiviConfig | None:
+    """The engine's KIVI config, or None when KIVI is not switched on."""
+    additional = getattr(vllm_config, "additional_config", None) or {}
+    if not isinstance(additional, dict) or CONFIG_KEY not in additional:
+        return None
+    raw = additional[CONFIG_KEY]
+    if raw is None or raw is False:
+        return None
+    return KiviConfig.from_dict(raw)

@@ -1,0 +1,43 @@
+"""How much memory the full-precision tails take, carved from vLLM's KV budget."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from kivi_vllm.config import KiviConfig
+from kivi_vllm.page_format import PageFormat
+
+
+def num_tail_slots(vllm_config: Any) -> int:
+    """One slot per schedulable sequence (max_num_seqs)."""
+    return int(vllm_config.scheduler_config.max_num_seqs)
+
+
+def layer_format(vllm_config: Any, cfg: KiviConfig) -> PageFormat:
+    model_config = vllm_config.model_config
+    return PageFormat(
+        bits=cfg.bits,
+        group_size=cfg.group_size,
+        head_dim=model_config.get_head_size(),
+        num_kv_heads=model_config.get_num_kv_heads(vllm_config.parallel_config),
+    )
+
+
+def num_attention_layers(vllm_config: Any) -> int:
+    model_config = vllm_config.model_config
+    return model_config.get_num_layers_by_block_type(
+        vllm_config.parallel_config, "attention"
+    )
+
+
+def tail_bytes_per_layer(vllm_config: Any, cfg: KiviConfig) -> int:
+    """Tail ring bytes of one layer: all slots plus the scratch slot."""
+    fmt = layer_format(vllm_config, cfg)
+    dtype_size = vllm_config.model_config.dtype.itemsize
+    per_slot = fmt.tail_bytes_per_slot(cfg.residual, dtype_size)
+    return per_slot * (num_tail_slots(vllm_config) + 1)
+
+
+def tail_budget_bytes(vllm_config: Any, cfg: KiviConfig) -> int:
+    """Bytes of all tails of this worker, subtracted from the KV cache budget."""
+    return tail_bytes_per_layer(vllm_config, cfg) * num_attention_layers(vllm_config)

@@ -1,0 +1,133 @@
+"""The KIVI page format: the one source of truth for byte offsets in a KV page.
+
+One page (one vLLM block) holds ``group_size`` tokens of every KV head of a layer:
+
+====================  ==================================  =========
+section               logical shape                       dtype
+====================  ==================================  =========
+key codes             [kv_heads, group, head_dim / cpb]   uint8
+value codes           [kv_heads, group, head_dim / cpb]   uint8
+key scale             [kv_heads, head_dim]                float16
+key min               [kv_heads, head_dim]                float16
+value scale           [kv_heads, group, head_dim / group] float16
+value min             [kv_heads, group, head_dim / group] float16
+====================  ==================================  =========
+
+``cpb`` = codes per byte (8 // bits). Codes are packed *planar* along channels:
+channel ``c`` lives in byte ``c % (head_dim // cpb)`` at bit ``(c // (head_dim // cpb))
+* bits``, so unpacking is a shift and a mask per plane, with no interleaving.
+Keys are quantized per channel over the group's tokens, values per token over
+groups of ``group_size`` channels. Scales and mins are float16.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+
+import torch
+
+
+@dataclass(frozen=True)
+class PageFormat:
+    """Byte layout of one KIVI page for (bits, group_size, head_dim, num_kv_heads)."""
+
+    bits: int
+    group_size: int
+    head_dim: int
+    num_kv_heads: int
+
+    def __post_init__(self) -> None:
+        if self.bits not in (2, 4):
+            raise ValueError(f"bits must be 2 or 4, got {self.bits}")
+        if self.head_dim % self.group_size:
+            raise ValueError(
+                f"group_size {self.group_size} must divide head_dim {self.head_dim}"
+            )
+        if self.head_dim % self.codes_per_byte:
+            raise ValueError(f"head_dim {self.head_dim} must be a multiple of 8")
+
+    @property
+    def block_size(self) -> int:
+        """Tokens per page: one key group per channel."""
+        return self.group_size
+
+    @property
+    def codes_per_byte(self) -> int:
+        return 8 // self.bits
+
+    @property
+    def packed_dim(self) -> int:
+        """Bytes of codes per token per head (= channels per bit plane)."""
+        return self.head_dim // self.codes_per_byte
+
+    @property
+    def value_groups(self) -> int:
+        """Channel groups per token for the values."""
+        return self.head_dim // self.group_size
+
+    @cached_property
+    def sections(self) -> dict[str, tuple[int, tuple[int, ...], torch.dtype]]:
+        """Name -> (byte offset, logical shape, dtype), in page order."""
+        h, g, d = self.num_kv_heads, self.group_size, self.head_dim
+        layout = [
+            ("k_codes", (h, g, self.packed_dim), torch.uint8),
+            ("v_codes", (h, g, self.packed_dim), torch.uint8),
+            ("k_scale", (h, d), torch.float16),
+            ("k_min", (h, d), torch.float16),
+            ("v_scale", (h, g, self.value_groups), torch.float16),
+            ("v_min", (h, g, self.value_groups), torch.float16),
+        ]
+        out: dict[str, tuple[int, tuple[int, ...], torch.dtype]] = {}
+        offset = 0
+        for name, shape, dtype in layout:
+            out[name] = (offset, shape, dtype)
+            offset += _numel(shape) * dtype.itemsize
+        return out
+
+    def offset(self, name: str) -> int:
+        return self.sections[name][0]
+
+    @cached_property
+    def page_bytes(self) -> int:
+        """Bytes of one page, rounded up to 16 for aligned vector loads."""
+        last_offset, shape, dtype = self.sections["v_min"]
+        end = last_offset + _numel(shape) * dtype.itemsize
+        return -(-end // 16) * 16
+
+    @property
+    def bytes_per_token(self) -> float:
+        """Quantized bytes per token per layer (all KV heads, keys and values)."""
+        return self.page_bytes / self.group_size
+
+    def tail_bytes_per_slot(self, residual: int, dtype_size: int) -> int:
+        """Bytes of one sequence's full-precision tail ring for one layer."""
+        return 2 * residual * self.num_kv_heads * self.head_dim * dtype_size
+
+    def views(self, cache: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Typed views of every section of a ``[num_blocks, page_bytes]`` uint8 cache."""
+        if cache.dtype != torch.uint8 or cache.dim() != 2:
+            raise ValueError("cache must be a [num_blocks, page_bytes] uint8 tensor")
+        if cache.shape[1] != self.page_bytes:
+            raise ValueError(
+                f"cache page has {cache.shape[1]} bytes, format needs {self.page_bytes}"
+            )
+        num_blocks = cache.shape[0]
+        out = {}
+        for name, (offset, shape, dtype) in self.sections.items():
+            nbytes = _numel(shape) * dtype.itemsize
+            raw = cache[:, offset : offset + nbytes]
+            out[name] = raw.view(dtype).view(num_blocks, *shape)
+        return out
+
+
+def bf16_bytes_per_token(num_kv_heads: int, head_dim: int, dtype_size: int = 2) -> int:
+    """Bytes per token per layer of vLLM's unquantized cache, for comparisons."""
+    return 2 * num_kv_heads * head_dim * dtype_size
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n

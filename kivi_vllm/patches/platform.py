@@ -1,0 +1,122 @@
+"""Validate KIVI at start-up and point vLLM's backend selection at the KIVI backend."""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import Any
+
+from vllm.config import get_current_vllm_config_or_none
+from vllm.logger import init_logger
+from vllm.platforms import current_platform
+from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
+
+from kivi_vllm.config import KiviConfig, KiviConfigError, kivi_config_from_vllm
+
+logger = init_logger("vllm.kivi")
+
+BACKEND_PATH = "kivi_vllm.backend.KiviAttentionBackend"
+_V2_RUNNER_ENV = "VLLM_USE_V2_MODEL_RUNNER"
+
+
+def check_engine_config(vllm_config: Any, cfg: KiviConfig) -> None:
+    """Raise :class:`KiviConfigError` for any engine feature KIVI cannot serve."""
+    model_config = vllm_config.model_config
+    cache_config = vllm_config.cache_config
+    if cache_config.cache_dtype != "auto":
+        raise KiviConfigError(
+            f"kv_cache_dtype={cache_config.cache_dtype!r} cannot be combined with "
+            "KIVI (the KIVI pages are the cache format); allowed: 'auto'"
+        )
+    if model_config.use_mla:
+        raise KiviConfigError("KIVI does not support MLA models (use_mla=True)")
+    if model_config.is_encoder_decoder:
+        raise KiviConfigError("KIVI does not support encoder-decoder attention")
+    if vllm_config.speculative_config is not None:
+        raise KiviConfigError(
+            "KIVI does not support speculative decoding yet; remove --speculative-config"
+        )
+    if getattr(model_config, "is_hybrid", False) or model_config.is_attention_free:
+        raise KiviConfigError("KIVI supports pure-attention decoder models only")
+    hf = model_config.hf_text_config
+    layer_types = getattr(hf, "layer_types", None) or []
+    if model_config.get_sliding_window() is not None or any(
+        t != "full_attention" for t in layer_types
+    ):
+        raise KiviConfigError(
+            "KIVI does not support sliding-window (or other non-full) attention layers"
+        )
+    head_size = model_config.get_head_size()
+    from kivi_vllm.backend import KiviAttentionBackend
+
+    if head_size not in KiviAttentionBackend.get_supported_head_sizes():
+        raise KiviConfigError(
+            f"head size {head_size} is not supported by KIVI; allowed: "
+            f"{KiviAttentionBackend.get_supported_head_sizes()}"
+        )
+    cfg.check_head_size(head_size)
+    if cache_config.user_specified_block_size and cache_config.block_size != cfg.group_size:
+        raise KiviConfigError(
+            f"--block-size {cache_config.block_size} conflicts with kivi.group_size="
+            f"{cfg.group_size}: a KIVI page holds exactly one group; omit --block-size "
+            f"or set it to {cfg.group_size}"
+        )
+    if os.environ.get(_V2_RUNNER_ENV, "") in ("1", "true", "True"):
+        raise KiviConfigError(
+            f"KIVI runs on vLLM's V1 model runner; unset {_V2_RUNNER_ENV} or set it to 0"
+        )
+    if not current_platform.is_cpu():
+        backend = vllm_config.attention_config.backend
+        if backend not in (None, AttentionBackendEnum.CUSTOM):
+            raise KiviConfigError(
+                f"--attention-backend {backend.name} cannot serve KIVI pages; "
+                "allowed: CUSTOM (or leave it unset)"
+            )
+
+
+def configure_engine(vllm_config: Any, cfg: KiviConfig) -> None:
+    """Tie the block size to the group and select the KIVI backend and V1 runner."""
+    cache_config = vllm_config.cache_config
+    cache_config.block_size = cfg.group_size
+    cache_config.user_specified_block_size = True
+    vllm_config.model_config.disable_cascade_attn = True
+    os.environ[_V2_RUNNER_ENV] = "0"
+    if not current_platform.is_cpu():
+        vllm_config.attention_config.backend = AttentionBackendEnum.CUSTOM
+    logger.info("KIVI KV cache: %s (block size %d)", cfg.name, cfg.group_size)
+
+
+def apply() -> None:
+    register_backend(AttentionBackendEnum.CUSTOM, BACKEND_PATH)
+    platform_cls = type(current_platform)
+    original_check = platform_cls.check_and_update_config.__func__
+
+    @functools.wraps(original_check)
+    def check_and_update_config(cls, vllm_config) -> None:
+        original_check(cls, vllm_config)
+        cfg = kivi_config_from_vllm(vllm_config)
+        if cfg is None or vllm_config.model_config is None:
+            return
+        check_engine_config(vllm_config, cfg)
+        configure_engine(vllm_config, cfg)
+
+    platform_cls.check_and_update_config = classmethod(check_and_update_config)
+
+    if current_platform.is_cpu():
+        _override_cpu_backend(platform_cls)
+
+
+def _override_cpu_backend(platform_cls: type) -> None:
+    """The CPU platform always returns CPU_ATTN: point it at KIVI when configured."""
+    original_get = platform_cls.get_attn_backend_cls.__func__
+
+    @functools.wraps(original_get)
+    def get_attn_backend_cls(cls, selected_backend, attn_selector_config, num_heads=None):
+        cpu_attn = AttentionBackendEnum.CPU_ATTN
+        if kivi_config_from_vllm(get_current_vllm_config_or_none()) is not None:
+            register_backend(cpu_attn, BACKEND_PATH)
+        elif cpu_attn.get_path() == BACKEND_PATH:
+            cpu_attn.clear_override()
+        return original_get(cls, selected_backend, attn_selector_config, num_heads)
+
+    platform_cls.get_attn_backend_cls = classmethod(get_attn_backend_cls)

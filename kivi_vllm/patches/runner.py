@@ -1,0 +1,41 @@
+"""Tell the KIVI tail allocator which request owns each batch row, and when it ends."""
+
+from __future__ import annotations
+
+import functools
+
+from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+from kivi_vllm.state import STEP
+
+
+def apply() -> None:
+    original_update = GPUModelRunner._update_states
+
+    @functools.wraps(original_update)
+    def _update_states(self: GPUModelRunner, scheduler_output):
+        result = original_update(self, scheduler_output)
+        if STEP.tails is not None:
+            ended = set(scheduler_output.finished_req_ids)
+            ended |= scheduler_output.preempted_req_ids or set()
+            n = self.input_batch.num_reqs
+            STEP.update(
+                ended,
+                self.input_batch.req_ids[:n],
+                self.input_batch.num_computed_tokens_cpu[:n],
+            )
+        return result
+
+    GPUModelRunner._update_states = _update_states
+
+    original_dummy = GPUModelRunner._dummy_run
+
+    @functools.wraps(original_dummy)
+    def _dummy_run(self: GPUModelRunner, *args, **kwargs):
+        STEP.in_dummy = True
+        try:
+            return original_dummy(self, *args, **kwargs)
+        finally:
+            STEP.in_dummy = False
+
+    GPUModelRunner._dummy_run = _dummy_run
