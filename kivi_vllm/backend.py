@@ -114,6 +114,12 @@ class KiviMetadata(AttentionMetadata):
     seq_lens_cpu: torch.Tensor
     tail_slots_cpu: np.ndarray
     valid_from_cpu: np.ndarray
+    # prefill part (rows num_decodes..num_reqs), for the GPU path
+    prefill_has_context: bool = False
+    prefill_cu_seqlens: torch.Tensor | None = None  # chunk cu_seqlens, device
+    num_prefill_tiles: int = 0
+    prefill_tile_req: torch.Tensor | None = None  # [tiles] int32, device
+    prefill_tile_tok: torch.Tensor | None = None  # [tiles] int32, device
 
 
 class KiviMetadataBuilder(AttentionMetadataBuilder[KiviMetadata]):
@@ -150,6 +156,9 @@ class KiviMetadataBuilder(AttentionMetadataBuilder[KiviMetadata]):
         pin = device.type == "cuda"
         self._tail_slots_host = torch.zeros(max_reqs, dtype=torch.int32, pin_memory=pin)
         self._valid_from_host = torch.zeros(max_reqs, dtype=torch.int32, pin_memory=pin)
+        max_tiles = vllm_config.scheduler_config.max_num_batched_tokens + max_reqs
+        self._tiles = torch.zeros((2, max_tiles), dtype=torch.int32, device=device)
+        self._tiles_host = torch.zeros((2, max_tiles), dtype=torch.int32, pin_memory=pin)
 
     def build(
         self,
@@ -174,7 +183,7 @@ class KiviMetadataBuilder(AttentionMetadataBuilder[KiviMetadata]):
             seq_lens_cpu[:n].numpy(), cam.query_start_loc_cpu[: n + 1].numpy(),
             self.cfg.group_size, len(self.layer_names),
         )
-        return KiviMetadata(
+        md = KiviMetadata(
             num_actual_tokens=cam.num_actual_tokens,
             num_reqs=n,
             num_decodes=num_decodes,
@@ -192,6 +201,36 @@ class KiviMetadataBuilder(AttentionMetadataBuilder[KiviMetadata]):
             tail_slots_cpu=slots,
             valid_from_cpu=valid_from,
         )
+        if num_decodes < n and self.device.type == "cuda":
+            self._plan_prefill(md, cam, num_decode_tokens)
+        return md
+
+    def _plan_prefill(
+        self, md: KiviMetadata, cam: CommonAttentionMetadata, num_decode_tokens: int
+    ) -> None:
+        """Host-side tiling of the prefill rows for the context kernel."""
+        from kivi_vllm.kernels.ops import PREFILL_BLOCK_Q
+
+        nd, n = md.num_decodes, md.num_reqs
+        qsl = cam.query_start_loc_cpu[: n + 1].numpy()
+        q_lens = np.diff(qsl)[nd:]
+        ctx = md.seq_lens_cpu[nd:n].numpy() - q_lens
+        md.prefill_cu_seqlens = cam.query_start_loc[nd : n + 1] - num_decode_tokens
+        md.prefill_has_context = bool((ctx > 0).any())
+        if not md.prefill_has_context:
+            return
+        tiles = -(-q_lens // PREFILL_BLOCK_Q)
+        req = np.repeat(np.arange(nd, n, dtype=np.int32), tiles)
+        # tile j of request r starts at token qsl[r] + j * BLOCK_Q
+        starts = np.repeat(np.cumsum(tiles) - tiles, tiles)
+        tok = (np.repeat(qsl[nd:n], tiles) + (np.arange(len(req)) - starts) * PREFILL_BLOCK_Q)
+        num_tiles = len(req)
+        md.num_prefill_tiles = num_tiles
+        self._tiles_host[0, :num_tiles].copy_(torch.from_numpy(req))
+        self._tiles_host[1, :num_tiles].copy_(torch.from_numpy(tok.astype(np.int32)))
+        self._tiles[:, :num_tiles].copy_(self._tiles_host[:, :num_tiles], non_blocking=True)
+        md.prefill_tile_req = self._tiles[0, :num_tiles]
+        md.prefill_tile_tok = self._tiles[1, :num_tiles]
 
 
 class KiviAttentionImpl(AttentionImpl[KiviMetadata]):

@@ -200,7 +200,7 @@ def store(
     start, end = seq.ctx_len, seq.ctx_len + seq.query_len
     for group in range(start // g, end // g):
         lo = group * g
-        old = torch.arange(lo, start) % residual  # tokens already in the ring
+        old = torch.arange(lo, max(lo, start)) % residual  # tokens already in the ring
         new = slice(max(lo - start, 0), lo + g - start)
         k = torch.cat([tail[0, seq.tail_slot, old].float(), key[new].float()])
         v = torch.cat([tail[1, seq.tail_slot, old].float(), value[new].float()])

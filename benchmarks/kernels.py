@@ -1,0 +1,134 @@
+"""Decode attention time: KIVI-2 / KIVI-4 Triton kernels vs FlashAttention on a bf16 cache.
+
+Llama-3.1-8B head layout (32 query heads, 8 KV heads, head_dim 128), batch x context
+grid; achieved bytes/s against the card's measured copy bandwidth. GPU only:
+
+    python benchmarks/kernels.py --out benchmarks/results/kernels-h100.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from kivi_vllm.kernels.attention import attend_context  # noqa: E402
+from kivi_vllm.page_format import PageFormat, bf16_bytes_per_token  # noqa: E402
+
+HQ, HK, D = 32, 8, 128
+
+
+def copy_bandwidth() -> float:
+    """Bytes/s of a large device-to-device copy (bytes read + written)."""
+    import triton.testing
+
+    src = torch.empty(2 << 30, dtype=torch.uint8, device="cuda").random_()
+    dst = torch.empty_like(src)
+    ms = triton.testing.do_bench(lambda: dst.copy_(src), warmup=50, rep=300,
+                                 return_mode="median")
+    return 2 * src.numel() / (ms * 1e-3)
+
+
+def kivi_case(bits: int, batch: int, ctx: int, group: int = 32, residual: int = 32):
+    fmt = PageFormat(bits, group, D, HK)
+    blocks_per = -(-(ctx + 1) // group)
+    num_blocks = batch * blocks_per + 1
+    cache = torch.randint(0, 256, (num_blocks, fmt.page_bytes), dtype=torch.uint8,
+                          device="cuda")
+    views = fmt.views(cache)
+    for name in ("k_scale", "v_scale"):
+        views[name].copy_(torch.rand_like(views[name], dtype=torch.float32).half() * 0.1)
+    for name in ("k_min", "v_min"):
+        views[name].copy_(torch.randn_like(views[name], dtype=torch.float32).half())
+    block_table = (torch.randperm(num_blocks - 1, device="cuda")[: batch * blocks_per] + 1)
+    block_table = block_table.view(batch, blocks_per).int()
+    tail = torch.randn((2, batch + 1, residual, HK, D), dtype=torch.bfloat16, device="cuda")
+    q = torch.randn(batch, HQ, D, dtype=torch.bfloat16, device="cuda")
+    k = torch.randn(batch, HK, D, dtype=torch.bfloat16, device="cuda")
+    v = torch.randn_like(k)
+    seq_lens = torch.full((batch,), ctx + 1, dtype=torch.int32, device="cuda")
+    qsl = torch.arange(batch + 1, dtype=torch.int32, device="cuda")
+    slots = torch.arange(batch, dtype=torch.int32, device="cuda")
+    valid_from = torch.zeros(batch, dtype=torch.int32, device="cuda")
+    out = torch.empty_like(q)
+
+    def run():
+        attend_context(q, k, v, cache, tail, block_table, seq_lens, qsl, slots, valid_from,
+                       fmt, residual, D ** -0.5, out, decode=True, num_tiles=batch)
+
+    nbytes = batch * HK * (ctx // group) * (fmt.page_bytes // HK) + batch * HQ * D * 4
+    return run, nbytes
+
+
+def fa_case(batch: int, ctx: int, block: int = 16):
+    from vllm.v1.attention.backends.fa_utils import flash_attn_varlen_func
+
+    blocks_per = -(-(ctx + 1) // block)
+    num_blocks = batch * blocks_per + 1
+    kc = torch.randn(num_blocks, block, HK, D, dtype=torch.bfloat16, device="cuda")
+    vc = torch.randn_like(kc)
+    bt = (torch.randperm(num_blocks - 1, device="cuda")[: batch * blocks_per] + 1)
+    bt = bt.view(batch, blocks_per).int()
+    q = torch.randn(batch, HQ, D, dtype=torch.bfloat16, device="cuda")
+    cu = torch.arange(batch + 1, dtype=torch.int32, device="cuda")
+    seq = torch.full((batch,), ctx + 1, dtype=torch.int32, device="cuda")
+    out = torch.empty_like(q)
+
+    def run():
+        flash_attn_varlen_func(q=q, k=kc, v=vc, cu_seqlens_q=cu, max_seqlen_q=1,
+                               seqused_k=seq, max_seqlen_k=ctx + 1, softmax_scale=D ** -0.5,
+                               causal=True, block_table=bt, out=out, fa_version=3)
+
+    nbytes = batch * (ctx + 1) * bf16_bytes_per_token(HK, D) + batch * HQ * D * 4
+    return run, nbytes
+
+
+def main() -> None:
+    import triton.testing
+
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--batches", default="1,16,64,256")
+    parser.add_argument("--contexts", default="1024,4096,8192,32768")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    bw = copy_bandwidth()
+    print(f"copy bandwidth: {bw / 1e12:.2f} TB/s (read + write)")
+    gpu = torch.cuda.get_device_name()
+    records = []
+    for batch in map(int, args.batches.split(",")):
+        for ctx in map(int, args.contexts.split(",")):
+            if batch * ctx > 256 * 32768:
+                continue
+            row = {}
+            for kv in ("bf16_fa", "kivi4", "kivi2"):
+                run, nbytes = fa_case(batch, ctx) if kv == "bf16_fa" else kivi_case(
+                    4 if kv == "kivi4" else 2, batch, ctx)
+                ms = triton.testing.do_bench(run, warmup=25, rep=100, return_mode="median")
+                rec = {"kv": kv, "batch": batch, "context": ctx, "time_us": round(ms * 1e3, 2),
+                       "bytes": nbytes, "bytes_per_s": round(nbytes / (ms * 1e-3)),
+                       "fraction_of_copy_bw": round(nbytes / (ms * 1e-3) / bw, 3),
+                       "copy_bandwidth_bytes_per_s": round(bw),
+                       "gpu": gpu, "date": str(datetime.date.today())}
+                records.append(rec)
+                row[kv] = rec
+                del run
+                torch.cuda.empty_cache()
+            fa = row["bf16_fa"]["time_us"]
+            print(f"B={batch:4d} ctx={ctx:6d}  FA-bf16 {fa:9.1f}us  "
+                  f"KIVI-4 {row['kivi4']['time_us']:9.1f}us ({fa / row['kivi4']['time_us']:.2f}x, "
+                  f"{row['kivi4']['fraction_of_copy_bw']:.0%} bw)  "
+                  f"KIVI-2 {row['kivi2']['time_us']:9.1f}us ({fa / row['kivi2']['time_us']:.2f}x, "
+                  f"{row['kivi2']['fraction_of_copy_bw']:.0%} bw)", flush=True)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(records, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,116 @@
+"""Offline vLLM throughput: bf16, fp8, vLLM's int4 cache, KIVI-4, KIVI-2 in one run.
+
+Llama-3.1-8B shape, dummy weights, random token-id prompts, greedy, ignore_eos; each
+KV setting runs in a fresh subprocess (one engine, all workloads). Prints a table and
+writes JSON records (see ``--out``). Run on a GPU host:
+
+    python benchmarks/throughput.py --kv bf16,fp8,int4_per_token_head,kivi4,kivi2 \
+        --workloads 512x1024x256,384x4096x512 --out benchmarks/results/throughput-h100.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks.common import KV_SETTINGS, dummy_llama8b_dir, kv_fields  # noqa: E402
+
+
+def parse_workloads(spec: str) -> list[tuple[int, int, int]]:
+    return [tuple(int(x) for x in w.split("x")) for w in spec.split(",")]  # type: ignore[misc]
+
+
+def run_one(kv: str, workloads: list[tuple[int, int, int]], args) -> list[dict]:
+    """Build one engine for ``kv`` and time every workload (runs in a subprocess)."""
+    import numpy as np
+    import torch
+    from vllm import LLM, SamplingParams
+
+    max_len = max(i + o for _, i, o in workloads) + 16
+    llm = LLM(
+        model=dummy_llama8b_dir(), load_format="dummy", skip_tokenizer_init=True,
+        dtype="bfloat16", gpu_memory_utilization=args.gpu_mem, max_num_seqs=args.max_num_seqs,
+        max_model_len=max_len, enforce_eager=args.eager, seed=0, **KV_SETTINGS[kv],
+    )
+    cache = llm.llm_engine.vllm_config.cache_config
+    kv_tokens = cache.num_gpu_blocks * cache.block_size
+    rng = np.random.default_rng(0)
+    gpu = torch.cuda.get_device_name()
+    records = []
+    for num, in_len, out_len in workloads:
+        prompts = [{"prompt_token_ids": rng.integers(100, 120000, in_len).tolist()}
+                   for _ in range(num)]
+        params = SamplingParams(max_tokens=out_len, temperature=0.0, ignore_eos=True)
+        llm.generate(prompts[:8], params, use_tqdm=False)  # warm-up
+        start = time.perf_counter()
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        elapsed = time.perf_counter() - start
+        out_tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+        records.append({
+            **kv_fields(kv), "num_requests": num, "input_len": in_len, "output_len": out_len,
+            "kv_cache_tokens": kv_tokens,
+            "max_concurrency": round(min(args.max_num_seqs, kv_tokens / (in_len + out_len)), 1),
+            "output_tokens_per_s": round(out_tokens / elapsed, 1),
+            "total_tokens_per_s": round((out_tokens + num * in_len) / elapsed, 1),
+            "elapsed_s": round(elapsed, 2), "gpu": gpu, "date": str(datetime.date.today()),
+            "enforce_eager": args.eager,
+        })
+        print("RESULT " + json.dumps(records[-1]), flush=True)
+    return records
+
+
+def print_table(records: list[dict]) -> None:
+    base = {(r["input_len"], r["output_len"]): r for r in records if r["kv"] == "bf16"}
+    hdr = f"{'kv':22} {'workload':>16} {'KV tokens':>11} {'conc':>7} {'out tok/s':>10} " \
+          f"{'total tok/s':>12} {'x bf16':>7}"
+    print(hdr)
+    print("-" * len(hdr))
+    for r in records:
+        b = base.get((r["input_len"], r["output_len"]))
+        ratio = f"{r['output_tokens_per_s'] / b['output_tokens_per_s']:.2f}" if b else "-"
+        wl = f"{r['num_requests']}x{r['input_len']}/{r['output_len']}"
+        print(f"{r['kv']:22} {wl:>16} {r['kv_cache_tokens']:>11,} {r['max_concurrency']:>7} "
+              f"{r['output_tokens_per_s']:>10,.0f} {r['total_tokens_per_s']:>12,.0f} {ratio:>7}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--kv", default="bf16,fp8,int4_per_token_head,kivi4,kivi2")
+    parser.add_argument("--workloads", default="512x1024x256,384x4096x512")
+    parser.add_argument("--gpu-mem", type=float, default=0.90)
+    parser.add_argument("--max-num-seqs", type=int, default=1024)
+    parser.add_argument("--eager", action="store_true", help="enforce_eager (no CUDA graphs)")
+    parser.add_argument("--out", default=None)
+    parser.add_argument("--one", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    workloads = parse_workloads(args.workloads)
+    if args.one:
+        run_one(args.one, workloads, args)
+        return
+    records: list[dict] = []
+    for kv in args.kv.split(","):
+        cmd = [sys.executable, __file__, "--one", kv, "--workloads", args.workloads,
+               "--gpu-mem", str(args.gpu_mem), "--max-num-seqs", str(args.max_num_seqs)]
+        if args.eager:
+            cmd.append("--eager")
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        got = [json.loads(line[7:]) for line in proc.stdout.splitlines()
+               if line.startswith("RESULT ")]
+        if proc.returncode != 0 or not got:
+            print(f"[{kv}] failed (rc={proc.returncode}):\n{proc.stderr[-3000:]}", flush=True)
+        records += got
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(records, f, indent=1)
+    print_table(records)
+
+
+if __name__ == "__main__":
+    main()

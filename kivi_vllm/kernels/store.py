@@ -1,0 +1,238 @@
+"""Write path: pack every group a step completes into its page, then append to the tails.
+
+Two named kernels, launched in this order on one stream:
+
+* ``_kivi_pack_groups``: one program per (token, KV head); a program whose token ends
+  a group (``slot % G == G - 1``) gathers the group's G tokens (earlier ones from the
+  tail ring, the step's ones from the incoming key/value), quantizes keys per channel
+  and values per token, and writes codes, scales and mins into the page.
+* ``_kivi_append_tail``: one program per (token, KV head); writes the token to its
+  sequence's tail ring if it is among the sequence's last ``R`` positions.
+
+Padding tokens (``slot_mapping == -1``) are skipped. No host-device synchronisation.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kivi_vllm.kernels.common import (
+    MAX_REQS_LOG2,
+    find_request,
+    format_constants,
+    fp16_ceil,
+    fp16_floor,
+)
+from kivi_vllm.page_format import PageFormat
+
+
+@triton.jit
+def _token_position(query_start_loc, seq_lens, num_reqs, token, LOG2: tl.constexpr):
+    req = find_request(query_start_loc, num_reqs, token, LOG2)
+    q0 = tl.load(query_start_loc + req)
+    q1 = tl.load(query_start_loc + req + 1)
+    seq_len = tl.load(seq_lens + req)
+    ctx = seq_len - (q1 - q0)
+    return req, q0, ctx, ctx + (token - q0), seq_len
+
+
+@triton.jit
+def _quantize(x, mn, mx, QMAX: tl.constexpr):
+    """Codes (int32) and fp16 (scale, min) with min rounded down and scale rounded up."""
+    mn16 = fp16_floor(mn)
+    scale16 = fp16_ceil(tl.div_rn(mx - mn16.to(tl.float32), QMAX * 1.0))
+    scale = scale16.to(tl.float32)
+    safe = tl.where(scale > 0, scale, 1.0)
+    return mn16, scale16, safe, scale
+
+
+@triton.jit
+def _kivi_pack_groups(
+    key,  # [T, HK, D]
+    value,  # [T, HK, D]
+    cache,  # uint8 [num_blocks, PAGE_BYTES]
+    tail,  # [2, slots, R, HK, D]
+    slot_mapping,  # [T] int64
+    query_start_loc,  # [num_reqs + 1] int32
+    seq_lens,  # [num_reqs] int32
+    tail_slots,  # [num_reqs] int32
+    num_reqs,
+    stride_kt,
+    stride_kh,
+    stride_vt,
+    stride_vh,
+    stride_tail_kv,
+    stride_tail_slot,
+    stride_tail_pos,
+    stride_tail_h,
+    R: tl.constexpr,
+    PAGE_BYTES: tl.constexpr,
+    OFF_KC: tl.constexpr,
+    OFF_VC: tl.constexpr,
+    OFF_KS: tl.constexpr,
+    OFF_KM: tl.constexpr,
+    OFF_VS: tl.constexpr,
+    OFF_VM: tl.constexpr,
+    G: tl.constexpr,
+    D: tl.constexpr,
+    P: tl.constexpr,
+    VG: tl.constexpr,
+    BITS: tl.constexpr,
+    CPB: tl.constexpr,
+    HK: tl.constexpr,
+    LOG2: tl.constexpr,
+):
+    token = tl.program_id(0)
+    h = tl.program_id(1)
+    slot = tl.load(slot_mapping + token)
+    if slot < 0:
+        return
+    if slot % G != G - 1:
+        return
+    block = slot // G
+    req, q0, ctx, pos, _ = _token_position(query_start_loc, seq_lens, num_reqs, token, LOG2)
+    tail_slot = tl.load(tail_slots + req)
+
+    t = tl.arange(0, G)
+    d = tl.arange(0, D)
+    p_tok = pos - (G - 1) + t  # positions of the group's tokens
+    from_step = p_tok >= ctx
+    step_row = q0 + (p_tok - ctx)
+    ring_row = p_tok % R
+    tail_base = tail + tail_slot * stride_tail_slot + h * stride_tail_h
+    k_step = tl.load(
+        key + step_row[:, None] * stride_kt + h * stride_kh + d[None, :],
+        mask=from_step[:, None],
+        other=0.0,
+    ).to(tl.float32)
+    k_ring = tl.load(
+        tail_base + ring_row[:, None] * stride_tail_pos + d[None, :],
+        mask=~from_step[:, None],
+        other=0.0,
+    ).to(tl.float32)
+    k = tl.where(from_step[:, None], k_step, k_ring)  # [G, D]
+    v_step = tl.load(
+        value + step_row[:, None] * stride_vt + h * stride_vh + d[None, :],
+        mask=from_step[:, None],
+        other=0.0,
+    ).to(tl.float32)
+    v_ring = tl.load(
+        tail_base + stride_tail_kv + ring_row[:, None] * stride_tail_pos + d[None, :],
+        mask=~from_step[:, None],
+        other=0.0,
+    ).to(tl.float32)
+    v = tl.where(from_step[:, None], v_step, v_ring)
+
+    QMAX: tl.constexpr = (1 << BITS) - 1
+    page = cache + block.to(tl.int64) * PAGE_BYTES
+    # keys: per channel over the group's tokens
+    k_mn16, k_sc16, k_safe, k_sc = _quantize(k, tl.min(k, axis=0), tl.max(k, axis=0), QMAX)
+    k_codes = tl.floor(tl.div_rn(k - k_mn16.to(tl.float32)[None, :], k_safe[None, :]) + 0.5)
+    k_codes = tl.minimum(tl.maximum(k_codes, 0.0), QMAX * 1.0)
+    k_codes = tl.where(k_sc[None, :] > 0, k_codes, 0.0).to(tl.int32)
+    tl.store((page + OFF_KS).to(tl.pointer_type(tl.float16)) + h * D + d, k_sc16)
+    tl.store((page + OFF_KM).to(tl.pointer_type(tl.float16)) + h * D + d, k_mn16)
+    # values: per token over groups of G channels
+    v3 = tl.reshape(v, (G, VG, G))
+    v_mn16, v_sc16, v_safe, v_sc = _quantize(v3, tl.min(v3, axis=2), tl.max(v3, axis=2), QMAX)
+    v_codes = tl.floor(
+        tl.div_rn(v3 - v_mn16.to(tl.float32)[:, :, None], v_safe[:, :, None]) + 0.5
+    )
+    v_codes = tl.minimum(tl.maximum(v_codes, 0.0), QMAX * 1.0)
+    v_codes = tl.where(v_sc[:, :, None] > 0, v_codes, 0.0).to(tl.int32)
+    vg = tl.arange(0, VG)
+    vs_off = h * G * VG + t[:, None] * VG + vg[None, :]
+    tl.store((page + OFF_VS).to(tl.pointer_type(tl.float16)) + vs_off, v_sc16)
+    tl.store((page + OFF_VM).to(tl.pointer_type(tl.float16)) + vs_off, v_mn16)
+    # planar packing: channel c -> byte c % P, bits (c // P) * BITS
+    shifts = (tl.arange(0, CPB) * BITS)[None, :, None]
+    k_bytes = tl.sum(tl.reshape(k_codes, (G, CPB, P)) << shifts, axis=1)
+    v_bytes = tl.sum(tl.reshape(tl.reshape(v_codes, (G, D)), (G, CPB, P)) << shifts, axis=1)
+    pp = tl.arange(0, P)
+    code_off = h * G * P + t[:, None] * P + pp[None, :]
+    tl.store(page + OFF_KC + code_off, k_bytes.to(tl.uint8))
+    tl.store(page + OFF_VC + code_off, v_bytes.to(tl.uint8))
+
+
+@triton.jit
+def _kivi_append_tail(
+    key,
+    value,
+    tail,
+    slot_mapping,
+    query_start_loc,
+    seq_lens,
+    tail_slots,
+    num_reqs,
+    stride_kt,
+    stride_kh,
+    stride_vt,
+    stride_vh,
+    stride_tail_kv,
+    stride_tail_slot,
+    stride_tail_pos,
+    stride_tail_h,
+    R: tl.constexpr,
+    D: tl.constexpr,
+    LOG2: tl.constexpr,
+):
+    token = tl.program_id(0)
+    h = tl.program_id(1)
+    if tl.load(slot_mapping + token) < 0:
+        return
+    req, q0, ctx, pos, seq_len = _token_position(
+        query_start_loc, seq_lens, num_reqs, token, LOG2
+    )
+    if pos < seq_len - R:
+        return
+    tail_slot = tl.load(tail_slots + req)
+    d = tl.arange(0, D)
+    dst = tail + tail_slot * stride_tail_slot + (pos % R) * stride_tail_pos + h * stride_tail_h
+    k = tl.load(key + token * stride_kt + h * stride_kh + d)
+    v = tl.load(value + token * stride_vt + h * stride_vh + d)
+    tl.store(dst + d, k.to(dst.dtype.element_ty))
+    tl.store(dst + stride_tail_kv + d, v.to(dst.dtype.element_ty))
+
+
+def store_step(
+    key: torch.Tensor,
+    value: torch.Tensor,
+    cache: torch.Tensor,
+    tail: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    seq_lens: torch.Tensor,
+    tail_slots: torch.Tensor,
+    fmt: PageFormat,
+    residual: int,
+) -> None:
+    """Pack the groups this step completes, then append the step's tokens to the tails.
+
+    key/value [T, HK, D] (T = tokens of the step, padding has slot -1).
+    """
+    num_tokens = slot_mapping.shape[0]
+    if num_tokens == 0:
+        return
+    num_reqs = seq_lens.shape[0]
+    grid = (num_tokens, fmt.num_kv_heads)
+    strides = (
+        key.stride(0),
+        key.stride(1),
+        value.stride(0),
+        value.stride(1),
+        tail.stride(0),
+        tail.stride(1),
+        tail.stride(2),
+        tail.stride(3),
+    )
+    _kivi_pack_groups[grid](
+        key, value, cache, tail, slot_mapping, query_start_loc, seq_lens, tail_slots,
+        num_reqs, *strides, R=residual, LOG2=MAX_REQS_LOG2, **format_constants(fmt),
+        num_warps=4,
+    )
+    _kivi_append_tail[grid](
+        key, value, tail, slot_mapping, query_start_loc, seq_lens, tail_slots, num_reqs,
+        *strides, R=residual, D=fmt.head_dim, LOG2=MAX_REQS_LOG2, num_warps=1,
+    )

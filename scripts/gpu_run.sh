@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# On the GPU host, after `bash .gpubundle/b/stage.sh install`: install kivi-vllm into
+# /tmp/site and run the named steps, logging under $OUT.
+#   bash scripts/gpu_run.sh kernels-test kernels-bench smoke throughput
+set -uo pipefail
+export PYTHONPATH=/tmp/site VLLM_USE_FLASHINFER_SAMPLER=0 PYTHONUNBUFFERED=1
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+python3 -m pip install -q --no-deps --no-build-isolation --no-compile --target /tmp/site . \
+  > "$OUT/pip.log" 2>&1 || { tail -20 "$OUT/pip.log"; exit 1; }
+nvidia-smi --query-gpu=name,memory.total,memory.used --format=csv,noheader
+for step in "$@"; do
+  echo "=== $step $(date +%T)"
+  case "$step" in
+    kernels-test)
+      KIVI_KERNEL_DEVICE=cuda python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py \
+        2>&1 | tee "$OUT/kernels-test.log" | tail -15 ;;
+    kernels-bench)
+      python3 benchmarks/kernels.py --out "$OUT/kernels-h100.json" 2>&1 \
+        | grep -v "^INFO\|^WARNING" | tee "$OUT/kernels-bench.log" | tail -25 ;;
+    kernels-quick)
+      python3 benchmarks/kernels.py --batches 1,64 --contexts 1024,8192 2>&1 \
+        | grep -v "^INFO\|^WARNING" | tail -8 ;;
+    smoke)
+      python3 benchmarks/throughput.py --kv kivi2,bf16 --workloads 64x512x64 \
+        --out "$OUT/smoke.json" 2>&1 | tee "$OUT/smoke.log" | tail -30 ;;
+    smoke-eager)
+      python3 benchmarks/throughput.py --kv kivi2 --workloads 64x512x64 --eager \
+        2>&1 | tail -30 ;;
+    throughput)
+      python3 benchmarks/throughput.py --out "$OUT/throughput-h100.json" 2>&1 \
+        | tee "$OUT/throughput.log" | tail -30 ;;
+    *) echo "unknown step $step" ;;
+  esac
+done
