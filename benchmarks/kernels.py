@@ -89,6 +89,26 @@ def fa_case(batch: int, ctx: int, block: int = 16):
     return run, nbytes
 
 
+def tune() -> None:
+    """Decode kernel time for a few launch settings (prints one line each)."""
+    import triton.testing
+
+    from kivi_vllm.kernels import attention
+
+    for batch, ctx in ((64, 8192), (256, 4096), (8, 32768)):
+        for bits in (2, 4):
+            run, nbytes = kivi_case(bits, batch, ctx)
+            for warps in (2, 4):
+                for target in (132 * 4, 132 * 12, 132 * 32):
+                    attention.DECODE_WARPS, attention.SPLIT_TARGET = warps, target
+                    ms = triton.testing.do_bench(run, warmup=25, rep=100, return_mode="median")
+                    print(f"tune B={batch} ctx={ctx} bits={bits} warps={warps} "
+                          f"target={target}: {ms * 1e3:.1f}us "
+                          f"{nbytes / (ms * 1e-3) / 1e12:.2f} TB/s", flush=True)
+            del run
+            torch.cuda.empty_cache()
+
+
 def main() -> None:
     import triton.testing
 
@@ -96,7 +116,12 @@ def main() -> None:
     parser.add_argument("--batches", default="1,16,64,256")
     parser.add_argument("--contexts", default="1024,4096,8192,32768")
     parser.add_argument("--out", default=None)
+    parser.add_argument("--tune", action="store_true",
+                        help="sweep warps and split targets at batch 64 x 8k, then exit")
     args = parser.parse_args()
+    if args.tune:
+        tune()
+        return
     bw = copy_bandwidth()
     print(f"copy bandwidth: {bw / 1e12:.2f} TB/s (read + write)")
     gpu = torch.cuda.get_device_name()

@@ -18,6 +18,11 @@ for step in "$@"; do
     kernels-bench)
       python3 benchmarks/kernels.py --out "$OUT/kernels-h100.json" 2>&1 \
         | grep -v "^INFO\|^WARNING" | tee "$OUT/kernels-bench.log" | tail -25 ;;
+    kernels-tune)
+      python3 benchmarks/kernels.py --tune 2>&1 | grep "^tune" | tee "$OUT/kernels-tune.log" ;;
+    smoke2)
+      python3 benchmarks/throughput.py --kv kivi2,bf16 --workloads 256x1024x128 \
+        --out "$OUT/smoke2.json" 2>&1 | tee "$OUT/smoke2.log" | tail -8 ;;
     kernels-quick)
       python3 benchmarks/kernels.py --batches 1,64 --contexts 1024,8192 2>&1 \
         | grep -v "^INFO\|^WARNING" | tail -8 ;;

@@ -74,7 +74,8 @@ def test_quantize_bound_random(bits: int, group: int, offset: float) -> None:
 @pytest.mark.parametrize("bits", [2, 4])
 def test_quantize_odd_shapes_and_outliers(bits: int) -> None:
     g = _gen(7 + bits)
-    for shape, dim in [((1, 1), 0), ((3, 1), 0), ((1, 33), 1), ((5, 17, 3), 1), ((2, 3, 4, 5, 6), 2)]:
+    cases = [((1, 1), 0), ((3, 1), 0), ((1, 33), 1), ((5, 17, 3), 1), ((2, 3, 4, 5, 6), 2)]
+    for shape, dim in cases:
         x = torch.randn(*shape, generator=g) * 4
         _check_quantize(x, dim=dim, bits=bits)
     # heavy-tailed data with a few huge outliers (KIVI's motivating case for keys)
@@ -174,7 +175,11 @@ def _formats() -> list[PageFormat]:
     return out
 
 
-@pytest.mark.parametrize("fmt", _formats(), ids=lambda f: f"b{f.bits}g{f.group_size}d{f.head_dim}h{f.num_kv_heads}")
+def _fmt_id(f: PageFormat) -> str:
+    return f"b{f.bits}g{f.group_size}d{f.head_dim}h{f.num_kv_heads}"
+
+
+@pytest.mark.parametrize("fmt", _formats(), ids=_fmt_id)
 def test_page_format_sections(fmt: PageFormat) -> None:
     h, g, d, bits = fmt.num_kv_heads, fmt.group_size, fmt.head_dim, fmt.bits
     expected_sizes = {
@@ -261,7 +266,9 @@ def _unpack_expected(packed: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("bits", [2, 4])
-@pytest.mark.parametrize("group,head_dim,heads", [(32, 64, 3), (64, 64, 2), (32, 128, 1), (128, 128, 4)])
+@pytest.mark.parametrize(
+    "group,head_dim,heads", [(32, 64, 3), (64, 64, 2), (32, 128, 1), (128, 128, 4)]
+)
 def test_quantize_page_round_trip(bits: int, group: int, head_dim: int, heads: int) -> None:
     fmt = PageFormat(bits, group, head_dim, heads)
     g = _gen(bits * 100 + group + head_dim + heads)
@@ -293,7 +300,8 @@ def test_quantize_page_round_trip(bits: int, group: int, head_dim: int, heads: i
         # the codes in the page are the quantizer's codes, at the documented bit positions
         kc, ks, km = reference.quantize(k.permute(1, 0, 2), dim=1, bits=bits)
         assert torch.equal(_unpack_expected(page["k_codes"], bits), kc)
-        assert torch.equal(ks.squeeze(1), page["k_scale"]) and torch.equal(km.squeeze(1), page["k_min"])
+        assert torch.equal(ks.squeeze(1), page["k_scale"])
+        assert torch.equal(km.squeeze(1), page["k_min"])
         vq = v.permute(1, 0, 2).unflatten(-1, (head_dim // group, group))
         vc, vsc, vmn = reference.quantize(vq, dim=-1, bits=bits)
         assert torch.equal(_unpack_expected(page["v_codes"], bits), vc.flatten(-2))
@@ -377,8 +385,10 @@ def test_store_then_context_kv_many_steps(bits: int, group: int, residual: int, 
                 lo = grp * group
                 kk = true_k[s][lo : lo + group].permute(1, 0, 2)
                 kc, ks, km = reference.quantize(kk, dim=1, bits=bits)
-                assert torch.equal(ck[lo : lo + group], reference.dequantize(kc, ks, km).permute(1, 0, 2))
-                vv = true_v[s][lo : lo + group].permute(1, 0, 2).unflatten(-1, (head_dim // group, group))
+                khat = reference.dequantize(kc, ks, km).permute(1, 0, 2)
+                assert torch.equal(ck[lo : lo + group], khat)
+                vv = true_v[s][lo : lo + group].permute(1, 0, 2)
+                vv = vv.unflatten(-1, (head_dim // group, group))
                 vc, vs, vm = reference.quantize(vv, dim=-1, bits=bits)
                 vhat = reference.dequantize(vc, vs, vm).flatten(-2).permute(1, 0, 2)
                 assert torch.equal(cv[lo : lo + group], vhat)

@@ -23,26 +23,41 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _plane_scores(q_j, codes, k_scale_j, BITS: tl.constexpr, J: tl.constexpr):
-    """Scores of plane J: (q * s)[:, plane] . codes[:, plane]^T (codes bytes [G, P])."""
-    c = ((codes >> (J * BITS)) & ((1 << BITS) - 1)).to(tl.float16)
-    qs = (q_j * k_scale_j[None, :]).to(tl.float16)
-    return tl.dot(qs, tl.trans(c))
+def _chunk_codes(tile, codes_ptr, t, w, C0: tl.constexpr, P: tl.constexpr,
+                 BITS: tl.constexpr, SHARED: tl.constexpr):
+    """Codes of channels [C0, C0 + W) as float16 [G, W] (from the page's packed rows)."""
+    if SHARED:  # W == P: the chunk is a whole bit plane of the already loaded tile
+        b = tile
+    else:
+        b = tl.load(codes_ptr + t[:, None] * P + (C0 % P) + w[None, :]).to(tl.int32)
+    return ((b >> ((C0 // P) * BITS)) & ((1 << BITS) - 1)).to(tl.float16)
 
 
 @triton.jit
-def _plane_values(codes, vs_ptr, vm_ptr, t, pp, BITS: tl.constexpr, J: tl.constexpr,
-                  P: tl.constexpr, G: tl.constexpr, VG: tl.constexpr):
-    """Dequantized values of plane J, [G, P] float16."""
-    c = ((codes >> (J * BITS)) & ((1 << BITS) - 1)).to(tl.float32)
-    grp = (J * P + pp) // G
-    idx = t[:, None] * VG + grp[None, :]
-    s = tl.load(vs_ptr + idx).to(tl.float32)
-    m = tl.load(vm_ptr + idx).to(tl.float32)
-    return (c * s + m).to(tl.float16)
+def _chunk_scores(q_c, codes, ks_ptr, km_ptr, w, C0: tl.constexpr):
+    """Partial scores (q*s) . codes^T and bias q . min over one channel chunk."""
+    ks = tl.load(ks_ptr + C0 + w).to(tl.float32)
+    km = tl.load(km_ptr + C0 + w).to(tl.float32)
+    s = tl.dot((q_c * ks[None, :]).to(tl.float16), tl.trans(codes))
+    return s, tl.sum(q_c * km[None, :], axis=1)
 
 
 @triton.jit
+def _chunk_values(pr, codes, vs_ptr, vm_ptr, t, C0: tl.constexpr, G: tl.constexpr,
+                  VG: tl.constexpr):
+    """p . v over one channel chunk, the per-token value scale folded into p."""
+    vs = tl.load(vs_ptr + t * VG + C0 // G).to(tl.float32)
+    vm = tl.load(vm_ptr + t * VG + C0 // G).to(tl.float32)
+    o = tl.dot((pr * vs[None, :]).to(tl.float16), codes)
+    return o + tl.sum(pr * vm[None, :], axis=1)[:, None]
+
+
+@triton.jit
+def _load_chunk(ptr, rows, ok, C0: tl.constexpr, w):
+    return tl.load(ptr + rows + C0 + w[None, :], mask=ok, other=0.0)
+
+
+@triton.jit(do_not_specialize=["tok_base", "S"])
 def _kivi_attend_context(
     query,  # [T, HQ, D]
     key,  # [T, HK, D] step tokens (the self token of a decode)
@@ -56,10 +71,11 @@ def _kivi_attend_context(
     valid_from,
     tile_req,  # [num_tiles] int32 (prefill tiles)
     tile_tok,  # [num_tiles] int32
-    mid_o,  # fp32 [T, HQ, S, D]
-    mid_lse,  # fp32 [T, HQ, S] (log2 domain)
+    mid_o,  # fp32 [rows, HQ, S, D]
+    mid_lse,  # fp32 [rows, HQ, S] (log2 domain)
     sm_scale,
     tok_base,  # first token of this launch: mid_o/mid_lse row = token - tok_base
+    S,  # context splits (runtime: one compiled kernel serves every batch size)
     stride_qt,
     stride_qh,
     stride_kt,
@@ -78,11 +94,12 @@ def _kivi_attend_context(
     stride_lh,
     R: tl.constexpr,
     BLOCK_R: tl.constexpr,
-    S: tl.constexpr,
     QPK: tl.constexpr,
     BLOCK_H: tl.constexpr,
     BLOCK_Q: tl.constexpr,
     DECODE: tl.constexpr,
+    W: tl.constexpr,  # channels per chunk: min(P, G), one value group and one bit plane
+    NCH: tl.constexpr,  # chunks per head (2 or 4)
     PAGE_BYTES: tl.constexpr,
     OFF_KC: tl.constexpr,
     OFF_VC: tl.constexpr,
@@ -118,132 +135,129 @@ def _kivi_attend_context(
     p_hi = tl.minimum(p_lo + per_split, n_pages)
 
     BLOCK_M: tl.constexpr = BLOCK_Q * BLOCK_H
+    SHARED: tl.constexpr = W == P
     m = tl.arange(0, BLOCK_M)
     tok = tok0 + m // BLOCK_H
     hh = m % BLOCK_H
     head = kvh * QPK + hh
     row_ok = (hh < QPK) & (tok < q_end)
-    pp = tl.arange(0, P)
+    w = tl.arange(0, W)
     t = tl.arange(0, G)
     q_rows = query + tok[:, None] * stride_qt + head[:, None] * stride_qh
     qk_scale = sm_scale * 1.4426950408889634
-    q0 = tl.load(q_rows + pp[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32) * qk_scale
-    q1 = tl.load(q_rows + P + pp[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32)
-    q1 = q1 * qk_scale
-    q2 = tl.zeros([BLOCK_M, P], dtype=tl.float32)
-    q3 = tl.zeros([BLOCK_M, P], dtype=tl.float32)
-    if CPB == 4:
-        q2 = tl.load(q_rows + 2 * P + pp[None, :], mask=row_ok[:, None], other=0.0)
-        q2 = q2.to(tl.float32) * qk_scale
-        q3 = tl.load(q_rows + 3 * P + pp[None, :], mask=row_ok[:, None], other=0.0)
-        q3 = q3.to(tl.float32) * qk_scale
+    q0 = _load_chunk(q_rows, 0, row_ok[:, None], 0 * W, w).to(tl.float32) * qk_scale
+    q1 = _load_chunk(q_rows, 0, row_ok[:, None], 1 * W, w).to(tl.float32) * qk_scale
+    q2 = q0
+    q3 = q1
+    if NCH == 4:
+        q2 = _load_chunk(q_rows, 0, row_ok[:, None], 2 * W, w).to(tl.float32) * qk_scale
+        q3 = _load_chunk(q_rows, 0, row_ok[:, None], 3 * W, w).to(tl.float32) * qk_scale
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc0 = tl.zeros([BLOCK_M, P], dtype=tl.float32)
-    acc1 = tl.zeros([BLOCK_M, P], dtype=tl.float32)
-    acc2 = tl.zeros([BLOCK_M, P], dtype=tl.float32)
-    acc3 = tl.zeros([BLOCK_M, P], dtype=tl.float32)
+    acc0 = tl.zeros([BLOCK_M, W], dtype=tl.float32)
+    acc1 = tl.zeros([BLOCK_M, W], dtype=tl.float32)
+    acc2 = tl.zeros([BLOCK_M, W], dtype=tl.float32)
+    acc3 = tl.zeros([BLOCK_M, W], dtype=tl.float32)
 
-    code_off = kvh * G * P + t[:, None] * P + pp[None, :]
+    tile_off = kvh * G * P + t[:, None] * P + tl.arange(0, P)[None, :]
     bt_row = block_table + req.to(tl.int64) * stride_bt
     for p in range(p_lo, p_hi):
-        block = tl.load(bt_row + p).to(tl.int64)
-        page = cache + block * PAGE_BYTES
+        page = cache + tl.load(bt_row + p).to(tl.int64) * PAGE_BYTES
+        kc_ptr = page + OFF_KC + kvh * G * P
+        vc_ptr = page + OFF_VC + kvh * G * P
         ks = (page + OFF_KS).to(tl.pointer_type(tl.float16)) + kvh * D
         km = (page + OFF_KM).to(tl.pointer_type(tl.float16)) + kvh * D
-        kc = tl.load(page + OFF_KC + code_off).to(tl.int32)  # [G, P]
-        vc = tl.load(page + OFF_VC + code_off).to(tl.int32)
-        ks0 = tl.load(ks + pp).to(tl.float32)
-        ks1 = tl.load(ks + P + pp).to(tl.float32)
-        km0 = tl.load(km + pp).to(tl.float32)
-        km1 = tl.load(km + P + pp).to(tl.float32)
-        s = _plane_scores(q0, kc, ks0, BITS, 0) + _plane_scores(q1, kc, ks1, BITS, 1)
-        bias = tl.sum(q0 * km0[None, :], axis=1) + tl.sum(q1 * km1[None, :], axis=1)
-        if CPB == 4:
-            ks2 = tl.load(ks + 2 * P + pp).to(tl.float32)
-            ks3 = tl.load(ks + 3 * P + pp).to(tl.float32)
-            km2 = tl.load(km + 2 * P + pp).to(tl.float32)
-            km3 = tl.load(km + 3 * P + pp).to(tl.float32)
-            s += _plane_scores(q2, kc, ks2, BITS, 2) + _plane_scores(q3, kc, ks3, BITS, 3)
-            bias += tl.sum(q2 * km2[None, :], axis=1) + tl.sum(q3 * km3[None, :], axis=1)
-        s = s + bias[:, None]
+        vs = (page + OFF_VS).to(tl.pointer_type(tl.float16)) + kvh * G * VG
+        vm = (page + OFF_VM).to(tl.pointer_type(tl.float16)) + kvh * G * VG
+        kt = 0
+        vt = 0
+        if SHARED:
+            kt = tl.load(page + OFF_KC + tile_off).to(tl.int32)
+            vt = tl.load(page + OFF_VC + tile_off).to(tl.int32)
+        s, b = _chunk_scores(q0, _chunk_codes(kt, kc_ptr, t, w, 0 * W, P, BITS, SHARED),
+                             ks, km, w, 0 * W)
+        s1, b1 = _chunk_scores(q1, _chunk_codes(kt, kc_ptr, t, w, 1 * W, P, BITS, SHARED),
+                               ks, km, w, 1 * W)
+        s += s1
+        b += b1
+        if NCH == 4:
+            s2, b2 = _chunk_scores(q2, _chunk_codes(kt, kc_ptr, t, w, 2 * W, P, BITS, SHARED),
+                                   ks, km, w, 2 * W)
+            s3, b3 = _chunk_scores(q3, _chunk_codes(kt, kc_ptr, t, w, 3 * W, P, BITS, SHARED),
+                                   ks, km, w, 3 * W)
+            s += s2 + s3
+            b += b2 + b3
+        s = s + b[:, None]
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         alpha = tl.exp2(m_i - m_new)
         pr = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(pr, axis=1)
         m_i = m_new
-        pr16 = pr.to(tl.float16)
-        vs = (page + OFF_VS).to(tl.pointer_type(tl.float16)) + kvh * G * VG
-        vm = (page + OFF_VM).to(tl.pointer_type(tl.float16)) + kvh * G * VG
-        acc0 = acc0 * alpha[:, None] + tl.dot(
-            pr16, _plane_values(vc, vs, vm, t, pp, BITS, 0, P, G, VG)
-        )
-        acc1 = acc1 * alpha[:, None] + tl.dot(
-            pr16, _plane_values(vc, vs, vm, t, pp, BITS, 1, P, G, VG)
-        )
-        if CPB == 4:
-            acc2 = acc2 * alpha[:, None] + tl.dot(
-                pr16, _plane_values(vc, vs, vm, t, pp, BITS, 2, P, G, VG)
-            )
-            acc3 = acc3 * alpha[:, None] + tl.dot(
-                pr16, _plane_values(vc, vs, vm, t, pp, BITS, 3, P, G, VG)
-            )
+        acc0 = acc0 * alpha[:, None] + _chunk_values(
+            pr, _chunk_codes(vt, vc_ptr, t, w, 0 * W, P, BITS, SHARED), vs, vm, t, 0 * W, G, VG)
+        acc1 = acc1 * alpha[:, None] + _chunk_values(
+            pr, _chunk_codes(vt, vc_ptr, t, w, 1 * W, P, BITS, SHARED), vs, vm, t, 1 * W, G, VG)
+        if NCH == 4:
+            acc2 = acc2 * alpha[:, None] + _chunk_values(
+                pr, _chunk_codes(vt, vc_ptr, t, w, 2 * W, P, BITS, SHARED), vs, vm, t, 2 * W,
+                G, VG)
+            acc3 = acc3 * alpha[:, None] + _chunk_values(
+                pr, _chunk_codes(vt, vc_ptr, t, w, 3 * W, P, BITS, SHARED), vs, vm, t, 3 * W,
+                G, VG)
 
     if split == S - 1:
         # full-precision tail ring: positions [tstart, ctx)
         r = tl.arange(0, BLOCK_R)
         pos = tstart + r
-        r_ok = pos < ctx
+        r_ok = (pos < ctx)[:, None]
         tslot = tl.load(tail_slots + req)
         ring = tail + tslot * stride_tail_slot + kvh * stride_tail_h
-        ring = ring + (pos % R)[:, None] * stride_tail_pos
+        rows = (pos % R)[:, None] * stride_tail_pos
         ring_v = ring + stride_tail_kv
-        rk0 = tl.load(ring + pp[None, :], mask=r_ok[:, None], other=0.0).to(tl.float16)
-        rk1 = tl.load(ring + P + pp[None, :], mask=r_ok[:, None], other=0.0).to(tl.float16)
-        s = tl.dot(q0.to(tl.float16), tl.trans(rk0)) + tl.dot(q1.to(tl.float16), tl.trans(rk1))
-        if CPB == 4:
-            rk2 = tl.load(ring + 2 * P + pp[None, :], mask=r_ok[:, None], other=0.0)
-            rk3 = tl.load(ring + 3 * P + pp[None, :], mask=r_ok[:, None], other=0.0)
-            s += tl.dot(q2.to(tl.float16), tl.trans(rk2.to(tl.float16)))
-            s += tl.dot(q3.to(tl.float16), tl.trans(rk3.to(tl.float16)))
-        s = tl.where(r_ok[None, :], s, float("-inf"))
+        s = tl.dot(q0.to(tl.float16), tl.trans(_load_chunk(ring, rows, r_ok, 0 * W, w).to(
+            tl.float16)))
+        s += tl.dot(q1.to(tl.float16), tl.trans(_load_chunk(ring, rows, r_ok, 1 * W, w).to(
+            tl.float16)))
+        if NCH == 4:
+            s += tl.dot(q2.to(tl.float16), tl.trans(_load_chunk(ring, rows, r_ok, 2 * W, w).to(
+                tl.float16)))
+            s += tl.dot(q3.to(tl.float16), tl.trans(_load_chunk(ring, rows, r_ok, 3 * W, w).to(
+                tl.float16)))
+        s = tl.where(tl.trans(r_ok), s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
         if DECODE:
             # the step's own token (query_len == 1), full precision
             self_k = key + tok0 * stride_kt + kvh * stride_kh
-            sk0 = tl.load(self_k + pp).to(tl.float32)
-            sk1 = tl.load(self_k + P + pp).to(tl.float32)
-            s_self = tl.sum(q0 * sk0[None, :], axis=1) + tl.sum(q1 * sk1[None, :], axis=1)
-            if CPB == 4:
-                sk2 = tl.load(self_k + 2 * P + pp).to(tl.float32)
-                sk3 = tl.load(self_k + 3 * P + pp).to(tl.float32)
-                s_self += tl.sum(q2 * sk2[None, :], axis=1) + tl.sum(q3 * sk3[None, :], axis=1)
-            m_new = tl.maximum(tl.maximum(m_i, tl.max(s, axis=1)), s_self)
-        else:
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            s_self = tl.sum(q0 * tl.load(self_k + 0 * W + w).to(tl.float32)[None, :], axis=1)
+            s_self += tl.sum(q1 * tl.load(self_k + 1 * W + w).to(tl.float32)[None, :], axis=1)
+            if NCH == 4:
+                s_self += tl.sum(q2 * tl.load(self_k + 2 * W + w).to(tl.float32)[None, :], 1)
+                s_self += tl.sum(q3 * tl.load(self_k + 3 * W + w).to(tl.float32)[None, :], 1)
+            m_new = tl.maximum(m_new, s_self)
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp2(m_i - m_safe)
         pr = tl.exp2(s - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(pr, axis=1)
         pr16 = pr.to(tl.float16)
-        rv0 = tl.load(ring_v + pp[None, :], mask=r_ok[:, None], other=0.0).to(tl.float16)
-        rv1 = tl.load(ring_v + P + pp[None, :], mask=r_ok[:, None], other=0.0).to(tl.float16)
-        acc0 = acc0 * alpha[:, None] + tl.dot(pr16, rv0)
-        acc1 = acc1 * alpha[:, None] + tl.dot(pr16, rv1)
-        if CPB == 4:
-            rv2 = tl.load(ring_v + 2 * P + pp[None, :], mask=r_ok[:, None], other=0.0)
-            rv3 = tl.load(ring_v + 3 * P + pp[None, :], mask=r_ok[:, None], other=0.0)
-            acc2 = acc2 * alpha[:, None] + tl.dot(pr16, rv2.to(tl.float16))
-            acc3 = acc3 * alpha[:, None] + tl.dot(pr16, rv3.to(tl.float16))
+        acc0 = acc0 * alpha[:, None] + tl.dot(pr16, _load_chunk(ring_v, rows, r_ok, 0 * W, w).to(
+            tl.float16))
+        acc1 = acc1 * alpha[:, None] + tl.dot(pr16, _load_chunk(ring_v, rows, r_ok, 1 * W, w).to(
+            tl.float16))
+        if NCH == 4:
+            acc2 = acc2 * alpha[:, None] + tl.dot(
+                pr16, _load_chunk(ring_v, rows, r_ok, 2 * W, w).to(tl.float16))
+            acc3 = acc3 * alpha[:, None] + tl.dot(
+                pr16, _load_chunk(ring_v, rows, r_ok, 3 * W, w).to(tl.float16))
         if DECODE:
             p_self = tl.exp2(s_self - m_safe)
             l_i += p_self
             self_v = value + tok0 * stride_vt + kvh * stride_vh
-            acc0 += p_self[:, None] * tl.load(self_v + pp).to(tl.float32)[None, :]
-            acc1 += p_self[:, None] * tl.load(self_v + P + pp).to(tl.float32)[None, :]
-            if CPB == 4:
-                acc2 += p_self[:, None] * tl.load(self_v + 2 * P + pp).to(tl.float32)[None, :]
-                acc3 += p_self[:, None] * tl.load(self_v + 3 * P + pp).to(tl.float32)[None, :]
+            acc0 += p_self[:, None] * tl.load(self_v + 0 * W + w).to(tl.float32)[None, :]
+            acc1 += p_self[:, None] * tl.load(self_v + 1 * W + w).to(tl.float32)[None, :]
+            if NCH == 4:
+                acc2 += p_self[:, None] * tl.load(self_v + 2 * W + w).to(tl.float32)[None, :]
+                acc3 += p_self[:, None] * tl.load(self_v + 3 * W + w).to(tl.float32)[None, :]
         m_i = m_new
 
     empty = l_i == 0.0
@@ -251,15 +265,16 @@ def _kivi_attend_context(
     lse = tl.where(empty, float("-inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)))
     mid_tok = tok - tok_base
     out = mid_o + mid_tok[:, None] * stride_ot + head[:, None] * stride_oh + split * stride_os
-    tl.store(out + pp[None, :], acc0 * inv_l[:, None], mask=row_ok[:, None])
-    tl.store(out + P + pp[None, :], acc1 * inv_l[:, None], mask=row_ok[:, None])
-    if CPB == 4:
-        tl.store(out + 2 * P + pp[None, :], acc2 * inv_l[:, None], mask=row_ok[:, None])
-        tl.store(out + 3 * P + pp[None, :], acc3 * inv_l[:, None], mask=row_ok[:, None])
+    ok = row_ok[:, None]
+    tl.store(out + 0 * W + w[None, :], acc0 * inv_l[:, None], mask=ok)
+    tl.store(out + 1 * W + w[None, :], acc1 * inv_l[:, None], mask=ok)
+    if NCH == 4:
+        tl.store(out + 2 * W + w[None, :], acc2 * inv_l[:, None], mask=ok)
+        tl.store(out + 3 * W + w[None, :], acc3 * inv_l[:, None], mask=ok)
     tl.store(mid_lse + mid_tok * stride_lt + head * stride_lh + split, lse, mask=row_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["S"])
 def _kivi_reduce_splits(
     mid_o,  # fp32 [T, HQ, S, D]
     mid_lse,  # fp32 [T, HQ, S] (log2)
@@ -273,7 +288,7 @@ def _kivi_reduce_splits(
     stride_yt,
     stride_yh,
     stride_zh,
-    S: tl.constexpr,
+    S,
     BLOCK_S: tl.constexpr,
     D: tl.constexpr,
     WRITE_LSE: tl.constexpr,
@@ -298,10 +313,20 @@ def _kivi_reduce_splits(
         tl.store(lse_out + head * stride_zh + tok, lse_all)
 
 
-def num_splits_for(num_rows: int, num_kv_heads: int, max_splits: int = 16) -> int:
-    """Context splits per (row, KV head): enough programs to fill the GPU (~2 waves)."""
-    target = 264  # ~2 x 132 SMs of an H100
-    return max(1, min(max_splits, -(-target // max(1, num_rows * num_kv_heads))))
+MAX_SPLITS = 32
+SPLIT_TARGET = 132 * 12  # programs to keep in flight (H100 SMs x resident programs)
+DECODE_WARPS = 2
+
+
+def num_splits_for(num_rows: int, num_kv_heads: int, max_splits: int = MAX_SPLITS) -> int:
+    """Context splits per (row, KV head): enough programs in flight to fill the GPU."""
+    return max(1, min(max_splits, -(-SPLIT_TARGET // max(1, num_rows * num_kv_heads))))
+
+
+def chunking(fmt: PageFormat) -> tuple[int, int]:
+    """(W, NCH): channels per chunk (one bit plane, one value group) and chunks per head."""
+    width = min(fmt.packed_dim, fmt.group_size)
+    return width, fmt.head_dim // width
 
 
 def attend_context(
@@ -345,24 +370,26 @@ def attend_context(
     if tile_req is None:
         tile_req = tile_tok = seq_lens  # unused in decode mode
     block_h = max(16 // block_q, triton.next_power_of_2(qpk))
+    width, nch = chunking(fmt)
+    assert nch in (2, 4), f"unsupported (head_dim, group, bits) for the GPU kernels: {fmt}"
     _kivi_attend_context[(num_tiles, hk, s)](
         query, key, value, cache, tail, block_table, seq_lens, query_start_loc,
-        tail_slots, valid_from, tile_req, tile_tok, mid_o, mid_lse, scale, tok_base,
+        tail_slots, valid_from, tile_req, tile_tok, mid_o, mid_lse, scale, tok_base, s,
         query.stride(0), query.stride(1), key.stride(0), key.stride(1),
         value.stride(0), value.stride(1), block_table.stride(0),
         tail.stride(0), tail.stride(1), tail.stride(2), tail.stride(3),
         mid_o.stride(0), mid_o.stride(1), mid_o.stride(2),
         mid_lse.stride(0), mid_lse.stride(1),
-        R=residual, BLOCK_R=triton.next_power_of_2(residual), S=s, QPK=qpk,
-        BLOCK_H=block_h, BLOCK_Q=block_q, DECODE=decode,
-        num_warps=4, num_stages=2, **format_constants(fmt),
+        R=residual, BLOCK_R=triton.next_power_of_2(residual), QPK=qpk,
+        BLOCK_H=block_h, BLOCK_Q=block_q, DECODE=decode, W=width, NCH=nch,
+        num_warps=DECODE_WARPS if decode else 4, num_stages=2, **format_constants(fmt),
     )
     lse_arg = lse_out if lse_out is not None else mid_lse
     _kivi_reduce_splits[(num_tokens, hq)](
         mid_o, mid_lse, out, lse_arg,
         mid_o.stride(0), mid_o.stride(1), mid_o.stride(2),
         mid_lse.stride(0), mid_lse.stride(1), out.stride(0), out.stride(1),
-        lse_arg.stride(0),
-        S=s, BLOCK_S=triton.next_power_of_2(s), D=d, WRITE_LSE=lse_out is not None,
+        lse_arg.stride(0), s,
+        BLOCK_S=MAX_SPLITS, D=d, WRITE_LSE=lse_out is not None,
         num_warps=4,
     )

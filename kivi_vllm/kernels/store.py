@@ -48,7 +48,7 @@ def _quantize(x, mn, mx, QMAX: tl.constexpr):
     return mn16, scale16, safe, scale
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_reqs"])
 def _kivi_pack_groups(
     key,  # [T, HK, D]
     value,  # [T, HK, D]
@@ -156,7 +156,7 @@ def _kivi_pack_groups(
     tl.store(page + OFF_VC + code_off, v_bytes.to(tl.uint8))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_reqs"])
 def _kivi_append_tail(
     key,
     value,
