@@ -59,7 +59,7 @@ def kivi_case(bits: int, batch: int, ctx: int, group: int = 32, residual: int = 
     out = torch.empty_like(q)
 
     def run():
-        attend_context(q, k, v, cache, tail, block_table, seq_lens, qsl, slots, valid_from,
+        return attend_context(q, k, v, cache, tail, block_table, seq_lens, qsl, slots, valid_from,
                        fmt, residual, D ** -0.5, out, decode=True, num_tiles=batch)
 
     nbytes = batch * HK * (ctx // group) * (fmt.page_bytes // HK) + batch * HQ * D * 4
@@ -95,15 +95,16 @@ def tune() -> None:
 
     from kivi_vllm.kernels import attention
 
-    for batch, ctx in ((64, 8192), (256, 4096), (8, 32768)):
+    for batch, ctx in ((64, 8192), (8, 32768)):
         for bits in (2, 4):
             run, nbytes = kivi_case(bits, batch, ctx)
-            for warps in (2, 4):
-                for target in (132 * 4, 132 * 12, 132 * 32):
-                    attention.DECODE_WARPS, attention.SPLIT_TARGET = warps, target
+            for warps in (1, 2, 4):
+                for stages in (1, 2, 3):
+                    attention.DECODE_WARPS, attention.NUM_STAGES = warps, stages
+                    handle = run()
                     ms = triton.testing.do_bench(run, warmup=25, rep=100, return_mode="median")
-                    print(f"tune B={batch} ctx={ctx} bits={bits} warps={warps} "
-                          f"target={target}: {ms * 1e3:.1f}us "
+                    print(f"tune B={batch} ctx={ctx} bits={bits} warps={warps} stages={stages}"
+                          f" regs={handle.n_regs} spills={handle.n_spills}: {ms * 1e3:.1f}us "
                           f"{nbytes / (ms * 1e-3) / 1e12:.2f} TB/s", flush=True)
             del run
             torch.cuda.empty_cache()

@@ -108,18 +108,22 @@ def _generate(llm, prompts: list[list[int]], max_tokens: list[int] | int, **kw) 
     return [list(o.outputs[0].token_ids) for o in outs]
 
 
-def _score(llm, prompts: list[list[int]], continuations: list[list[int]]) -> list[list[float]]:
-    """Log-probabilities of each continuation token given the prompt (prompt_logprobs)."""
+def _score(
+    llm, prompts: list[list[int]], continuations: list[list[int]]
+) -> tuple[list[list[float]], list[list[int]]]:
+    """Teacher-forced pass over prompt + continuation (prompt_logprobs=1): per
+    continuation token, its log-probability and the engine's own top-1 token there."""
     outs = llm.generate(
         [{"prompt_token_ids": p + c} for p, c in zip(prompts, continuations, strict=True)],
-        _sampling(1, prompt_logprobs=0),
+        _sampling(1, prompt_logprobs=1),
         use_tqdm=False,
     )
-    scores = []
+    scores, top1 = [], []
     for out, p, c in zip(outs, prompts, continuations, strict=True):
         entries = out.prompt_logprobs[len(p) : len(p) + len(c)]
         scores.append([e[tok].logprob for e, tok in zip(entries, c, strict=True)])
-    return scores
+        top1.append([next(t for t, lp in e.items() if lp.rank == 1) for e in entries])
+    return scores, top1
 
 
 def _worker_probe(worker: Any) -> dict[str, Any]:
@@ -154,7 +158,7 @@ def _serve_all(llm, bf16: dict[str, Any] | None) -> dict[str, Any]:
     res["greedy"] = _generate(llm, prompts, GEN_TOKENS)
     res["text"] = [tok.decode(t, skip_special_tokens=True) for t in res["greedy"]]
     reference = bf16["greedy"] if bf16 is not None else res["greedy"]
-    res["scores"] = _score(llm, prompts, reference)
+    res["scores"], res["top1"] = _score(llm, prompts, reference)
     res["stats_end"] = wait_tail_slots_free(llm)
     res["usage_end"] = metric(llm, USAGE)
     return res

@@ -44,10 +44,10 @@ def _chunk_scores(q_c, codes, ks_ptr, km_ptr, w, C0: tl.constexpr):
 
 @triton.jit
 def _chunk_values(pr, codes, vs_ptr, vm_ptr, t, C0: tl.constexpr, G: tl.constexpr,
-                  VG: tl.constexpr):
+                  VG: tl.constexpr, valid=True):
     """p . v over one channel chunk, the per-token value scale folded into p."""
-    vs = tl.load(vs_ptr + t * VG + C0 // G).to(tl.float32)
-    vm = tl.load(vm_ptr + t * VG + C0 // G).to(tl.float32)
+    vs = tl.load(vs_ptr + t * VG + C0 // G, mask=valid, other=0.0).to(tl.float32)
+    vm = tl.load(vm_ptr + t * VG + C0 // G, mask=valid, other=0.0).to(tl.float32)
     o = tl.dot((pr * vs[None, :]).to(tl.float16), codes)
     return o + tl.sum(pr * vm[None, :], axis=1)[:, None]
 
@@ -55,6 +55,51 @@ def _chunk_values(pr, codes, vs_ptr, vm_ptr, t, C0: tl.constexpr, G: tl.constexp
 @triton.jit
 def _load_chunk(ptr, rows, ok, C0: tl.constexpr, w):
     return tl.load(ptr + rows + C0 + w[None, :], mask=ok, other=0.0)
+
+
+@triton.jit
+def _attend_page(page, kt, vt, valid, q0, q1, q2, q3, m_i, l_i, acc0, acc1, acc2, acc3,
+                 kvh, t, w, W: tl.constexpr, NCH: tl.constexpr, SHARED: tl.constexpr,
+                 OFF_KC: tl.constexpr, OFF_VC: tl.constexpr, OFF_KS: tl.constexpr,
+                 OFF_KM: tl.constexpr, OFF_VS: tl.constexpr, OFF_VM: tl.constexpr,
+                 G: tl.constexpr, D: tl.constexpr, P: tl.constexpr, VG: tl.constexpr,
+                 BITS: tl.constexpr):
+    """Online-softmax update of the running (m, l, acc) with one page of one KV head."""
+    kc_ptr = page + OFF_KC + kvh * G * P
+    vc_ptr = page + OFF_VC + kvh * G * P
+    ks = (page + OFF_KS).to(tl.pointer_type(tl.float16)) + kvh * D
+    km = (page + OFF_KM).to(tl.pointer_type(tl.float16)) + kvh * D
+    vs = (page + OFF_VS).to(tl.pointer_type(tl.float16)) + kvh * G * VG
+    vm = (page + OFF_VM).to(tl.pointer_type(tl.float16)) + kvh * G * VG
+    s, b = _chunk_scores(q0, _chunk_codes(kt, kc_ptr, t, w, 0 * W, P, BITS, SHARED),
+                         ks, km, w, 0 * W)
+    s1, b1 = _chunk_scores(q1, _chunk_codes(kt, kc_ptr, t, w, 1 * W, P, BITS, SHARED),
+                           ks, km, w, 1 * W)
+    s += s1
+    b += b1
+    if NCH == 4:
+        s2, b2 = _chunk_scores(q2, _chunk_codes(kt, kc_ptr, t, w, 2 * W, P, BITS, SHARED),
+                               ks, km, w, 2 * W)
+        s3, b3 = _chunk_scores(q3, _chunk_codes(kt, kc_ptr, t, w, 3 * W, P, BITS, SHARED),
+                               ks, km, w, 3 * W)
+        s += s2 + s3
+        b += b2 + b3
+    s = tl.where(valid, s + b[:, None], float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_safe)
+    pr = tl.exp2(s - m_safe[:, None])
+    l_i = l_i * alpha + tl.sum(pr, axis=1)
+    acc0 = acc0 * alpha[:, None] + _chunk_values(
+        pr, _chunk_codes(vt, vc_ptr, t, w, 0 * W, P, BITS, SHARED), vs, vm, t, 0 * W, G, VG, valid)
+    acc1 = acc1 * alpha[:, None] + _chunk_values(
+        pr, _chunk_codes(vt, vc_ptr, t, w, 1 * W, P, BITS, SHARED), vs, vm, t, 1 * W, G, VG, valid)
+    if NCH == 4:
+        acc2 = acc2 * alpha[:, None] + _chunk_values(
+            pr, _chunk_codes(vt, vc_ptr, t, w, 2 * W, P, BITS, SHARED), vs, vm, t, 2 * W, G, VG, valid)
+        acc3 = acc3 * alpha[:, None] + _chunk_values(
+            pr, _chunk_codes(vt, vc_ptr, t, w, 3 * W, P, BITS, SHARED), vs, vm, t, 3 * W, G, VG, valid)
+    return m_new, l_i, acc0, acc1, acc2, acc3
 
 
 @triton.jit(do_not_specialize=["tok_base", "S"])
@@ -162,49 +207,28 @@ def _kivi_attend_context(
 
     tile_off = kvh * G * P + t[:, None] * P + tl.arange(0, P)[None, :]
     bt_row = block_table + req.to(tl.int64) * stride_bt
-    for p in range(p_lo, p_hi):
-        page = cache + tl.load(bt_row + p).to(tl.int64) * PAGE_BYTES
-        kc_ptr = page + OFF_KC + kvh * G * P
-        vc_ptr = page + OFF_VC + kvh * G * P
-        ks = (page + OFF_KS).to(tl.pointer_type(tl.float16)) + kvh * D
-        km = (page + OFF_KM).to(tl.pointer_type(tl.float16)) + kvh * D
-        vs = (page + OFF_VS).to(tl.pointer_type(tl.float16)) + kvh * G * VG
-        vm = (page + OFF_VM).to(tl.pointer_type(tl.float16)) + kvh * G * VG
-        kt = 0
-        vt = 0
+    for p in range(p_lo, p_hi, 2):
+        # two pages per iteration: both pages' code tiles are requested before any math
+        has_b = p + 1 < p_hi
+        page_a = cache + tl.load(bt_row + p).to(tl.int64) * PAGE_BYTES
+        page_b = cache + tl.load(bt_row + p + 1, mask=has_b, other=0).to(tl.int64) * PAGE_BYTES
+        kt_a = 0
+        vt_a = 0
+        kt_b = 0
+        vt_b = 0
         if SHARED:
-            kt = tl.load(page + OFF_KC + tile_off).to(tl.int32)
-            vt = tl.load(page + OFF_VC + tile_off).to(tl.int32)
-        s, b = _chunk_scores(q0, _chunk_codes(kt, kc_ptr, t, w, 0 * W, P, BITS, SHARED),
-                             ks, km, w, 0 * W)
-        s1, b1 = _chunk_scores(q1, _chunk_codes(kt, kc_ptr, t, w, 1 * W, P, BITS, SHARED),
-                               ks, km, w, 1 * W)
-        s += s1
-        b += b1
-        if NCH == 4:
-            s2, b2 = _chunk_scores(q2, _chunk_codes(kt, kc_ptr, t, w, 2 * W, P, BITS, SHARED),
-                                   ks, km, w, 2 * W)
-            s3, b3 = _chunk_scores(q3, _chunk_codes(kt, kc_ptr, t, w, 3 * W, P, BITS, SHARED),
-                                   ks, km, w, 3 * W)
-            s += s2 + s3
-            b += b2 + b3
-        s = s + b[:, None]
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        alpha = tl.exp2(m_i - m_new)
-        pr = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(pr, axis=1)
-        m_i = m_new
-        acc0 = acc0 * alpha[:, None] + _chunk_values(
-            pr, _chunk_codes(vt, vc_ptr, t, w, 0 * W, P, BITS, SHARED), vs, vm, t, 0 * W, G, VG)
-        acc1 = acc1 * alpha[:, None] + _chunk_values(
-            pr, _chunk_codes(vt, vc_ptr, t, w, 1 * W, P, BITS, SHARED), vs, vm, t, 1 * W, G, VG)
-        if NCH == 4:
-            acc2 = acc2 * alpha[:, None] + _chunk_values(
-                pr, _chunk_codes(vt, vc_ptr, t, w, 2 * W, P, BITS, SHARED), vs, vm, t, 2 * W,
-                G, VG)
-            acc3 = acc3 * alpha[:, None] + _chunk_values(
-                pr, _chunk_codes(vt, vc_ptr, t, w, 3 * W, P, BITS, SHARED), vs, vm, t, 3 * W,
-                G, VG)
+            kt_a = tl.load(page_a + OFF_KC + tile_off).to(tl.int32)
+            vt_a = tl.load(page_a + OFF_VC + tile_off).to(tl.int32)
+            kt_b = tl.load(page_b + OFF_KC + tile_off).to(tl.int32)
+            vt_b = tl.load(page_b + OFF_VC + tile_off).to(tl.int32)
+        m_i, l_i, acc0, acc1, acc2, acc3 = _attend_page(
+            page_a, kt_a, vt_a, True, q0, q1, q2, q3, m_i, l_i, acc0, acc1, acc2, acc3,
+            kvh, t, w, W, NCH, SHARED, OFF_KC, OFF_VC, OFF_KS, OFF_KM, OFF_VS, OFF_VM,
+            G, D, P, VG, BITS)
+        m_i, l_i, acc0, acc1, acc2, acc3 = _attend_page(
+            page_b, kt_b, vt_b, has_b, q0, q1, q2, q3, m_i, l_i, acc0, acc1, acc2, acc3,
+            kvh, t, w, W, NCH, SHARED, OFF_KC, OFF_VC, OFF_KS, OFF_KM, OFF_VS, OFF_VM,
+            G, D, P, VG, BITS)
 
     if split == S - 1:
         # full-precision tail ring: positions [tstart, ctx)
@@ -316,6 +340,7 @@ def _kivi_reduce_splits(
 MAX_SPLITS = 32
 SPLIT_TARGET = 132 * 12  # programs to keep in flight (H100 SMs x resident programs)
 DECODE_WARPS = 2
+NUM_STAGES = 2
 
 
 def num_splits_for(num_rows: int, num_kv_heads: int, max_splits: int = MAX_SPLITS) -> int:
@@ -353,7 +378,7 @@ def attend_context(
     num_splits: int | None = None,
     tok_base: int = 0,
     lse_out: torch.Tensor | None = None,
-) -> None:
+):
     """Attention of query rows over their context in the pages + tail (+ self for decode).
 
     Covers tokens ``[tok_base, tok_base + out.shape[0])`` of ``query``; writes ``out``
@@ -372,7 +397,7 @@ def attend_context(
     block_h = max(16 // block_q, triton.next_power_of_2(qpk))
     width, nch = chunking(fmt)
     assert nch in (2, 4), f"unsupported (head_dim, group, bits) for the GPU kernels: {fmt}"
-    _kivi_attend_context[(num_tiles, hk, s)](
+    handle = _kivi_attend_context[(num_tiles, hk, s)](
         query, key, value, cache, tail, block_table, seq_lens, query_start_loc,
         tail_slots, valid_from, tile_req, tile_tok, mid_o, mid_lse, scale, tok_base, s,
         query.stride(0), query.stride(1), key.stride(0), key.stride(1),
@@ -382,7 +407,7 @@ def attend_context(
         mid_lse.stride(0), mid_lse.stride(1),
         R=residual, BLOCK_R=triton.next_power_of_2(residual), QPK=qpk,
         BLOCK_H=block_h, BLOCK_Q=block_q, DECODE=decode, W=width, NCH=nch,
-        num_warps=DECODE_WARPS if decode else 4, num_stages=2, **format_constants(fmt),
+        num_warps=DECODE_WARPS if decode else 4, num_stages=NUM_STAGES, **format_constants(fmt),
     )
     lse_arg = lse_out if lse_out is not None else mid_lse
     _kivi_reduce_splits[(num_tokens, hq)](
@@ -393,3 +418,4 @@ def attend_context(
         BLOCK_S=MAX_SPLITS, D=d, WRITE_LSE=lse_out is not None,
         num_warps=4,
     )
+    return handle
