@@ -98,12 +98,14 @@ def tune() -> None:
     for batch, ctx in ((64, 8192), (8, 32768)):
         for bits in (2, 4):
             run, nbytes = kivi_case(bits, batch, ctx)
-            for warps in (1, 2, 4):
-                for stages in (1, 2, 3):
+            for wide, warps, stages in ((False, 2, 2), (True, 2, 2), (True, 4, 2),
+                                        (True, 2, 3), (True, 1, 2)):
                     attention.DECODE_WARPS, attention.NUM_STAGES = warps, stages
+                    attention.WIDE_K = wide
                     handle = run()
                     ms = triton.testing.do_bench(run, warmup=25, rep=100, return_mode="median")
-                    print(f"tune B={batch} ctx={ctx} bits={bits} warps={warps} stages={stages}"
+                    print(f"tune B={batch} ctx={ctx} bits={bits} wide={wide} warps={warps} "
+                          f"stages={stages}"
                           f" regs={handle.n_regs} spills={handle.n_spills}: {ms * 1e3:.1f}us "
                           f"{nbytes / (ms * 1e-3) / 1e12:.2f} TB/s", flush=True)
             del run

@@ -23,6 +23,20 @@ for step in "$@"; do
     smoke2)
       python3 benchmarks/throughput.py --kv kivi2,bf16 --workloads 256x1024x128 \
         --out "$OUT/smoke2.json" 2>&1 | tee "$OUT/smoke2.log" | tail -8 ;;
+    tune-pick)
+      python3 benchmarks/kernels.py --tune 2>&1 | grep "^tune" | tee "$OUT/kernels-tune.log"
+      best=$(grep "B=64 ctx=8192 bits=2 " "$OUT/kernels-tune.log" | sort -t: -k2 -g | head -1)
+      echo "best: $best"
+      wide=$(echo "$best" | sed -n 's/.*wide=\([A-Za-z]*\).*/\1/p')
+      warps=$(echo "$best" | sed -n 's/.*warps=\([0-9]*\).*/\1/p')
+      stages=$(echo "$best" | sed -n 's/.*stages=\([0-9]*\).*/\1/p')
+      export KIVI_WIDE_K=$([ "$wide" = True ] && echo 1 || echo 0) KIVI_DECODE_WARPS=$warps \
+        KIVI_NUM_STAGES=$stages
+      env | grep ^KIVI_ | tee "$OUT/tuned.env" ;;
+    tp:*)
+      kvs=${step#tp:}
+      python3 benchmarks/throughput.py --kv "$kvs" --out "$OUT/throughput-${kvs//,/-}.json" \
+        2>&1 | tee "$OUT/throughput-${kvs//,/-}.log" | tail -8 ;;
     kernels-quick)
       python3 benchmarks/kernels.py --batches 1,64 --contexts 1024,8192 2>&1 \
         | grep -v "^INFO\|^WARNING" | tail -8 ;;

@@ -90,8 +90,8 @@ def _stress_requests(llm) -> list[tuple[list[int], int]]:
     questions, max_tokens = [], []
     for i in range(64):
         n_words = rng.choice([rng.randint(3, 20), rng.randint(40, 120), rng.randint(150, 230)])
-        start = rng.randint(0, len(PASSAGE) - n_words)
-        text = " ".join(PASSAGE[start : start + n_words])
+        start = rng.randint(0, len(PASSAGE) - 1)
+        text = " ".join((PASSAGE * 2)[start : start + n_words])
         questions.append(f"Request {i}. Summarize this text in one sentence:\n{text}")
         max_tokens.append(rng.choice([4, 8, 16, 24, 32, 48, 64]))
     return list(zip(chat_prompts(llm, questions), max_tokens, strict=True))
@@ -318,11 +318,39 @@ def _show(title: str, res: dict[str, Any], ref: dict[str, Any]) -> None:
         print(f"Q: {q}\n  bf16: {ref_text!r}\n  this: {text!r}")
 
 
+def _teacher_forced(ref: dict[str, Any], res: dict[str, Any], n: int) -> float:
+    """Fraction of positions i < n of the bf16 greedy continuations where this engine's
+    top-1 token, given the same (bf16) prefix, is bf16's greedy token."""
+    equal = total = 0
+    for cont, top1 in zip(ref["greedy"], res["top1"], strict=True):
+        equal += sum(a == b for a, b in zip(cont[:n], top1[:n], strict=True))
+        total += len(cont[:n])
+    return equal / total
+
+
+# Greedy agreement on this 135M bf16 model is dominated by near-ties: its bf16 logits
+# have a resolution of 0.125, and first-token top-2 margins of 0.125-0.25 are common.
+# Measured free-running agreement with bf16 *without any quantization* (KIVI-4 with a
+# 128-token residual, i.e. only the attention arithmetic differs) is 0.66, and the same
+# model run in fp32 agrees with bf16 on 0.65. So the asserted metric is teacher-forced.
+KIVI4_TEACHER_FORCED_MIN = 0.90
+FREE_RUNNING_MIN = 0.30  # garbage output would agree on ~0
+
+
 def test_kivi4_greedy_matches_bf16(bf16, kivi4) -> None:
     _show("KIVI-4 vs bf16", kivi4, bf16)
     frac, prefixes = _agreement(bf16["greedy"], kivi4["greedy"], GEN_TOKENS)
-    print(f"KIVI-4 position agreement (i < {GEN_TOKENS}): {frac:.3f}; common prefixes {prefixes}")
-    assert frac >= 0.90
+    forced = _teacher_forced(bf16, kivi4, GEN_TOKENS)
+    forced_self = _teacher_forced(bf16, bf16, GEN_TOKENS)
+    print(
+        f"KIVI-4 vs bf16, first {GEN_TOKENS} tokens: free-running position agreement "
+        f"{frac:.3f} (common prefixes {prefixes}); teacher-forced top-1 agreement "
+        f"{forced:.3f} (bf16 rescoring itself: {forced_self:.3f})"
+    )
+    # the teacher-forced pass reproduces bf16's own greedy choices (validates the metric)
+    assert forced_self == 1.0
+    assert forced >= KIVI4_TEACHER_FORCED_MIN
+    assert frac >= FREE_RUNNING_MIN
 
 
 # ---------------------------------------------------------------- c. KIVI-2 quality
@@ -352,13 +380,18 @@ KIVI4_MEAN_LOGPROB_DIFF = 0.15
 def test_kivi2_is_fluent(bf16, kivi2) -> None:
     _show("KIVI-2 vs bf16", kivi2, bf16)
     frac, prefixes = _agreement(bf16["greedy"], kivi2["greedy"], GEN_TOKENS)
-    print(f"KIVI-2 position agreement (i < {GEN_TOKENS}): {frac:.3f}; common prefixes {prefixes}")
+    forced = _teacher_forced(bf16, kivi2, GEN_TOKENS)
+    print(
+        f"KIVI-2 vs bf16: free-running position agreement {frac:.3f} (common prefixes "
+        f"{prefixes}); teacher-forced top-1 agreement {forced:.3f}"
+    )
     for text in kivi2["text"]:
         assert _fluent(text), text
     for tokens in kivi2["greedy"]:
         assert len(set(tokens)) > len(tokens) // 4, tokens  # not one token repeated
     assert "Paris" in kivi2["text"][0]
     assert "Paris" in bf16["text"][0]
+    assert frac >= FREE_RUNNING_MIN
 
 
 def test_logprobs_close_to_bf16(bf16, kivi4, kivi2) -> None:

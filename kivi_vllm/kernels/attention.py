@@ -12,6 +12,8 @@ step's own token. ``_kivi_reduce_splits`` merges the splits by log-sum-exp.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -59,7 +61,8 @@ def _load_chunk(ptr, rows, ok, C0: tl.constexpr, w):
 
 @triton.jit
 def _attend_page(page, kt, vt, valid, q0, q1, q2, q3, m_i, l_i, acc0, acc1, acc2, acc3,
-                 kvh, t, w, W: tl.constexpr, NCH: tl.constexpr, SHARED: tl.constexpr,
+                 kvh, t, w, qw, WIDE_K: tl.constexpr, W: tl.constexpr, NCH: tl.constexpr,
+                 SHARED: tl.constexpr,
                  OFF_KC: tl.constexpr, OFF_VC: tl.constexpr, OFF_KS: tl.constexpr,
                  OFF_KM: tl.constexpr, OFF_VS: tl.constexpr, OFF_VM: tl.constexpr,
                  G: tl.constexpr, D: tl.constexpr, P: tl.constexpr, VG: tl.constexpr,
@@ -71,19 +74,30 @@ def _attend_page(page, kt, vt, valid, q0, q1, q2, q3, m_i, l_i, acc0, acc1, acc2
     km = (page + OFF_KM).to(tl.pointer_type(tl.float16)) + kvh * D
     vs = (page + OFF_VS).to(tl.pointer_type(tl.float16)) + kvh * G * VG
     vm = (page + OFF_VM).to(tl.pointer_type(tl.float16)) + kvh * G * VG
-    s, b = _chunk_scores(q0, _chunk_codes(kt, kc_ptr, t, w, 0 * W, P, BITS, SHARED),
-                         ks, km, w, 0 * W)
-    s1, b1 = _chunk_scores(q1, _chunk_codes(kt, kc_ptr, t, w, 1 * W, P, BITS, SHARED),
-                           ks, km, w, 1 * W)
-    s += s1
-    b += b1
-    if NCH == 4:
-        s2, b2 = _chunk_scores(q2, _chunk_codes(kt, kc_ptr, t, w, 2 * W, P, BITS, SHARED),
-                               ks, km, w, 2 * W)
-        s3, b3 = _chunk_scores(q3, _chunk_codes(kt, kc_ptr, t, w, 3 * W, P, BITS, SHARED),
-                               ks, km, w, 3 * W)
-        s += s2 + s3
-        b += b2 + b3
+    if WIDE_K:
+        # all channels at once: byte c % P of each row, shifted by its plane
+        cols = tl.arange(0, D)
+        kb = tl.load(kc_ptr + t[:, None] * P + (cols % P)[None, :]).to(tl.int32)
+        kcodes = ((kb >> ((cols // P) * BITS)[None, :]) & ((1 << BITS) - 1)).to(tl.float16)
+        ksf = tl.load(ks + cols).to(tl.float32)
+        kmf = tl.load(km + cols).to(tl.float32)
+        qwf = qw.to(tl.float32)
+        s = tl.dot((qwf * ksf[None, :]).to(tl.float16), tl.trans(kcodes))
+        b = tl.sum(qwf * kmf[None, :], axis=1)
+    else:
+        s, b = _chunk_scores(q0, _chunk_codes(kt, kc_ptr, t, w, 0 * W, P, BITS, SHARED),
+                             ks, km, w, 0 * W)
+        s1, b1 = _chunk_scores(q1, _chunk_codes(kt, kc_ptr, t, w, 1 * W, P, BITS, SHARED),
+                               ks, km, w, 1 * W)
+        s += s1
+        b += b1
+        if NCH == 4:
+            s2, b2 = _chunk_scores(q2, _chunk_codes(kt, kc_ptr, t, w, 2 * W, P, BITS, SHARED),
+                                   ks, km, w, 2 * W)
+            s3, b3 = _chunk_scores(q3, _chunk_codes(kt, kc_ptr, t, w, 3 * W, P, BITS, SHARED),
+                                   ks, km, w, 3 * W)
+            s += s2 + s3
+            b += b2 + b3
     s = tl.where(valid, s + b[:, None], float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, axis=1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -143,6 +157,7 @@ def _kivi_attend_context(
     BLOCK_H: tl.constexpr,
     BLOCK_Q: tl.constexpr,
     DECODE: tl.constexpr,
+    WIDE_K: tl.constexpr,  # keys: one full-width dot per page instead of one per chunk
     W: tl.constexpr,  # channels per chunk: min(P, G), one value group and one bit plane
     NCH: tl.constexpr,  # chunks per head (2 or 4)
     PAGE_BYTES: tl.constexpr,
@@ -198,6 +213,10 @@ def _kivi_attend_context(
         q2 = _load_chunk(q_rows, 0, row_ok[:, None], 2 * W, w).to(tl.float32) * qk_scale
         q3 = _load_chunk(q_rows, 0, row_ok[:, None], 3 * W, w).to(tl.float32) * qk_scale
 
+    qw = q0.to(tl.float16)
+    if WIDE_K:
+        qw = (tl.load(q_rows + tl.arange(0, D)[None, :], mask=row_ok[:, None], other=0.0)
+              .to(tl.float32) * qk_scale).to(tl.float16)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc0 = tl.zeros([BLOCK_M, W], dtype=tl.float32)
@@ -217,17 +236,20 @@ def _kivi_attend_context(
         kt_b = 0
         vt_b = 0
         if SHARED:
-            kt_a = tl.load(page_a + OFF_KC + tile_off).to(tl.int32)
+            if not WIDE_K:
+                kt_a = tl.load(page_a + OFF_KC + tile_off).to(tl.int32)
+                kt_b = tl.load(page_b + OFF_KC + tile_off).to(tl.int32)
             vt_a = tl.load(page_a + OFF_VC + tile_off).to(tl.int32)
-            kt_b = tl.load(page_b + OFF_KC + tile_off).to(tl.int32)
             vt_b = tl.load(page_b + OFF_VC + tile_off).to(tl.int32)
         m_i, l_i, acc0, acc1, acc2, acc3 = _attend_page(
             page_a, kt_a, vt_a, True, q0, q1, q2, q3, m_i, l_i, acc0, acc1, acc2, acc3,
-            kvh, t, w, W, NCH, SHARED, OFF_KC, OFF_VC, OFF_KS, OFF_KM, OFF_VS, OFF_VM,
+            kvh, t, w, qw, WIDE_K, W, NCH, SHARED, OFF_KC, OFF_VC, OFF_KS, OFF_KM, OFF_VS,
+            OFF_VM,
             G, D, P, VG, BITS)
         m_i, l_i, acc0, acc1, acc2, acc3 = _attend_page(
             page_b, kt_b, vt_b, has_b, q0, q1, q2, q3, m_i, l_i, acc0, acc1, acc2, acc3,
-            kvh, t, w, W, NCH, SHARED, OFF_KC, OFF_VC, OFF_KS, OFF_KM, OFF_VS, OFF_VM,
+            kvh, t, w, qw, WIDE_K, W, NCH, SHARED, OFF_KC, OFF_VC, OFF_KS, OFF_KM, OFF_VS,
+            OFF_VM,
             G, D, P, VG, BITS)
 
     if split == S - 1:
@@ -337,10 +359,12 @@ def _kivi_reduce_splits(
         tl.store(lse_out + head * stride_zh + tok, lse_all)
 
 
+# Launch settings (measured on an H100, see docs/kernel-notes.md); env vars override.
 MAX_SPLITS = 32
-SPLIT_TARGET = 132 * 12  # programs to keep in flight (H100 SMs x resident programs)
-DECODE_WARPS = 2
-NUM_STAGES = 2
+SPLIT_TARGET = int(os.environ.get("KIVI_SPLIT_TARGET", 132 * 12))  # programs in flight
+DECODE_WARPS = int(os.environ.get("KIVI_DECODE_WARPS", 2))
+NUM_STAGES = int(os.environ.get("KIVI_NUM_STAGES", 2))
+WIDE_K = os.environ.get("KIVI_WIDE_K", "0") == "1"
 
 
 def num_splits_for(num_rows: int, num_kv_heads: int, max_splits: int = MAX_SPLITS) -> int:
@@ -406,7 +430,7 @@ def attend_context(
         mid_o.stride(0), mid_o.stride(1), mid_o.stride(2),
         mid_lse.stride(0), mid_lse.stride(1),
         R=residual, BLOCK_R=triton.next_power_of_2(residual), QPK=qpk,
-        BLOCK_H=block_h, BLOCK_Q=block_q, DECODE=decode, W=width, NCH=nch,
+        BLOCK_H=block_h, BLOCK_Q=block_q, DECODE=decode, W=width, NCH=nch, WIDE_K=WIDE_K,
         num_warps=DECODE_WARPS if decode else 4, num_stages=NUM_STAGES, **format_constants(fmt),
     )
     lse_arg = lse_out if lse_out is not None else mid_lse
