@@ -8,6 +8,7 @@ OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 python3 -m pip install -q --no-deps --no-build-isolation --no-compile --target /tmp/site . \
   > "$OUT/pip.log" 2>&1 || { tail -20 "$OUT/pip.log"; exit 1; }
+[ -f /tmp/kivi-tuned.env ] && source /tmp/kivi-tuned.env
 nvidia-smi --query-gpu=name,memory.total,memory.used --format=csv,noheader
 for step in "$@"; do
   echo "=== $step $(date +%T)"
@@ -32,7 +33,7 @@ for step in "$@"; do
       stages=$(echo "$best" | sed -n 's/.*stages=\([0-9]*\).*/\1/p')
       export KIVI_WIDE_K=$([ "$wide" = True ] && echo 1 || echo 0) KIVI_DECODE_WARPS=$warps \
         KIVI_NUM_STAGES=$stages
-      env | grep ^KIVI_ | tee "$OUT/tuned.env" ;;
+      env | grep ^KIVI_ | sed 's/^/export /' | tee "$OUT/tuned.env" /tmp/kivi-tuned.env ;;
     tp:*)
       kvs=${step#tp:}
       python3 benchmarks/throughput.py --kv "$kvs" --out "$OUT/throughput-${kvs//,/-}.json" \
