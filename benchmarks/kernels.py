@@ -98,13 +98,11 @@ def tune() -> None:
     for batch, ctx in ((64, 8192), (8, 32768)):
         for bits in (2, 4):
             run, nbytes = kivi_case(bits, batch, ctx)
-            for wide, warps, stages in ((False, 2, 2), (True, 2, 2), (True, 4, 2),
-                                        (True, 2, 3), (True, 1, 2)):
+            for warps, stages in ((1, 2), (2, 2), (4, 2), (2, 3)):
                     attention.DECODE_WARPS, attention.NUM_STAGES = warps, stages
-                    attention.WIDE_K = wide
                     handle = run()
                     ms = triton.testing.do_bench(run, warmup=25, rep=100, return_mode="median")
-                    print(f"tune B={batch} ctx={ctx} bits={bits} wide={wide} warps={warps} "
+                    print(f"tune B={batch} ctx={ctx} bits={bits} warps={warps} "
                           f"stages={stages}"
                           f" regs={handle.n_regs} spills={handle.n_spills}: {ms * 1e3:.1f}us "
                           f"{nbytes / (ms * 1e-3) / 1e12:.2f} TB/s", flush=True)

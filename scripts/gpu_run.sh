@@ -28,11 +28,9 @@ for step in "$@"; do
       python3 benchmarks/kernels.py --tune 2>&1 | grep "^tune" | tee "$OUT/kernels-tune.log"
       best=$(grep "B=64 ctx=8192 bits=2 " "$OUT/kernels-tune.log" | sort -t: -k2 -g | head -1)
       echo "best: $best"
-      wide=$(echo "$best" | sed -n 's/.*wide=\([A-Za-z]*\).*/\1/p')
       warps=$(echo "$best" | sed -n 's/.*warps=\([0-9]*\).*/\1/p')
       stages=$(echo "$best" | sed -n 's/.*stages=\([0-9]*\).*/\1/p')
-      export KIVI_WIDE_K=$([ "$wide" = True ] && echo 1 || echo 0) KIVI_DECODE_WARPS=$warps \
-        KIVI_NUM_STAGES=$stages
+      export KIVI_DECODE_WARPS=$warps KIVI_NUM_STAGES=$stages
       env | grep ^KIVI_ | sed 's/^/export /' | tee "$OUT/tuned.env" /tmp/kivi-tuned.env ;;
     tp:*)
       kvs=${step#tp:}
