@@ -25,74 +25,33 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _chunk_codes(lo, hi, C0: tl.constexpr, W: tl.constexpr, P: tl.constexpr,
-                 BITS: tl.constexpr):
-    """Codes of channels [C0, C0 + W) as float16 [G, W].
-
-    ``lo``/``hi`` hold packed byte columns [0, W) and [W, 2W) of the page rows (when
-    W == P, ``lo`` is the whole row); the chunk is one bit plane of one of them.
-    """
-    b = lo
-    if C0 % P >= W:
-        b = hi
+def _chunk_codes(tile, codes_ptr, t, w, C0: tl.constexpr, P: tl.constexpr,
+                 BITS: tl.constexpr, SHARED: tl.constexpr):
+    """Codes of channels [C0, C0 + W) as float16 [G, W] (from the page's packed rows)."""
+    if SHARED:  # W == P: the chunk is a whole bit plane of the already loaded tile
+        b = tile
+    else:
+        b = tl.load(codes_ptr + t[:, None] * P + (C0 % P) + w[None, :]).to(tl.int32)
     return ((b >> ((C0 // P) * BITS)) & ((1 << BITS) - 1)).to(tl.float16)
 
 
 @triton.jit
-def _chunk_scores(q_c, codes, ks, km):
+def _chunk_scores(q_c, codes, ks_ptr, km_ptr, w, C0: tl.constexpr):
     """Partial scores (q*s) . codes^T and bias q . min over one channel chunk."""
+    ks = tl.load(ks_ptr + C0 + w).to(tl.float32)
+    km = tl.load(km_ptr + C0 + w).to(tl.float32)
     s = tl.dot((q_c * ks[None, :]).to(tl.float16), tl.trans(codes))
     return s, tl.sum(q_c * km[None, :], axis=1)
 
 
 @triton.jit
-def _chunk_values(pr, codes, vs, vm):
+def _chunk_values(pr, codes, vs_ptr, vm_ptr, t, C0: tl.constexpr, G: tl.constexpr,
+                  VG: tl.constexpr, valid=True):
     """p . v over one channel chunk, the per-token value scale folded into p."""
+    vs = tl.load(vs_ptr + t * VG + C0 // G, mask=valid, other=0.0).to(tl.float32)
+    vm = tl.load(vm_ptr + t * VG + C0 // G, mask=valid, other=0.0).to(tl.float32)
     o = tl.dot((pr * vs[None, :]).to(tl.float16), codes)
     return o + tl.sum(pr * vm[None, :], axis=1)[:, None]
-
-
-@triton.jit
-def _page_scales(page, kvh, t, w, valid, C0: tl.constexpr, OFF_KS: tl.constexpr,
-                 OFF_KM: tl.constexpr, OFF_VS: tl.constexpr, OFF_VM: tl.constexpr,
-                 G: tl.constexpr, D: tl.constexpr, VG: tl.constexpr):
-    """Key scale/min [W] and value scale/min [G] of the chunk at channel C0 (float32)."""
-    ks = (page + OFF_KS).to(tl.pointer_type(tl.float16)) + kvh * D + C0 + w
-    km = (page + OFF_KM).to(tl.pointer_type(tl.float16)) + kvh * D + C0 + w
-    vidx = kvh * G * VG + t * VG + C0 // G
-    vs = (page + OFF_VS).to(tl.pointer_type(tl.float16)) + vidx
-    vm = (page + OFF_VM).to(tl.pointer_type(tl.float16)) + vidx
-    return (tl.load(ks, mask=valid, other=0.0).to(tl.float32),
-            tl.load(km, mask=valid, other=0.0).to(tl.float32),
-            tl.load(vs, mask=valid, other=0.0).to(tl.float32),
-            tl.load(vm, mask=valid, other=0.0).to(tl.float32))
-
-
-@triton.jit
-def _page_data(bt_row, p, valid, cache, kvh, t, w, tile_off, W: tl.constexpr,
-               NCH: tl.constexpr, SHARED: tl.constexpr, PAGE_BYTES: tl.constexpr,
-               OFF_KC: tl.constexpr, OFF_VC: tl.constexpr, OFF_KS: tl.constexpr,
-               OFF_KM: tl.constexpr, OFF_VS: tl.constexpr, OFF_VM: tl.constexpr,
-               G: tl.constexpr, D: tl.constexpr, VG: tl.constexpr):
-    """Issue every load of one page (code tiles, all scales and mins) before any math."""
-    page = cache + tl.load(bt_row + p, mask=valid, other=0).to(tl.int64) * PAGE_BYTES
-    k_lo = tl.load(page + OFF_KC + tile_off).to(tl.int32)
-    v_lo = tl.load(page + OFF_VC + tile_off).to(tl.int32)
-    k_hi = k_lo
-    v_hi = v_lo
-    if not SHARED:  # P == 2 * W: the second half of each packed row
-        k_hi = tl.load(page + OFF_KC + W + tile_off).to(tl.int32)
-        v_hi = tl.load(page + OFF_VC + W + tile_off).to(tl.int32)
-    c0 = _page_scales(page, kvh, t, w, valid, 0 * W, OFF_KS, OFF_KM, OFF_VS, OFF_VM, G, D, VG)
-    c1 = _page_scales(page, kvh, t, w, valid, 1 * W, OFF_KS, OFF_KM, OFF_VS, OFF_VM, G, D, VG)
-    c2 = c0
-    c3 = c1
-    if NCH == 4:
-        c2 = _page_scales(page, kvh, t, w, valid, 2 * W, OFF_KS, OFF_KM, OFF_VS, OFF_VM,
-                          G, D, VG)
-        c3 = _page_scales(page, kvh, t, w, valid, 3 * W, OFF_KS, OFF_KM, OFF_VS, OFF_VM,
-                          G, D, VG)
-    return k_lo, k_hi, v_lo, v_hi, c0, c1, c2, c3
 
 
 @triton.jit
@@ -101,17 +60,30 @@ def _load_chunk(ptr, rows, ok, C0: tl.constexpr, w):
 
 
 @triton.jit
-def _attend_page(k_lo, k_hi, v_lo, v_hi, c0, c1, c2, c3, valid, q0, q1, q2, q3, m_i, l_i,
-                 acc0, acc1, acc2, acc3, W: tl.constexpr, NCH: tl.constexpr,
-                 P: tl.constexpr, BITS: tl.constexpr):
+def _attend_page(page, kt, vt, valid, q0, q1, q2, q3, m_i, l_i, acc0, acc1, acc2, acc3,
+                 kvh, t, w, W: tl.constexpr, NCH: tl.constexpr, SHARED: tl.constexpr,
+                 OFF_KC: tl.constexpr, OFF_VC: tl.constexpr, OFF_KS: tl.constexpr,
+                 OFF_KM: tl.constexpr, OFF_VS: tl.constexpr, OFF_VM: tl.constexpr,
+                 G: tl.constexpr, D: tl.constexpr, P: tl.constexpr, VG: tl.constexpr,
+                 BITS: tl.constexpr):
     """Online-softmax update of the running (m, l, acc) with one page of one KV head."""
-    s, b = _chunk_scores(q0, _chunk_codes(k_lo, k_hi, 0 * W, W, P, BITS), c0[0], c0[1])
-    s1, b1 = _chunk_scores(q1, _chunk_codes(k_lo, k_hi, 1 * W, W, P, BITS), c1[0], c1[1])
+    kc_ptr = page + OFF_KC + kvh * G * P
+    vc_ptr = page + OFF_VC + kvh * G * P
+    ks = (page + OFF_KS).to(tl.pointer_type(tl.float16)) + kvh * D
+    km = (page + OFF_KM).to(tl.pointer_type(tl.float16)) + kvh * D
+    vs = (page + OFF_VS).to(tl.pointer_type(tl.float16)) + kvh * G * VG
+    vm = (page + OFF_VM).to(tl.pointer_type(tl.float16)) + kvh * G * VG
+    s, b = _chunk_scores(q0, _chunk_codes(kt, kc_ptr, t, w, 0 * W, P, BITS, SHARED),
+                         ks, km, w, 0 * W)
+    s1, b1 = _chunk_scores(q1, _chunk_codes(kt, kc_ptr, t, w, 1 * W, P, BITS, SHARED),
+                           ks, km, w, 1 * W)
     s += s1
     b += b1
     if NCH == 4:
-        s2, b2 = _chunk_scores(q2, _chunk_codes(k_lo, k_hi, 2 * W, W, P, BITS), c2[0], c2[1])
-        s3, b3 = _chunk_scores(q3, _chunk_codes(k_lo, k_hi, 3 * W, W, P, BITS), c3[0], c3[1])
+        s2, b2 = _chunk_scores(q2, _chunk_codes(kt, kc_ptr, t, w, 2 * W, P, BITS, SHARED),
+                               ks, km, w, 2 * W)
+        s3, b3 = _chunk_scores(q3, _chunk_codes(kt, kc_ptr, t, w, 3 * W, P, BITS, SHARED),
+                               ks, km, w, 3 * W)
         s += s2 + s3
         b += b2 + b3
     s = tl.where(valid, s + b[:, None], float("-inf"))
@@ -121,14 +93,14 @@ def _attend_page(k_lo, k_hi, v_lo, v_hi, c0, c1, c2, c3, valid, q0, q1, q2, q3, 
     pr = tl.exp2(s - m_safe[:, None])
     l_i = l_i * alpha + tl.sum(pr, axis=1)
     acc0 = acc0 * alpha[:, None] + _chunk_values(
-        pr, _chunk_codes(v_lo, v_hi, 0 * W, W, P, BITS), c0[2], c0[3])
+        pr, _chunk_codes(vt, vc_ptr, t, w, 0 * W, P, BITS, SHARED), vs, vm, t, 0 * W, G, VG, valid)
     acc1 = acc1 * alpha[:, None] + _chunk_values(
-        pr, _chunk_codes(v_lo, v_hi, 1 * W, W, P, BITS), c1[2], c1[3])
+        pr, _chunk_codes(vt, vc_ptr, t, w, 1 * W, P, BITS, SHARED), vs, vm, t, 1 * W, G, VG, valid)
     if NCH == 4:
         acc2 = acc2 * alpha[:, None] + _chunk_values(
-            pr, _chunk_codes(v_lo, v_hi, 2 * W, W, P, BITS), c2[2], c2[3])
+            pr, _chunk_codes(vt, vc_ptr, t, w, 2 * W, P, BITS, SHARED), vs, vm, t, 2 * W, G, VG, valid)
         acc3 = acc3 * alpha[:, None] + _chunk_values(
-            pr, _chunk_codes(v_lo, v_hi, 3 * W, W, P, BITS), c3[2], c3[3])
+            pr, _chunk_codes(vt, vc_ptr, t, w, 3 * W, P, BITS, SHARED), vs, vm, t, 3 * W, G, VG, valid)
     return m_new, l_i, acc0, acc1, acc2, acc3
 
 
@@ -235,23 +207,30 @@ def _kivi_attend_context(
     acc2 = tl.zeros([BLOCK_M, W], dtype=tl.float32)
     acc3 = tl.zeros([BLOCK_M, W], dtype=tl.float32)
 
-    tile_off = kvh * G * P + t[:, None] * P + w[None, :]  # [G, W] bytes of one page row
+    tile_off = kvh * G * P + t[:, None] * P + tl.arange(0, P)[None, :]
     bt_row = block_table + req.to(tl.int64) * stride_bt
     for p in range(p_lo, p_hi, 2):
-        # two pages per iteration; all their loads are issued before any math
+        # two pages per iteration: both pages' code tiles are requested before any math
         has_b = p + 1 < p_hi
-        ka, ka2, va, va2, a0, a1, a2, a3 = _page_data(
-            bt_row, p, True, cache, kvh, t, w, tile_off, W, NCH, SHARED, PAGE_BYTES,
-            OFF_KC, OFF_VC, OFF_KS, OFF_KM, OFF_VS, OFF_VM, G, D, VG)
-        kb, kb2, vb, vb2, b0, b1, b2, b3 = _page_data(
-            bt_row, p + 1, has_b, cache, kvh, t, w, tile_off, W, NCH, SHARED, PAGE_BYTES,
-            OFF_KC, OFF_VC, OFF_KS, OFF_KM, OFF_VS, OFF_VM, G, D, VG)
+        page_a = cache + tl.load(bt_row + p).to(tl.int64) * PAGE_BYTES
+        page_b = cache + tl.load(bt_row + p + 1, mask=has_b, other=0).to(tl.int64) * PAGE_BYTES
+        kt_a = 0
+        vt_a = 0
+        kt_b = 0
+        vt_b = 0
+        if SHARED:
+            kt_a = tl.load(page_a + OFF_KC + tile_off).to(tl.int32)
+            vt_a = tl.load(page_a + OFF_VC + tile_off).to(tl.int32)
+            kt_b = tl.load(page_b + OFF_KC + tile_off).to(tl.int32)
+            vt_b = tl.load(page_b + OFF_VC + tile_off).to(tl.int32)
         m_i, l_i, acc0, acc1, acc2, acc3 = _attend_page(
-            ka, ka2, va, va2, a0, a1, a2, a3, True, q0, q1, q2, q3, m_i, l_i,
-            acc0, acc1, acc2, acc3, W, NCH, P, BITS)
+            page_a, kt_a, vt_a, True, q0, q1, q2, q3, m_i, l_i, acc0, acc1, acc2, acc3,
+            kvh, t, w, W, NCH, SHARED, OFF_KC, OFF_VC, OFF_KS, OFF_KM, OFF_VS, OFF_VM,
+            G, D, P, VG, BITS)
         m_i, l_i, acc0, acc1, acc2, acc3 = _attend_page(
-            kb, kb2, vb, vb2, b0, b1, b2, b3, has_b, q0, q1, q2, q3, m_i, l_i,
-            acc0, acc1, acc2, acc3, W, NCH, P, BITS)
+            page_b, kt_b, vt_b, has_b, q0, q1, q2, q3, m_i, l_i, acc0, acc1, acc2, acc3,
+            kvh, t, w, W, NCH, SHARED, OFF_KC, OFF_VC, OFF_KS, OFF_KM, OFF_VS, OFF_VM,
+            G, D, P, VG, BITS)
 
     if split == S - 1:
         # full-precision tail ring: positions [tstart, ctx)
@@ -420,8 +399,7 @@ def attend_context(
         tile_req = tile_tok = seq_lens  # unused in decode mode
     block_h = max(16 // block_q, triton.next_power_of_2(qpk))
     width, nch = chunking(fmt)
-    assert nch in (2, 4) and fmt.packed_dim in (width, 2 * width), (
-        f"unsupported (head_dim, group, bits) for the GPU kernels: {fmt}")
+    assert nch in (2, 4), f"unsupported (head_dim, group, bits) for the GPU kernels: {fmt}"
     handle = _kivi_attend_context[(num_tiles, hk, s)](
         query, key, value, cache, tail, block_table, seq_lens, query_start_loc,
         tail_slots, valid_from, tile_req, tile_tok, mid_o, mid_lse, scale, tok_base, s,
