@@ -18,9 +18,9 @@ class KiviConfigError(ValueError):
 class KiviConfig:
     """Per-engine KIVI settings, read from ``--additional-config '{"kivi": {...}}'``.
 
-    bits: code width (2 or 4; 4 is the quality-safe default). group_size: tokens per key group and channels per
-    value group; also the KV block size. residual: full-precision window in tokens
-    (a multiple of group_size).
+    bits: code width (2 or 4; 4 is the quality-safe default). group_size: tokens per key
+    group and channels per value group; also the KV block size. residual: full-precision
+    window in tokens (a multiple of group_size).
     """
 
     bits: int = 4

@@ -59,7 +59,7 @@ def make_scenario(
     gen = torch.Generator().manual_seed(seed)
     g, hk, d = fmt.group_size, fmt.num_kv_heads, fmt.head_dim
     n = len(ctx)
-    max_blocks = max(-(-(c + q) // g) for c, q in zip(ctx, qlen)) + 1
+    max_blocks = max(-(-(c + q) // g) for c, q in zip(ctx, qlen, strict=True)) + 1
     num_blocks = n * max_blocks + 3
     perm = torch.randperm(num_blocks - 1, generator=gen)[: n * max_blocks] + 1
     block_table = perm.view(n, max_blocks).to(torch.int32)
@@ -95,7 +95,7 @@ def make_scenario(
     for i in range(n):
         pos = torch.arange(ctx[i], ctx[i] + qlen[i])
         slot_mapping[qsl[i]:qsl[i + 1]] = block_table[i, pos // g].long() * g + pos % g
-    seq_lens = torch.tensor([c + q for c, q in zip(ctx, qlen)], dtype=torch.int32)
+    seq_lens = torch.tensor([c + q for c, q in zip(ctx, qlen, strict=True)], dtype=torch.int32)
     return Scenario(fmt, residual, hq, ctx, qlen, valid_from, cache, tail, block_table, slots,
                     query, key, value, slot_mapping, qsl, seq_lens, d ** -0.5)
 

@@ -98,9 +98,11 @@ def _attend_page(page, kt, vt, valid, q0, q1, q2, q3, m_i, l_i, acc0, acc1, acc2
         pr, _chunk_codes(vt, vc_ptr, t, w, 1 * W, P, BITS, SHARED), vs, vm, t, 1 * W, G, VG, valid)
     if NCH == 4:
         acc2 = acc2 * alpha[:, None] + _chunk_values(
-            pr, _chunk_codes(vt, vc_ptr, t, w, 2 * W, P, BITS, SHARED), vs, vm, t, 2 * W, G, VG, valid)
+            pr, _chunk_codes(vt, vc_ptr, t, w, 2 * W, P, BITS, SHARED), vs, vm, t, 2 * W, G, VG,
+            valid)
         acc3 = acc3 * alpha[:, None] + _chunk_values(
-            pr, _chunk_codes(vt, vc_ptr, t, w, 3 * W, P, BITS, SHARED), vs, vm, t, 3 * W, G, VG, valid)
+            pr, _chunk_codes(vt, vc_ptr, t, w, 3 * W, P, BITS, SHARED), vs, vm, t, 3 * W, G, VG,
+            valid)
     return m_new, l_i, acc0, acc1, acc2, acc3
 
 
@@ -335,7 +337,8 @@ def _kivi_reduce_splits(
     y = out + tok * stride_yt + head * stride_yh + d
     tl.store(y, res.to(y.dtype.element_ty))
     if WRITE_LSE:
-        lse_all = tl.where(total == 0.0, float("-inf"), (mx_safe + tl.log2(total)) * 0.6931471805599453)
+        ln2 = 0.6931471805599453
+        lse_all = tl.where(total == 0.0, float("-inf"), (mx_safe + tl.log2(total)) * ln2)
         tl.store(lse_out + head * stride_zh + tok, lse_all)
 
 
