@@ -23,6 +23,20 @@ import pytest
 # pickled; vLLM refuses that unless this is set before the engine starts.
 os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
 
+# test_kernels.py runs the Triton kernels under the interpreter on CPU. Triton fixes the
+# mode of each @triton.jit function (tl.cdiv included) when it is defined, and test
+# modules that import vLLM (which imports Triton) are collected before test_kernels.py
+# sets the variable, so it must be set here, before any test module is imported.
+# (Engines spawned by the tests inherit it; vLLM on CPU does not use Triton.)
+def _kernel_device() -> str:  # the same rule as test_kernels.py
+    import torch
+
+    return os.environ.get("KIVI_KERNEL_DEVICE", "cuda" if torch.cuda.is_available() else "cpu")
+
+
+if _kernel_device() == "cpu":
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 KIVI2 = {"bits": 2, "group_size": 32, "residual": 32}
 KIVI4 = {"bits": 4, "group_size": 32, "residual": 32}
 

@@ -8,7 +8,8 @@ engine down and hand the results to the tests.
   ``long_prefill_token_threshold=32``: prompts are prefilled in group-aligned chunks
   of 32 tokens, so prompt tokens also read quantized pages (as decode tokens do)
   instead of seeing the whole prompt in full precision within one chunk.
-* ``small``: KIVI-2 with a 40-block KV cache, which forces preemption.
+* ``stress_reference`` / ``small``: KIVI-2 in fp32 with 4 GiB and with a 40-block KV
+  cache (which forces preemption), for the stress and abort tests.
 """
 
 from __future__ import annotations
@@ -179,17 +180,7 @@ def kivi4(default_model_path: str, bf16: dict[str, Any]) -> dict[str, Any]:
 @pytest.fixture(scope="module")
 def kivi2(default_model_path: str, bf16: dict[str, Any]) -> dict[str, Any]:
     with engine(default_model_path, KIVI2, KV_SPACE_GIB, long_prefill_token_threshold=CHUNK) as llm:
-        res = _serve_all(llm, bf16)
-        # the large-budget reference of the stress test
-        requests = _stress_requests(llm)
-        res["stress_requests"] = requests
-        res["stress_outputs"] = _generate(
-            llm, [p for p, _ in requests], [m for _, m in requests], ignore_eos=True
-        )
-        res["stress_preemptions"] = metric(llm, PREEMPTIONS)
-        res["stress_stats"] = wait_tail_slots_free(llm)
-        res["stress_usage"] = metric(llm, USAGE)
-        return res
+        return _serve_all(llm, bf16)
 
 
 # ---------------------------------------------------------------- f. start-up errors
@@ -253,9 +244,15 @@ def test_plain_vllm_is_untouched(bf16) -> None:
     assert probe["backends"] == ["vllm.v1.attention.backends.cpu_attn.CPUAttentionBackend"]
     assert probe["names"] == ["CPU_ATTN"]
     assert probe["cache_dtype"] == "torch.bfloat16"
-    # the CPU backend's own layout: [num_blocks, kv_heads, block_size, head_dim] per K/V
-    assert probe["cache_shape"][1:] == (SMOLLM2_KV_HEADS, bf16["block_size"], SMOLLM2_HEAD_DIM)
+    # the CPU backend's normal page: 128 tokens x (K and V) x kv_heads x head_dim, bf16
     assert bf16["block_size"] == 128
+    shape = probe["cache_shape"]
+    page_elems = 1
+    for dim in shape[1:]:
+        page_elems *= dim
+    assert shape[0] == bf16["num_blocks"]
+    assert page_elems * 2 == 128 * bf16_bytes_per_token(SMOLLM2_KV_HEADS, SMOLLM2_HEAD_DIM)
+    assert probe["num_caches"] == SMOLLM2_LAYERS
     assert bf16["stats_start"] == {
         "tail_slots_in_use": 0, "tail_slots": 0, "quantized_groups": 0, "tail_bytes": 0,
     }
@@ -331,10 +328,21 @@ def _teacher_forced(ref: dict[str, Any], res: dict[str, Any], n: int) -> float:
 # Greedy agreement on this 135M bf16 model is dominated by near-ties: its bf16 logits
 # have a resolution of 0.125, and first-token top-2 margins of 0.125-0.25 are common.
 # Measured free-running agreement with bf16 *without any quantization* (KIVI-4 with a
-# 128-token residual, i.e. only the attention arithmetic differs) is 0.66, and the same
-# model run in fp32 agrees with bf16 on 0.65. So the asserted metric is teacher-forced.
+# 128-token residual: only the attention arithmetic differs) is 0.66, and the same
+# model run in fp32 agrees with bf16 on 0.65. The asserted metric is therefore the
+# teacher-forced one; free-running agreement is printed and only has a garbage floor.
+# Measured (this machine): KIVI-4 teacher-forced 0.948, free-running 0.477;
+# KIVI-2 (G32, R32) teacher-forced 0.733, free-running 0.148.
 KIVI4_TEACHER_FORCED_MIN = 0.90
-FREE_RUNNING_MIN = 0.30  # garbage output would agree on ~0
+KIVI2_TEACHER_FORCED_MIN = 0.60
+KIVI4_FREE_RUNNING_MIN = 0.25  # garbage output would agree on ~0
+
+# mean |log p_kivi - log p_bf16| per token of the bf16 greedy continuations.
+# Measured: KIVI-4 0.062, KIVI-2 (G32, R32) 0.48 -- the same as an offline fp32
+# simulation of the algorithm (0.049 and 0.466, see test_engine_matches_offline_kivi);
+# for reference bf16 vs the model in fp32 differ by 0.020.
+KIVI4_MEAN_LOGPROB_DIFF = 0.15
+KIVI2_MEAN_LOGPROB_DIFF = 0.70
 
 
 def test_kivi4_greedy_matches_bf16(bf16, kivi4) -> None:
@@ -350,31 +358,22 @@ def test_kivi4_greedy_matches_bf16(bf16, kivi4) -> None:
     # the teacher-forced pass reproduces bf16's own greedy choices (validates the metric)
     assert forced_self == 1.0
     assert forced >= KIVI4_TEACHER_FORCED_MIN
-    assert frac >= FREE_RUNNING_MIN
+    assert frac >= KIVI4_FREE_RUNNING_MIN
 
 
 # ---------------------------------------------------------------- c. KIVI-2 quality
 
 
-def _fluent(text: str) -> bool:
-    letters = sum(c in string.ascii_letters for c in text)
+def _looks_like_text(text: str) -> bool:
+    """Mostly letters and spaces, not one word repeated."""
+    letters = sum(c in string.ascii_letters or c.isspace() for c in text)
     words = text.split()
-    return (
-        len(text) >= 20
-        and letters / len(text) >= 0.6
-        and len(set(words)) >= min(8, len(words)) * 0.75
-    )
+    return bool(words) and letters / len(text) >= 0.8 and len(set(words)) >= len(words) / 3
 
 
 def _logprob_diff(a: list[list[float]], b: list[list[float]]) -> tuple[float, float]:
     diffs = [abs(x - y) for ra, rb in zip(a, b, strict=True) for x, y in zip(ra, rb, strict=True)]
     return sum(diffs) / len(diffs), max(diffs)
-
-
-# mean |log p_kivi - log p_bf16| over the bf16 greedy continuations. Measured on this
-# model: bf16 vs bf16 rescored 0, KIVI-4 ~0.03, KIVI-2 ~0.2 (see test output).
-KIVI2_MEAN_LOGPROB_DIFF = 0.5
-KIVI4_MEAN_LOGPROB_DIFF = 0.15
 
 
 def test_kivi2_is_fluent(bf16, kivi2) -> None:
@@ -386,12 +385,14 @@ def test_kivi2_is_fluent(bf16, kivi2) -> None:
         f"{prefixes}); teacher-forced top-1 agreement {forced:.3f}"
     )
     for text in kivi2["text"]:
-        assert _fluent(text), text
+        assert _looks_like_text(text), text
+    # most answers are full sentences (a short answer that stops early is fine)
+    assert sum(len(t.split()) >= 8 for t in kivi2["text"]) >= 6
     for tokens in kivi2["greedy"]:
-        assert len(set(tokens)) > len(tokens) // 4, tokens  # not one token repeated
+        assert max(tokens.count(t) for t in tokens) <= max(3, len(tokens) // 3), tokens
     assert "Paris" in kivi2["text"][0]
     assert "Paris" in bf16["text"][0]
-    assert frac >= FREE_RUNNING_MIN
+    assert forced >= KIVI2_TEACHER_FORCED_MIN
 
 
 def test_logprobs_close_to_bf16(bf16, kivi4, kivi2) -> None:
@@ -407,8 +408,82 @@ def test_logprobs_close_to_bf16(bf16, kivi4, kivi2) -> None:
     assert mean4 <= KIVI4_MEAN_LOGPROB_DIFF
     assert mean2 <= KIVI2_MEAN_LOGPROB_DIFF
     assert mean4 < mean2  # more bits, closer to bf16
-    # the continuations are scored under KIVI, not merely recomputed in bf16
-    assert mean2 > 0
+
+
+# ------------------------------------------- the engine against an offline simulation
+
+_SIM: dict[str, Any] = {"cfg": None}
+
+
+def _kivi_sim_attention(module, query, key, value, attention_mask, scaling=None, **kwargs):
+    """transformers attention with KIVI's view of the cache, for group-aligned chunks:
+    query position p reads the (fp32) dequantized K/V of positions below
+    max(0, floor(p / G) * G - (R - G)) and the exact K/V of the others (causal)."""
+    import torch
+
+    from kivi_vllm import reference
+
+    _, hq, t, d = query.shape
+    q, k, v = query.float(), key.float(), value.float()
+    pos = torch.arange(t)
+    bits, g, r = _SIM["cfg"]
+    kh, vh = k.clone(), v.clone()
+    for j in range(t // g):  # complete groups: keys per channel, values per token
+        sl = slice(j * g, (j + 1) * g)
+        codes, scale, mn = reference.quantize(k[:, :, sl], dim=2, bits=bits)
+        kh[:, :, sl] = reference.dequantize(codes, scale, mn)
+        codes, scale, mn = reference.quantize(v[:, :, sl].unflatten(-1, (d // g, g)), -1, bits)
+        vh[:, :, sl] = reference.dequantize(codes, scale, mn).flatten(-2)
+    use_hat = pos[None, :] < torch.clamp(pos // g * g - (r - g), min=0)[:, None]
+    rep = hq // k.shape[1]
+    k, v, kh, vh = (x.repeat_interleave(rep, 1) for x in (k, v, kh, vh))
+    scores = torch.where(use_hat, q @ kh.transpose(-1, -2), q @ k.transpose(-1, -2)) * scaling
+    probs = torch.softmax(scores.masked_fill(pos[None, :] > pos[:, None], float("-inf")), -1)
+    out = (probs * use_hat) @ vh + (probs * ~use_hat) @ v
+    return out.to(query.dtype).transpose(1, 2).contiguous(), None
+
+
+def _simulate_scores(model_path: str, prompts, continuations, cfg) -> list[list[float]]:
+    import torch
+    from transformers import AttentionInterface, AutoModelForCausalLM
+
+    AttentionInterface.register("kivi_sim", _kivi_sim_attention)
+    model = AutoModelForCausalLM.from_pretrained(
+        model_path, dtype=torch.float32, attn_implementation="kivi_sim"
+    ).eval()
+    _SIM["cfg"] = cfg
+    scores = []
+    with torch.inference_mode():
+        for p, c in zip(prompts, continuations, strict=True):
+            logp = torch.log_softmax(model(torch.tensor([p + c])).logits[0].float(), -1)
+            rows = torch.arange(len(p) - 1, len(p) + len(c) - 1)
+            scores.append(logp[rows, torch.tensor(c)].tolist())
+    return scores
+
+
+# Measured mean |dlogp| engine vs the fp32 simulation: KIVI-2 0.126, KIVI-4 0.041 (the
+# bf16 engine's rounding flips some 2-bit codes; a bf16 simulation is no closer, 0.168),
+# while quantization moves KIVI-2 by 0.48 from bf16 and the simulation by 0.465.
+SIM_MAX_MEAN_DIFF = {2: 0.20, 4: 0.10}
+
+
+def test_engine_matches_offline_kivi(default_model_path, bf16, kivi2, kivi4) -> None:
+    """Teacher-forced log-probs of the KIVI engines against an independent offline
+    simulation of the algorithm (HF transformers, fp32): the full model, every layer."""
+    prompts, cont = bf16["prompts"], bf16["greedy"]
+    for name, res, bits in (("kivi2", kivi2, 2), ("kivi4", kivi4, 4)):
+        sim = _simulate_scores(default_model_path, prompts, cont, (bits, 32, 32))
+        engine_vs_sim = _logprob_diff(res["scores"], sim)[0]
+        engine_vs_bf16 = _logprob_diff(res["scores"], bf16["scores"])[0]
+        sim_vs_bf16 = _logprob_diff(sim, bf16["scores"])[0]
+        line = (
+            f"{name}: mean |dlogp| engine vs simulation {engine_vs_sim:.4f}, engine vs bf16 "
+            f"{engine_vs_bf16:.4f}, simulation vs bf16 {sim_vs_bf16:.4f}"
+        )
+        print(line)
+        assert engine_vs_sim <= SIM_MAX_MEAN_DIFF[bits], line
+        if bits == 2:  # the effect is well above the noise: the engine's loss is KIVI's
+            assert 0.7 <= engine_vs_bf16 / sim_vs_bf16 <= 1.4, line
 
 
 def test_tails_released_after_generation(kivi2, kivi4) -> None:
@@ -419,60 +494,83 @@ def test_tails_released_after_generation(kivi2, kivi4) -> None:
 
 
 # ---------------------------------------------------------------- d/e. small KV budget
+#
+# Run in fp32 (dtype="float32"): with the bf16 model, recomputing a preempted request
+# (chunked prefill instead of decode) changes the last bits of some K/V, and a 2-bit
+# code sitting on a rounding boundary then flips; measured 3/64 requests of the same
+# workload differed before EOS (61/64 identical). In fp32 all 64 are identical.
 
 SMALL_BLOCKS = 40  # 1280 tokens of KV cache for 64 requests of up to ~400 tokens
+STRESS = dict(long_prefill_token_threshold=CHUNK, dtype="float32")
 
 
 @pytest.fixture(scope="module")
-def small(default_model_path: str, kivi2: dict[str, Any]):
-    llm = make_llm(
-        default_model_path,
-        KIVI2,
-        KV_SPACE_GIB,
-        long_prefill_token_threshold=CHUNK,
-        num_gpu_blocks_override=SMALL_BLOCKS,
-        max_model_len=1024,
-    )
+def stress_reference(default_model_path: str) -> dict[str, Any]:
+    """The 64 requests through a KIVI-2 engine with the full 4 GiB budget."""
+    with engine(default_model_path, KIVI2, KV_SPACE_GIB, **STRESS) as llm:
+        requests = _stress_requests(llm)
+        outputs = _generate(llm, [p for p, _ in requests], [m for _, m in requests],
+                            ignore_eos=True)
+        return {
+            "requests": requests,
+            "outputs": outputs,
+            "preemptions": metric(llm, PREEMPTIONS),
+            "stats": wait_tail_slots_free(llm),
+            "usage": metric(llm, USAGE),
+        }
+
+
+@pytest.fixture(scope="module")
+def small(default_model_path: str, stress_reference: dict[str, Any]):
+    llm = make_llm(default_model_path, KIVI2, KV_SPACE_GIB, num_gpu_blocks_override=SMALL_BLOCKS,
+                   max_model_len=1024, **STRESS)
     try:
         yield llm
     finally:
         shutdown_llm(llm)
 
 
-def test_stress_preemption_same_outputs(small, kivi2) -> None:
+@pytest.mark.slow
+def test_stress_preemption_same_outputs(small, stress_reference) -> None:
+    """64 requests through a cache of 1280 tokens: preempted and recomputed requests
+    give exactly the large-budget outputs (generation runs on past EOS to keep the
+    memory pressure; the whole output is compared)."""
     assert kv_cache_tokens(small) == SMALL_BLOCKS * 32
-    requests = kivi2["stress_requests"]
+    ref = stress_reference
+    requests = ref["requests"]
     before = metric(small, PREEMPTIONS)
     outputs = _generate(small, [p for p, _ in requests], [m for _, m in requests], ignore_eos=True)
     preemptions = metric(small, PREEMPTIONS) - before
     stats = wait_tail_slots_free(small)
     usage = metric(small, USAGE)
-    same = sum(a == b for a, b in zip(outputs, kivi2["stress_outputs"], strict=True))
-    total_prompt = sum(len(p) for p, _ in requests)
+    same = sum(a == b for a, b in zip(outputs, ref["outputs"], strict=True))
     print(
-        f"\n64 requests ({total_prompt} prompt tokens, {sum(m for _, m in requests)} generated)"
-        f" through {SMALL_BLOCKS * 32} KV tokens: {preemptions:.0f} preemptions "
-        f"(large budget: {kivi2['stress_preemptions']:.0f}); identical outputs {same}/64; "
-        f"stats {stats}; usage {usage}"
+        f"\n64 requests ({sum(len(p) for p, _ in requests)} prompt tokens, "
+        f"{sum(m for _, m in requests)} generated) through {SMALL_BLOCKS * 32} KV tokens: "
+        f"{preemptions:.0f} preemptions (large budget: {ref['preemptions']:.0f}); identical "
+        f"outputs {same}/64; stats {stats}; usage {usage}"
     )
     assert preemptions > 0
-    assert kivi2["stress_preemptions"] == 0
+    assert ref["preemptions"] == 0
     assert all(len(o) == m for o, (_, m) in zip(outputs, requests, strict=True))
-    for i, (a, b) in enumerate(zip(outputs, kivi2["stress_outputs"], strict=True)):
+    for i, (a, b) in enumerate(zip(outputs, ref["outputs"], strict=True)):
         assert a == b, f"request {i}: {a} != {b}"
-    assert stats["tail_slots_in_use"] == 0
+    assert stats["tail_slots_in_use"] == 0 and stats["quantized_groups"] > 0
     assert usage == 0
-    assert kivi2["stress_stats"]["tail_slots_in_use"] == 0 and kivi2["stress_usage"] == 0
+    assert ref["stats"]["tail_slots_in_use"] == 0 and ref["usage"] == 0
 
 
-def test_abort_frees_memory(small, kivi2) -> None:
+@pytest.mark.slow
+def test_abort_frees_memory(small, stress_reference) -> None:
+    """Requests aborted mid-generation (LLMEngine.add_request / step / abort_request)
+    give back their tail slots and KV blocks; the engine then still serves."""
     engine_ = small.llm_engine
-    requests = kivi2["stress_requests"]
+    requests = stress_reference["requests"]
     shortest = sorted(range(len(requests)), key=lambda i: len(requests[i][0]))[:4]
     ids = [f"abort-{i}" for i in range(4)]
     for rid, i in zip(ids, shortest, strict=True):
-        prompt = requests[i][0]
-        engine_.add_request(rid, {"prompt_token_ids": prompt}, _sampling(300, ignore_eos=True))
+        engine_.add_request(rid, {"prompt_token_ids": requests[i][0]},
+                            _sampling(300, ignore_eos=True))
     produced: dict[str, int] = {}
     for _ in range(200):
         for out in engine_.step():
@@ -493,9 +591,9 @@ def test_abort_frees_memory(small, kivi2) -> None:
     stats = wait_tail_slots_free(small)
     print(f"\nbefore abort: {busy} usage {busy_usage:.3f}; after: {stats}")
     assert stats["tail_slots_in_use"] == 0
-    # the engine still serves, and gives the reference output
+    # the engine still serves, with the reference output
     prompt, max_tokens = requests[5]
     out = _generate(small, [prompt], max_tokens, ignore_eos=True)
-    assert out[0] == kivi2["stress_outputs"][5]
+    assert out[0] == stress_reference["outputs"][5]
     assert metric(small, USAGE) == 0
     assert wait_tail_slots_free(small)["tail_slots_in_use"] == 0
