@@ -153,12 +153,8 @@ class KiviMetadataBuilder(AttentionMetadataBuilder[KiviMetadata]):
         max_reqs = vllm_config.scheduler_config.max_num_seqs
         self._tail_slots = torch.zeros(max_reqs, dtype=torch.int32, device=device)
         self._valid_from = torch.zeros(max_reqs, dtype=torch.int32, device=device)
-        pin = device.type == "cuda"
-        self._tail_slots_host = torch.zeros(max_reqs, dtype=torch.int32, pin_memory=pin)
-        self._valid_from_host = torch.zeros(max_reqs, dtype=torch.int32, pin_memory=pin)
         max_tiles = vllm_config.scheduler_config.max_num_batched_tokens + max_reqs
         self._tiles = torch.zeros((2, max_tiles), dtype=torch.int32, device=device)
-        self._tiles_host = torch.zeros((2, max_tiles), dtype=torch.int32, pin_memory=pin)
 
     def build(
         self,
@@ -171,11 +167,11 @@ class KiviMetadataBuilder(AttentionMetadataBuilder[KiviMetadata]):
         num_decodes, _, num_decode_tokens, _ = split_decodes_and_prefills(
             cam, decode_threshold=1
         )
+        # Fresh (pageable) host arrays every step: the copy is staged at once, so a later
+        # step can never overwrite a host buffer an earlier, still queued copy reads.
         slots, valid_from = state.STEP.rows(n)
-        self._tail_slots_host[:n].copy_(torch.from_numpy(slots))
-        self._valid_from_host[:n].copy_(torch.from_numpy(valid_from))
-        self._tail_slots[:n].copy_(self._tail_slots_host[:n], non_blocking=True)
-        self._valid_from[:n].copy_(self._valid_from_host[:n], non_blocking=True)
+        self._tail_slots[:n].copy_(torch.from_numpy(slots), non_blocking=True)
+        self._valid_from[:n].copy_(torch.from_numpy(valid_from), non_blocking=True)
         seq_lens_cpu = cam.seq_lens_cpu_upper_bound
         if seq_lens_cpu is None:
             seq_lens_cpu = cam.seq_lens.cpu()
@@ -226,9 +222,8 @@ class KiviMetadataBuilder(AttentionMetadataBuilder[KiviMetadata]):
         tok = (np.repeat(qsl[nd:n], tiles) + (np.arange(len(req)) - starts) * PREFILL_BLOCK_Q)
         num_tiles = len(req)
         md.num_prefill_tiles = num_tiles
-        self._tiles_host[0, :num_tiles].copy_(torch.from_numpy(req))
-        self._tiles_host[1, :num_tiles].copy_(torch.from_numpy(tok.astype(np.int32)))
-        self._tiles[:, :num_tiles].copy_(self._tiles_host[:, :num_tiles], non_blocking=True)
+        host = torch.from_numpy(np.stack([req, tok.astype(np.int32)]))
+        self._tiles[:, :num_tiles].copy_(host, non_blocking=True)
         md.prefill_tile_req = self._tiles[0, :num_tiles]
         md.prefill_tile_tok = self._tiles[1, :num_tiles]
 
