@@ -7,7 +7,8 @@ import functools
 from vllm.logger import init_logger
 
 from kivi_vllm.config import kivi_config_from_vllm
-from kivi_vllm.memory import tail_budget_bytes
+from kivi_vllm.memory import layer_format, num_attention_layers, tail_budget_bytes
+from kivi_vllm.page_format import bf16_bytes_per_token
 
 logger = init_logger("vllm.kivi")
 
@@ -29,10 +30,17 @@ def _wrap(worker_cls: type) -> None:
                 f"KIVI tails need {tails / 2**30:.2f} GiB but the KV budget is "
                 f"{available / 2**30:.2f} GiB; lower max_num_seqs or kivi.residual"
             )
+        fmt = layer_format(self.vllm_config, cfg)
+        layers = num_attention_layers(self.vllm_config)
+        dtype_size = self.vllm_config.model_config.dtype.itemsize
+        kivi_tokens = (available - tails) // (fmt.page_bytes * layers) * fmt.block_size
+        bf16_per_token = bf16_bytes_per_token(fmt.num_kv_heads, fmt.head_dim, dtype_size)
+        dense_tokens = available // (bf16_per_token * layers)
         logger.info(
-            "KIVI: %.3f GiB of the %.3f GiB KV budget holds full-precision tails",
-            tails / 2**30,
-            available / 2**30,
+            "KIVI %s: %.1f bytes/token/layer (unquantized: %d); %.3f of %.3f GiB hold "
+            "full-precision tails; ~%d KV cache tokens vs ~%d unquantized (%.2fx)",
+            cfg.name, fmt.bytes_per_token, bf16_per_token, tails / 2**30, available / 2**30,
+            kivi_tokens, dense_tokens, kivi_tokens / max(1, dense_tokens),
         )
         return available - tails
 
