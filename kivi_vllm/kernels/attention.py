@@ -21,8 +21,6 @@ import triton.language as tl
 from kivi_vllm.kernels.common import format_constants
 from kivi_vllm.page_format import PageFormat
 
-LOG2E = 1.4426950408889634
-
 
 @triton.jit
 def _chunk_codes(tile, codes_ptr, t, w, C0: tl.constexpr, P: tl.constexpr,
