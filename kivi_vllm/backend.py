@@ -9,6 +9,7 @@ overwrote itself. On CPU the pure-PyTorch reference runs; on CUDA the Triton ker
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import ClassVar
 
 import numpy as np
@@ -30,7 +31,7 @@ from vllm.v1.attention.backends.utils import split_decodes_and_prefills
 
 from kivi_vllm import reference, state
 from kivi_vllm.config import ALLOWED_GROUP_SIZES, KiviConfig
-from kivi_vllm.memory import num_tail_slots
+from kivi_vllm.memory import num_ring_slots, num_tail_slots
 from kivi_vllm.page_format import PageFormat
 from kivi_vllm.spec import KiviAttentionSpec
 
@@ -121,6 +122,28 @@ class KiviMetadata(AttentionMetadata):
     prefill_tile_req: torch.Tensor | None = None  # [tiles] int32, device
     prefill_tile_tok: torch.Tensor | None = None  # [tiles] int32, device
 
+    @cached_property
+    def seq_steps(self) -> tuple[list[reference.SeqStep], list[int]]:
+        """Per-sequence views of the step and query bounds, for the reference path.
+
+        Computed once per step (the metadata is shared by every layer of the group).
+        """
+        qsl = self.query_start_loc_cpu.tolist()
+        seq_lens = self.seq_lens_cpu.tolist()
+        steps = []
+        for i in range(self.num_reqs):
+            q_len = qsl[i + 1] - qsl[i]
+            steps.append(
+                reference.SeqStep(
+                    ctx_len=seq_lens[i] - q_len,
+                    query_len=q_len,
+                    block_ids=self.block_table[i],
+                    tail_slot=int(self.tail_slots_cpu[i]),
+                    valid_from=int(self.valid_from_cpu[i]),
+                )
+            )
+        return steps, qsl
+
 
 class KiviMetadataBuilder(AttentionMetadataBuilder[KiviMetadata]):
     """Builds :class:`KiviMetadata` and owns the tail rings of its layers."""
@@ -139,11 +162,10 @@ class KiviMetadataBuilder(AttentionMetadataBuilder[KiviMetadata]):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
         self._init_reorder_batch_threshold(1, supports_spec_as_decode=False)
         self.cfg = state.active_config()
-        slots = num_tail_slots(vllm_config)
-        state.STEP.ensure(slots)
+        state.STEP.ensure(num_tail_slots(vllm_config))
         state.allocate_tails(
             layer_names,
-            num_slots=slots + 1,
+            num_slots=num_ring_slots(vllm_config),
             residual=self.cfg.residual,
             num_kv_heads=kv_cache_spec.num_kv_heads,
             head_size=kv_cache_spec.head_size,
@@ -307,8 +329,7 @@ class KiviAttentionImpl(AttentionImpl[KiviMetadata]):
         out: torch.Tensor,
     ) -> None:
         views = self.fmt.views(kv_cache)
-        steps = reference_steps(md, self.fmt.group_size)
-        bounds = md.query_start_loc_cpu.tolist()
+        steps, bounds = md.seq_steps
         for i, seq in enumerate(steps):
             lo, hi = bounds[i], bounds[i + 1]
             ck, cv = reference.context_kv(views, tail, seq, self.fmt, self.cfg.residual)
@@ -317,21 +338,3 @@ class KiviAttentionImpl(AttentionImpl[KiviMetadata]):
             lo, hi = bounds[i], bounds[i + 1]
             reference.store(views, tail, k[lo:hi], v[lo:hi], seq, self.fmt, self.cfg.residual)
 
-
-def reference_steps(md: KiviMetadata, group: int) -> list[reference.SeqStep]:
-    """Per-sequence views of a step for the reference path (host data only)."""
-    qsl = md.query_start_loc_cpu.tolist()
-    seq_lens = md.seq_lens_cpu.tolist()
-    steps = []
-    for i in range(md.num_reqs):
-        q_len = qsl[i + 1] - qsl[i]
-        steps.append(
-            reference.SeqStep(
-                ctx_len=seq_lens[i] - q_len,
-                query_len=q_len,
-                block_ids=md.block_table[i],
-                tail_slot=int(md.tail_slots_cpu[i]),
-                valid_from=int(md.valid_from_cpu[i]),
-            )
-        )
-    return steps

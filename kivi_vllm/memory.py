@@ -13,6 +13,11 @@ def num_tail_slots(vllm_config: Any) -> int:
     return int(vllm_config.scheduler_config.max_num_seqs)
 
 
+def num_ring_slots(vllm_config: Any) -> int:
+    """Rows of each layer's tail buffer: the sequence slots plus one scratch slot."""
+    return num_tail_slots(vllm_config) + 1
+
+
 def layer_format(vllm_config: Any, cfg: KiviConfig) -> PageFormat:
     model_config = vllm_config.model_config
     return PageFormat(
@@ -35,7 +40,7 @@ def tail_bytes_per_layer(vllm_config: Any, cfg: KiviConfig) -> int:
     fmt = layer_format(vllm_config, cfg)
     dtype_size = vllm_config.model_config.dtype.itemsize
     per_slot = fmt.tail_bytes_per_slot(cfg.residual, dtype_size)
-    return per_slot * (num_tail_slots(vllm_config) + 1)
+    return per_slot * num_ring_slots(vllm_config)
 
 
 def tail_budget_bytes(vllm_config: Any, cfg: KiviConfig) -> int:

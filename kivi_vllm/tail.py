@@ -31,9 +31,6 @@ class TailSlots:
     def in_use(self) -> int:
         return len(self._owner)
 
-    def owners(self) -> dict[str, tuple[int, int]]:
-        return dict(self._owner)
-
     def release(self, req_ids: Iterable[str]) -> None:
         for req_id in req_ids:
             entry = self._owner.pop(req_id, None)
