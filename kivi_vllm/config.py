@@ -14,20 +14,65 @@ class KiviConfigError(ValueError):
     """A KIVI option (or a model/engine feature) the backend cannot serve."""
 
 
+FASTGEN_DEFAULT_RATIO = 0.3
+
+
+@dataclass(frozen=True)
+class FastGenConfig:
+    """``kivi.fastgen``: FastGen per-head compression (see docs/fastgen.md).
+
+    recovery: attention mass a head's kept tokens must recover (0 < T <= 1).
+    frequent_ratio / local_ratio: heavy hitters kept and local window, as fractions of
+    the prompt (0 < r <= 1).
+    """
+
+    recovery: float = 0.97
+    frequent_ratio: float = FASTGEN_DEFAULT_RATIO
+    local_ratio: float = FASTGEN_DEFAULT_RATIO
+
+    def __post_init__(self) -> None:
+        for name in ("recovery", "frequent_ratio", "local_ratio"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise KiviConfigError(f"kivi.fastgen.{name} must be a number, got {value!r}")
+            if not 0 < value <= 1:
+                raise KiviConfigError(
+                    f"kivi.fastgen.{name}={value} is out of range; allowed: 0 < value <= 1 "
+                    "(e.g. recovery 0.9 to 0.99)"
+                )
+
+    @classmethod
+    def from_dict(cls, raw: Any) -> FastGenConfig:
+        if not isinstance(raw, dict):
+            raise KiviConfigError(
+                f'kivi.fastgen must be a JSON object such as {{"recovery": 0.97}}, got {raw!r}'
+            )
+        allowed = set(cls.__dataclass_fields__)
+        unknown = sorted(set(raw) - allowed)
+        if unknown:
+            raise KiviConfigError(
+                f"unknown kivi.fastgen option(s) {unknown}; allowed options: {sorted(allowed)}"
+            )
+        return cls(**raw)
+
+
 @dataclass(frozen=True)
 class KiviConfig:
     """Per-engine KIVI settings, read from ``--additional-config '{"kivi": {...}}'``.
 
     bits: code width (2 or 4; 4 is the quality-safe default). group_size: tokens per key
     group and channels per value group; also the KV block size. residual: full-precision
-    window in tokens (a multiple of group_size).
+    window in tokens (a multiple of group_size). fastgen: optional FastGen settings.
     """
 
     bits: int = 4
     group_size: int = 32
     residual: int = 32
+    fastgen: FastGenConfig | None = None
 
     def __post_init__(self) -> None:
+        if self.fastgen is not None and not isinstance(self.fastgen, FastGenConfig):
+            object.__setattr__(self, "fastgen", FastGenConfig.from_dict(self.fastgen))
         for name in ("bits", "group_size", "residual"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
@@ -76,12 +121,16 @@ class KiviConfig:
                 f"head size {head_size}; allowed group sizes for this model: {allowed}"
             )
 
-    def to_dict(self) -> dict[str, int]:
-        return asdict(self)
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        if self.fastgen is None:
+            del out["fastgen"]
+        return out
 
     @property
     def name(self) -> str:
-        return f"kivi{self.bits}-g{self.group_size}-r{self.residual}"
+        name = f"kivi{self.bits}-g{self.group_size}-r{self.residual}"
+        return name if self.fastgen is None else f"{name}-fastgen{self.fastgen.recovery}"
 
 
 def kivi_config_from_vllm(vllm_config: Any) -> KiviConfig | None:

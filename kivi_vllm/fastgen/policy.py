@@ -1,0 +1,117 @@
+"""FastGen's compression policies, token classes and the per-KV-head policy choice.
+
+Policies are nested, cheapest first (FastGen's hybrids): ``special`` keeps special
+tokens; ``punct`` adds punctuation; ``frequent`` adds the heavy hitters (largest
+accumulated attention); ``local`` adds a window of the most recent tokens; ``full``
+keeps everything. A query always sees its own token.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+from enum import IntEnum
+from typing import Any
+
+import torch
+
+
+class Policy(IntEnum):
+    SPECIAL = 0
+    PUNCT = 1
+    FREQUENT = 2
+    LOCAL = 3
+    FULL = 4
+
+
+POLICY_NAMES = (
+    "special",
+    "special+punct",
+    "special+punct+frequent",
+    "special+punct+frequent+local",
+    "full",
+)
+NUM_POLICIES = len(Policy)
+
+# Characters a punctuation token may consist of (after stripping spaces); tokens made
+# only of newlines count as punctuation too (line breaks delimit like full stops).
+PUNCT_CHARS = frozenset(".,;:!?\n")
+
+
+@dataclass(frozen=True)
+class TokenClasses:
+    """Token ids of the special and punctuation classes of a vocabulary."""
+
+    special_ids: frozenset[int]
+    punct_ids: frozenset[int]
+
+    @classmethod
+    def from_tokenizer(cls, tokenizer: Any) -> TokenClasses:
+        """Special ids from the tokenizer; punctuation by each token's decoded text."""
+        special = frozenset(int(i) for i in tokenizer.all_special_ids)
+        punct = set()
+        for token_id in range(len(tokenizer)):
+            if token_id in special:
+                continue
+            text = tokenizer.decode([token_id]).strip(" ")
+            if text and set(text) <= PUNCT_CHARS:
+                punct.add(token_id)
+        return cls(special, frozenset(punct))
+
+    def masks(self, token_ids: Iterable[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(special, punct) boolean masks over the positions of ``token_ids``."""
+        ids = [int(t) for t in token_ids]
+        special = torch.tensor([t in self.special_ids for t in ids], dtype=torch.bool)
+        punct = torch.tensor([t in self.punct_ids for t in ids], dtype=torch.bool)
+        return special, punct
+
+
+def budgets(num_tokens: int, frequent_ratio: float, local_ratio: float) -> tuple[int, int]:
+    """(heavy hitters kept, local window) for a prompt of ``num_tokens`` tokens."""
+    return math.ceil(frequent_ratio * num_tokens), math.ceil(local_ratio * num_tokens)
+
+
+def kept_rows(
+    policy: int,
+    rows: torch.Tensor,
+    special: torch.Tensor,
+    punct: torch.Tensor,
+    frequent: torch.Tensor,
+    window: int,
+) -> torch.Tensor:
+    """Keys each query row may read under ``policy``: bool ``[len(rows), n]``.
+
+    rows: query positions; special/punct/frequent: bool ``[n]`` over key positions
+    (``frequent`` may be shorter than ``n``: positions past it are not heavy hitters).
+    Causal: key positions after a row are never kept; the row's own token always is.
+    """
+    n = special.shape[0]
+    keys = torch.arange(n)
+    causal = keys[None, :] <= rows[:, None]
+    if policy == Policy.FULL:
+        return causal
+    kept = special.clone()
+    if policy >= Policy.PUNCT:
+        kept |= punct
+    if policy >= Policy.FREQUENT:
+        kept[: frequent.shape[0]] |= frequent
+    out = kept[None, :] | (keys[None, :] == rows[:, None])
+    if policy >= Policy.LOCAL:
+        out |= keys[None, :] > rows[:, None] - window
+    return out & causal
+
+
+def choose_policies(recovery: torch.Tensor, num_kv_heads: int, threshold: float) -> torch.Tensor:
+    """Cheapest policy per KV head whose recovery is >= ``threshold`` for every query
+    head of its group.
+
+    recovery: ``[num_q_heads, NUM_POLICIES]`` attention mass each policy keeps.
+    Returns int64 ``[num_kv_heads]`` (``Policy`` values).
+    """
+    hq, num = recovery.shape
+    if num != NUM_POLICIES or hq % num_kv_heads:
+        raise ValueError(f"recovery must be [q_heads, {NUM_POLICIES}] with q_heads % kv_heads == 0")
+    ok = (recovery >= threshold).view(num_kv_heads, hq // num_kv_heads, num).all(dim=1)
+    ok[:, Policy.FULL] = True
+    return ok.to(torch.int8).argmax(dim=1).to(torch.int64)

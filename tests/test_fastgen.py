@@ -1,0 +1,266 @@
+"""FastGen: policy choice on hand-built attention maps, chunked profiling, per-head
+attention over kept tokens, KIVI storage of kept tokens, config validation (no engine)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kivi_vllm import reference
+from kivi_vllm.config import FastGenConfig, KiviConfig, KiviConfigError
+from kivi_vllm.fastgen import (
+    Policy,
+    TokenClasses,
+    attend_kept,
+    choose_policies,
+    kept_indices,
+    kivi_kept_kv,
+    profile_attention,
+    profile_heads,
+)
+from kivi_vllm.fastgen.policy import kept_rows
+
+N = 40
+PUNCT_POS = (5, 10, 15, 20, 25, 30, 35)
+HEAVY_POS = (3, 8, 13, 22)
+RATIOS = dict(frequent_ratio=0.3, local_ratio=0.3)  # 12 heavy hitters, window 12
+
+
+def _classes(n: int = N) -> tuple[torch.Tensor, torch.Tensor]:
+    special = torch.zeros(n, dtype=torch.bool)
+    special[0] = True  # BOS
+    punct = torch.zeros(n, dtype=torch.bool)
+    punct[list(PUNCT_POS)] = True
+    return special, punct
+
+
+def _row(t: int, weights: dict[int, float]) -> torch.Tensor:
+    row = torch.zeros(N)
+    for pos, w in weights.items():
+        row[pos] += w
+    assert abs(float(row.sum()) - 1) < 1e-6 and not row[t + 1 :].any()
+    return row
+
+
+def _map(kind: str) -> torch.Tensor:
+    """A causal attention map [N, N] (rows sum to 1) with one structure."""
+    rows = []
+    for t in range(N):
+        if kind == "special":
+            w = {0: 1.0}
+        elif kind == "punct":
+            ps = [p for p in PUNCT_POS if p <= t]
+            w = {0: 0.5, **{p: 0.5 / len(ps) for p in ps}} if ps else {0: 1.0}
+        elif kind == "frequent":
+            hs = [p for p in HEAVY_POS if p <= t]
+            w = {p: 1 / len(hs) for p in hs} if hs else {t: 1.0}
+        elif kind == "local":
+            w = {t: 1.0} if t == 0 else {0: 1.0} if t == 1 else {t - 1: 0.5, t - 2: 0.5}
+        elif kind == "full":
+            w = {j: 1 / (t + 1) for j in range(t + 1)}
+        else:
+            raise AssertionError(kind)
+        rows.append(_row(t, w))
+    return torch.stack(rows)
+
+
+KINDS = ("special", "punct", "frequent", "local", "full")
+
+
+def _profile(maps: list[torch.Tensor], kv_heads: int, recovery: float, **kw):
+    special, punct = _classes()
+    return profile_attention(
+        torch.stack(maps), kv_heads, special, punct, recovery=recovery, **RATIOS, **kw
+    )
+
+
+def test_each_policy_chosen_on_its_map() -> None:
+    prof = _profile([_map(k) for k in KINDS], kv_heads=5, recovery=0.97)
+    assert prof.policy.tolist() == [int(p) for p in Policy]
+    assert torch.allclose(prof.recovery[:, Policy.FULL], torch.ones(5, dtype=torch.float64))
+    # every head's own policy recovers everything, the cheaper ones clearly less
+    for h, policy in enumerate(Policy):
+        assert prof.recovery[h, policy] == pytest.approx(1.0)
+        if policy > Policy.SPECIAL:
+            assert prof.recovery[h, policy - 1] < 0.95
+
+
+def test_recovery_known_answer() -> None:
+    """Frequent map: the special policy keeps BOS and the row's own token only."""
+    prof = _profile([_map("frequent")], kv_heads=1, recovery=0.97)
+    # rows 0..3 attend only themselves; rows >= 3 spread over heavy hitters <= t
+    own = [1.0, 1.0, 1.0, 1.0] + [
+        (1 / sum(p <= t for p in HEAVY_POS)) if t in HEAVY_POS else 0.0 for t in range(4, N)
+    ]
+    assert float(prof.recovery[0, Policy.SPECIAL]) == pytest.approx(sum(own) / N)
+    assert set(HEAVY_POS) <= set(prof.frequent[0].nonzero().flatten().tolist())
+    assert int(prof.frequent[0].sum()) == 12 and prof.window == 12
+
+
+def test_threshold_decides_exactly() -> None:
+    """The punct map's special policy is taken iff T <= its recovery."""
+    prof = _profile([_map("punct")], kv_heads=1, recovery=0.97)
+    r = float(prof.recovery[0, Policy.SPECIAL])
+    assert 0.5 < r < 0.97
+    assert choose_policies(prof.recovery, 1, r).item() == Policy.SPECIAL
+    assert choose_policies(prof.recovery, 1, r + 1e-9).item() == Policy.PUNCT
+    assert choose_policies(prof.recovery, 1, 1.0).item() == Policy.PUNCT  # punct recovers 1
+
+
+def test_gqa_kv_head_takes_the_costliest_query_head() -> None:
+    maps = [_map("special"), _map("local"), _map("special"), _map("punct")]
+    prof = _profile(maps, kv_heads=2, recovery=0.97)
+    assert prof.policy.tolist() == [Policy.LOCAL, Policy.PUNCT]
+
+
+def test_full_is_always_allowed() -> None:
+    rec = torch.zeros(4, len(Policy), dtype=torch.float64)
+    assert choose_policies(rec, 2, 0.99).tolist() == [Policy.FULL, Policy.FULL]
+
+
+def _random_qk(n: int, hq: int = 4, hk: int = 2, d: int = 16, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(n, hq, d, generator=g) * 2
+    k = torch.randn(n, hk, d, generator=g) * 2
+    return q, k
+
+
+@pytest.mark.parametrize("rows", [None, 20])
+def test_chunked_profile_equals_unchunked_and_dense(rows: int | None) -> None:
+    n = 70
+    q, k = _random_qk(n)
+    special, punct = _classes(n)
+    kw = dict(recovery=0.9, scale=0.25, rows=rows, **RATIOS)
+    chunked = profile_heads(q, k, special, punct, chunk=16, **kw)
+    whole = profile_heads(q, k, special, punct, chunk=n, **kw)
+    # independent dense reference: the full causal matrix, profiled in one piece
+    scores = torch.einsum("qhd,khd->hqk", q, k.repeat_interleave(2, dim=1)) * 0.25
+    causal = torch.ones(n, n, dtype=torch.bool).tril()
+    dense = torch.softmax(scores.masked_fill(~causal, float("-inf")), dim=-1)
+    kw.pop("scale")
+    dense_prof = profile_attention(dense, 2, special, punct, chunk=n, **kw)
+    for other in (whole, dense_prof):
+        assert torch.equal(chunked.frequent, other.frequent)
+        assert torch.allclose(chunked.recovery, other.recovery, atol=1e-6)
+        assert torch.equal(chunked.policy, other.policy)
+    assert chunked.rows == (n if rows is None else rows)
+
+
+def test_last_rows_recovery_matches_hand_sum() -> None:
+    """Profiling the last rows only averages exactly those rows' kept mass."""
+    special, punct = _classes()
+    m = _map("full")
+    prof = profile_attention(m[None], 1, special, punct, recovery=0.97, rows=5, **RATIOS)
+    rows = torch.arange(N - 5, N)
+    kept = kept_rows(Policy.SPECIAL, rows, special, punct, torch.zeros(0, dtype=torch.bool), 12)
+    expect = (m[rows] * kept).sum() / 5
+    assert float(prof.recovery[0, Policy.SPECIAL]) == pytest.approx(float(expect))
+
+
+def test_kept_rows_nesting_and_causality() -> None:
+    special, punct = _classes()
+    freq = torch.zeros(N, dtype=torch.bool)
+    freq[list(HEAVY_POS)] = True
+    rows = torch.arange(N)
+    masks = [kept_rows(p, rows, special, punct, freq, 12) for p in Policy]
+    for a, b in zip(masks, masks[1:], strict=False):
+        assert not (a & ~b).any()  # each policy keeps a superset of the previous one
+    causal = torch.ones(N, N, dtype=torch.bool).tril()
+    assert torch.equal(masks[Policy.FULL], causal)
+    for m in masks:
+        assert not (m & ~causal).any() and m.diagonal().all()
+    local = masks[Policy.LOCAL][30]
+    assert local[19:31].all() and not local[18]  # window of 12 ending at the row
+
+
+def test_attend_kept_equals_reference_over_kept_tokens() -> None:
+    g = torch.Generator().manual_seed(1)
+    ctx, q_len, hq, hk, d = 50, 3, 6, 3, 32
+    query = torch.randn(q_len, hq, d, generator=g)
+    key, value = torch.randn(2, q_len, hk, d, generator=g)
+    ctx_k, ctx_v = torch.randn(2, ctx, hk, d, generator=g)
+    kept = [torch.tensor([0, 7, 8, 30]), torch.arange(ctx), torch.tensor([], dtype=torch.long)]
+    out = attend_kept(query, key, value, ctx_k, ctx_v, kept, scale=d**-0.5)
+    group = hq // hk
+    for h in range(hk):
+        heads = slice(h * group, (h + 1) * group)
+        ref = reference.attend(
+            query[:, heads], key[:, h : h + 1], value[:, h : h + 1],
+            ctx_k[kept[h], h : h + 1], ctx_v[kept[h], h : h + 1], d**-0.5,
+        )
+        torch.testing.assert_close(out[:, heads], ref, rtol=1e-5, atol=1e-5)
+    # and equals masked dense attention over the whole context
+    mask = torch.zeros(hk, ctx + q_len, dtype=torch.bool)
+    for h in range(hk):
+        mask[h, kept[h]] = True
+    mask[:, ctx:] = True
+    ks = torch.cat([ctx_k, key]).repeat_interleave(group, 1)
+    vs = torch.cat([ctx_v, value]).repeat_interleave(group, 1)
+    scores = torch.einsum("qhd,khd->hqk", query, ks) * d**-0.5
+    causal = torch.arange(ctx + q_len)[None, :] <= (ctx + torch.arange(q_len))[:, None]
+    allowed = mask.repeat_interleave(group, 0)[:, None, :] & causal[None]
+    dense = torch.einsum(
+        "hqk,khd->qhd", torch.softmax(scores.masked_fill(~allowed, float("-inf")), -1), vs
+    )
+    torch.testing.assert_close(out, dense, rtol=1e-5, atol=1e-5)
+
+
+def test_kept_indices_follow_policy() -> None:
+    special, punct = _classes()
+    freq = torch.zeros(2, N, dtype=torch.bool)
+    freq[1, list(HEAVY_POS)] = True
+    idx = kept_indices(torch.tensor([Policy.PUNCT, Policy.FREQUENT]), 36, special, punct, freq, 12)
+    assert idx[0].tolist() == [0, *PUNCT_POS]
+    assert idx[1].tolist() == sorted({0, *PUNCT_POS, *HEAVY_POS})
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+def test_kivi_kept_kv_uses_the_page_format(bits: int) -> None:
+    g = torch.Generator().manual_seed(2)
+    m, d, group, residual = 100, 64, 32, 64
+    k, v = torch.randn(2, m, d, generator=g)
+    kq, vq, quantized = kivi_kept_kv(k, v, bits, group, residual)
+    start = reference.tail_start(m, 0, group, residual)  # 64: two complete pages
+    assert start == 64 and quantized.tolist() == [True] * 64 + [False] * 36
+    assert torch.equal(kq[64:], k[64:]) and torch.equal(vq[64:], v[64:])
+    for p in range(2):
+        rows = slice(p * group, (p + 1) * group)
+        codes, scale, mn = reference.quantize(k[rows], dim=0, bits=bits)  # keys per channel
+        torch.testing.assert_close(kq[rows], reference.dequantize(codes, scale, mn))
+        vals = v[rows].unflatten(-1, (d // group, group))  # values per token and channel group
+        codes, scale, mn = reference.quantize(vals, dim=-1, bits=bits)
+        torch.testing.assert_close(vq[rows], reference.dequantize(codes, scale, mn).flatten(-2))
+
+
+def test_token_classes(default_model_path: str) -> None:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(default_model_path)
+    classes = TokenClasses.from_tokenizer(tok)
+    ids = tok("Hello, world. Fine!\nYes", add_special_tokens=False)["input_ids"]
+    special, punct = classes.masks([tok.bos_token_id or tok.all_special_ids[0], *ids])
+    texts = [tok.decode([i]).strip(" ") for i in ids]
+    assert special.tolist() == [True] + [False] * len(ids)
+    assert [t for t, p in zip(texts, punct[1:].tolist(), strict=True) if p] == [
+        ",", ".", "!", "\n"
+    ]
+
+
+def test_fastgen_config_validation() -> None:
+    cfg = KiviConfig.from_dict({"bits": 2, "fastgen": {"recovery": 0.95}})
+    assert cfg.fastgen == FastGenConfig(recovery=0.95)
+    assert cfg.name == "kivi2-g32-r32-fastgen0.95"
+    assert "fastgen" not in KiviConfig().to_dict()
+    assert KiviConfig.from_dict(cfg.to_dict()) == cfg
+    bad = [
+        ({"recovery": 0}, "0 < value <= 1"),
+        ({"recovery": 1.2}, "0 < value <= 1"),
+        ({"local_ratio": True}, "must be a number"),
+        ({"recovery": "high"}, "must be a number"),
+        ({"window": 4}, "allowed options: ['frequent_ratio', 'local_ratio', 'recovery']"),
+        (0.97, "must be a JSON object"),
+    ]
+    for raw, message in bad:
+        with pytest.raises(KiviConfigError, match="kivi.fastgen") as err:
+            KiviConfig.from_dict({"fastgen": raw})
+        assert message in str(err.value)
