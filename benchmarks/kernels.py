@@ -98,7 +98,7 @@ def tune() -> None:
     for batch, ctx in ((64, 8192), (8, 32768)):
         for bits in (2, 4):
             run, nbytes = kivi_case(bits, batch, ctx)
-            for warps, stages in ((1, 2), (2, 2), (4, 2), (2, 3)):
+            for warps, stages in ((2, 2), (2, 3), (2, 4), (4, 2), (4, 3), (4, 4)):
                     attention.DECODE_WARPS, attention.NUM_STAGES = warps, stages
                     handle = run()
                     ms = triton.testing.do_bench(run, warmup=25, rep=100, return_mode="median")

@@ -2,12 +2,19 @@
 
 ``_kivi_attend_context`` handles one tile of query rows (BLOCK_Q tokens of one request x
 the QPK query heads sharing one KV head) against one split of the request's context:
-each page is read once per KV head and serves all the tile's rows. Keys are never
-dequantized: the per-channel scale is folded into the query,
-``q . (s*k + m) = (q*s) . k + q . m``; values are dequantized in registers. Codes are
-unpacked plane by plane (planar packing, see ``page_format``), so every load is a
-contiguous row of bytes. The last split also covers the tail ring and, for decode, the
-step's own token. ``_kivi_reduce_splits`` merges the splits by log-sum-exp.
+each page is read once per KV head and serves all the tile's rows. Nothing is
+dequantized elementwise: the per-channel key scale is folded into the query and the
+per-token value scale into the probabilities, and both mins enter through tensor-core
+dots against broadcast tiles::
+
+    q . (s*k + m) = (q*s) . k + q . m          p . (s*v + m) = (p*s) . v + p . m
+
+Codes become float16 with the ``0x6400`` magic number (``1024 + code`` is exact in
+float16; one ``prmt`` places two codes, one ``sub.f16x2`` removes the 1024), so no
+int-to-float conversion runs (those issue at a quarter of the FMA rate on Hopper). The
+running max is rescaled lazily (only when it grows by more than ``RESCALE_LOG2``). The
+last split also covers the tail ring and, for decode, the step's own token;
+``_kivi_reduce_splits`` merges the splits by log-sum-exp.
 """
 
 from __future__ import annotations
@@ -22,34 +29,102 @@ from kivi_vllm.kernels.common import format_constants
 from kivi_vllm.page_format import PageFormat
 
 
-@triton.jit
-def _chunk_codes(tile, codes_ptr, t, w, C0: tl.constexpr, P: tl.constexpr,
-                 BITS: tl.constexpr, SHARED: tl.constexpr):
-    """Codes of channels [C0, C0 + W) as float16 [G, W] (from the page's packed rows)."""
-    if SHARED:  # W == P: the chunk is a whole bit plane of the already loaded tile
-        b = tile
-    else:
-        b = tl.load(codes_ptr + t[:, None] * P + (C0 % P) + w[None, :]).to(tl.int32)
-    return ((b >> ((C0 // P) * BITS)) & ((1 << BITS) - 1)).to(tl.float16)
+def _dequant_asm(bits: int) -> str:
+    """PTX: 4 packed bytes -> every bit plane's 4 values ``code * s + m`` (float16x2 pairs).
+
+    Operands: outputs ``$0..`` (two registers per plane), then the bytes, then per plane
+    the scale and the min (two registers each, four float16). ``1024 + code`` is built
+    by ``prmt`` under the ``0x64`` exponent byte and made exact by one ``sub.f16x2``.
+    """
+    planes = 8 // bits
+    mask = {2: "0x03030303", 4: "0x0F0F0F0F"}[bits]
+    src = 2 * planes
+    lines = ["{", ".reg .b32 a, h, k;", "mov.b32 h, 0x64646464;", "mov.b32 k, 0x64006400;"]
+    for plane in range(planes):
+        lo, hi = f"${2 * plane}", f"${2 * plane + 1}"
+        s = src + 1 + 4 * plane
+        lines += [f"shr.b32 a, ${src}, {plane * bits};", f"and.b32 a, a, {mask};",
+                  f"prmt.b32 {lo}, a, h, 0x4140;", f"prmt.b32 {hi}, a, h, 0x4342;",
+                  f"sub.f16x2 {lo}, {lo}, k;", f"sub.f16x2 {hi}, {hi}, k;",
+                  f"fma.rn.f16x2 {lo}, {lo}, ${s}, ${s + 2};",
+                  f"fma.rn.f16x2 {hi}, {hi}, ${s + 1}, ${s + 3};"]
+    lines.append("}")
+    return "\n".join(lines)
+
+
+DEQUANT2_ASM = tl.constexpr(_dequant_asm(2))
+DEQUANT2_CONSTRAINTS = tl.constexpr(",".join(["=r"] * 8 + ["r"] * 17))
+DEQUANT4_ASM = tl.constexpr(_dequant_asm(4))
+DEQUANT4_CONSTRAINTS = tl.constexpr(",".join(["=r"] * 4 + ["r"] * 9))
+RESCALE_LOG2 = tl.constexpr(8.0)  # lazy rescale: probabilities may grow to 2**8 meanwhile
 
 
 @triton.jit
-def _chunk_scores(q_c, codes, ks_ptr, km_ptr, w, C0: tl.constexpr):
-    """Partial scores (q*s) . codes^T and bias q . min over one channel chunk."""
-    ks = tl.load(ks_ptr + C0 + w).to(tl.float32)
-    km = tl.load(km_ptr + C0 + w).to(tl.float32)
-    s = tl.dot((q_c * ks[None, :]).to(tl.float16), tl.trans(codes))
-    return s, tl.sum(q_c * km[None, :], axis=1)
+def _dequant_planes(x, s0, m0, s1, m1, s2, m2, s3, m3, BITS: tl.constexpr,
+                    USE_ASM: tl.constexpr):
+    """uint8 [R, W] -> bit plane k as float16 ``code_k * s_k + m_k`` (4-bit: planes 0, 1)."""
+    if USE_ASM:
+        if BITS == 2:
+            c0, c1, c2, c3 = tl.inline_asm_elementwise(
+                DEQUANT2_ASM, DEQUANT2_CONSTRAINTS, [x, s0, m0, s1, m1, s2, m2, s3, m3],
+                dtype=(tl.float16, tl.float16, tl.float16, tl.float16), is_pure=True, pack=4)
+        else:
+            c0, c1 = tl.inline_asm_elementwise(
+                DEQUANT4_ASM, DEQUANT4_CONSTRAINTS, [x, s0, m0, s1, m1],
+                dtype=(tl.float16, tl.float16), is_pure=True, pack=4)
+            c2 = c0
+            c3 = c1
+    else:  # the interpreter runs no PTX: the same float16 arithmetic in Triton ops
+        xi = x.to(tl.int32)
+        mask: tl.constexpr = (1 << BITS) - 1
+        c0 = tl.fma((xi & mask).to(tl.float16), s0, m0)
+        c1 = tl.fma(((xi >> BITS) & mask).to(tl.float16), s1, m1)
+        c2 = tl.fma(((xi >> (2 * BITS)) & mask).to(tl.float16), s2, m2)
+        c3 = tl.fma(((xi >> (3 * BITS)) & mask).to(tl.float16), s3, m3)
+    return c0, c1, c2, c3
 
 
 @triton.jit
-def _chunk_values(pr, codes, vs_ptr, vm_ptr, t, C0: tl.constexpr, G: tl.constexpr,
-                  VG: tl.constexpr, valid=True):
-    """p . v over one channel chunk, the per-token value scale folded into p."""
-    vs = tl.load(vs_ptr + t * VG + C0 // G, mask=valid, other=0.0).to(tl.float32)
-    vm = tl.load(vm_ptr + t * VG + C0 // G, mask=valid, other=0.0).to(tl.float32)
-    o = tl.dot((pr * vs[None, :]).to(tl.float16), codes)
-    return o + tl.sum(pr * vm[None, :], axis=1)[:, None]
+def _page_chunks(rows, s0, m0, s1, m1, s2, m2, s3, m3, W: tl.constexpr, P: tl.constexpr,
+                 BITS: tl.constexpr, USE_ASM: tl.constexpr):
+    """One head's packed rows -> its dequantized channel chunks [G, W] (chunk i = channels
+    iW..iW+W, scaled by (s_i, m_i))."""
+    if P == W:  # one byte tile holds every plane: plane i is chunk i
+        c0, c1, c2, c3 = _dequant_planes(tl.load(rows), s0, m0, s1, m1, s2, m2, s3, m3,
+                                         BITS, USE_ASM)
+    else:  # P == 2W (4-bit): byte half j, plane k is chunk 2k + j
+        c0, c2, _, _ = _dequant_planes(tl.load(rows), s0, m0, s2, m2, s0, m0, s0, m0,
+                                       BITS, USE_ASM)
+        c1, c3, _, _ = _dequant_planes(tl.load(rows + W), s1, m1, s3, m3, s1, m1, s1, m1,
+                                       BITS, USE_ASM)
+    return c0, c1, c2, c3
+
+
+@triton.jit
+def _key_params(ptr, w, W: tl.constexpr, NCH: tl.constexpr):
+    """Per-channel key scales (or mins) of each chunk as [1, W] rows (unused ones repeat)."""
+    p0 = tl.load(ptr + w)[None, :]
+    p1 = tl.load(ptr + W + w)[None, :]
+    p2 = p0
+    p3 = p1
+    if NCH == 4:
+        p2 = tl.load(ptr + 2 * W + w)[None, :]
+        p3 = tl.load(ptr + 3 * W + w)[None, :]
+    return p0, p1, p2, p3
+
+
+@triton.jit
+def _value_params(ptr, t, W: tl.constexpr, NCH: tl.constexpr, G: tl.constexpr,
+                  VG: tl.constexpr):
+    """Per-token value scales (or mins) of the group holding each chunk, as [G, 1]."""
+    p0 = tl.load(ptr + t * VG)[:, None]
+    p1 = tl.load(ptr + t * VG + W // G)[:, None]
+    p2 = p0
+    p3 = p1
+    if NCH == 4:
+        p2 = tl.load(ptr + t * VG + (2 * W) // G)[:, None]
+        p3 = tl.load(ptr + t * VG + (3 * W) // G)[:, None]
+    return p0, p1, p2, p3
 
 
 @triton.jit
@@ -58,50 +133,61 @@ def _load_chunk(ptr, rows, ok, C0: tl.constexpr, w):
 
 
 @triton.jit
-def _attend_page(page, kt, vt, valid, q0, q1, q2, q3, m_i, l_i, acc0, acc1, acc2, acc3,
-                 kvh, t, w, W: tl.constexpr, NCH: tl.constexpr, SHARED: tl.constexpr,
-                 OFF_KC: tl.constexpr, OFF_VC: tl.constexpr, OFF_KS: tl.constexpr,
-                 OFF_KM: tl.constexpr, OFF_VS: tl.constexpr, OFF_VM: tl.constexpr,
-                 G: tl.constexpr, D: tl.constexpr, P: tl.constexpr, VG: tl.constexpr,
-                 BITS: tl.constexpr):
-    """Online-softmax update of the running (m, l, acc) with one page of one KV head."""
-    kc_ptr = page + OFF_KC + kvh * G * P
-    vc_ptr = page + OFF_VC + kvh * G * P
+def _self_dot(q_c, k_ptr, C0: tl.constexpr, w):
+    """q . k over one chunk for the step's own (full-precision) key, in fp32."""
+    return tl.sum(q_c.to(tl.float32) * tl.load(k_ptr + C0 + w).to(tl.float32)[None, :], axis=1)
+
+
+@triton.jit
+def _attend_page(page, q0, q1, q2, q3, m_i, l_i, acc0, acc1, acc2, acc3, kvh, t, tile_off,
+                 w, W: tl.constexpr, NCH: tl.constexpr, OFF_KC: tl.constexpr,
+                 OFF_VC: tl.constexpr, OFF_KS: tl.constexpr, OFF_KM: tl.constexpr,
+                 OFF_VS: tl.constexpr, OFF_VM: tl.constexpr, G: tl.constexpr,
+                 D: tl.constexpr, P: tl.constexpr, VG: tl.constexpr, BITS: tl.constexpr,
+                 USE_ASM: tl.constexpr):
+    """Online-softmax update of the running (m, l, acc) with one page of one KV head.
+
+    Keys and values are dequantized straight into the dot's B operand (float16
+    ``code * s + m``), so the query stays a loop-invariant A operand and only the
+    probabilities change layout once per page.
+    """
     ks = (page + OFF_KS).to(tl.pointer_type(tl.float16)) + kvh * D
     km = (page + OFF_KM).to(tl.pointer_type(tl.float16)) + kvh * D
+    s0, s1, s2, s3 = _key_params(ks, w, W, NCH)
+    m0, m1, m2, m3 = _key_params(km, w, W, NCH)
+    k0, k1, k2, k3 = _page_chunks(page + OFF_KC + tile_off, s0, m0, s1, m1, s2, m2, s3, m3,
+                                  W, P, BITS, USE_ASM)
+    s = tl.dot(q0, tl.trans(k0))
+    s = tl.dot(q1, tl.trans(k1), s)
+    if NCH == 4:
+        s = tl.dot(q2, tl.trans(k2), s)
+        s = tl.dot(q3, tl.trans(k3), s)
+    m_cur = tl.max(s, axis=1)
+    if tl.max(m_cur - m_i, axis=0) > RESCALE_LOG2:  # uniform branch; always on page one
+        m_new = tl.maximum(m_i, m_cur)
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha
+        acc0 = acc0 * alpha[:, None]
+        acc1 = acc1 * alpha[:, None]
+        acc2 = acc2 * alpha[:, None]
+        acc3 = acc3 * alpha[:, None]
+        m_i = m_new
+    pr = tl.exp2(s - m_i[:, None])
+    l_i = l_i + tl.sum(pr, axis=1)
+    p16 = pr.to(tl.float16)
+
     vs = (page + OFF_VS).to(tl.pointer_type(tl.float16)) + kvh * G * VG
     vm = (page + OFF_VM).to(tl.pointer_type(tl.float16)) + kvh * G * VG
-    s, b = _chunk_scores(q0, _chunk_codes(kt, kc_ptr, t, w, 0 * W, P, BITS, SHARED),
-                         ks, km, w, 0 * W)
-    s1, b1 = _chunk_scores(q1, _chunk_codes(kt, kc_ptr, t, w, 1 * W, P, BITS, SHARED),
-                           ks, km, w, 1 * W)
-    s += s1
-    b += b1
+    s0, s1, s2, s3 = _value_params(vs, t, W, NCH, G, VG)
+    m0, m1, m2, m3 = _value_params(vm, t, W, NCH, G, VG)
+    v0, v1, v2, v3 = _page_chunks(page + OFF_VC + tile_off, s0, m0, s1, m1, s2, m2, s3, m3,
+                                  W, P, BITS, USE_ASM)
+    acc0 = tl.dot(p16, v0, acc0)
+    acc1 = tl.dot(p16, v1, acc1)
     if NCH == 4:
-        s2, b2 = _chunk_scores(q2, _chunk_codes(kt, kc_ptr, t, w, 2 * W, P, BITS, SHARED),
-                               ks, km, w, 2 * W)
-        s3, b3 = _chunk_scores(q3, _chunk_codes(kt, kc_ptr, t, w, 3 * W, P, BITS, SHARED),
-                               ks, km, w, 3 * W)
-        s += s2 + s3
-        b += b2 + b3
-    s = tl.where(valid, s + b[:, None], float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, axis=1))
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    alpha = tl.exp2(m_i - m_safe)
-    pr = tl.exp2(s - m_safe[:, None])
-    l_i = l_i * alpha + tl.sum(pr, axis=1)
-    acc0 = acc0 * alpha[:, None] + _chunk_values(
-        pr, _chunk_codes(vt, vc_ptr, t, w, 0 * W, P, BITS, SHARED), vs, vm, t, 0 * W, G, VG, valid)
-    acc1 = acc1 * alpha[:, None] + _chunk_values(
-        pr, _chunk_codes(vt, vc_ptr, t, w, 1 * W, P, BITS, SHARED), vs, vm, t, 1 * W, G, VG, valid)
-    if NCH == 4:
-        acc2 = acc2 * alpha[:, None] + _chunk_values(
-            pr, _chunk_codes(vt, vc_ptr, t, w, 2 * W, P, BITS, SHARED), vs, vm, t, 2 * W, G, VG,
-            valid)
-        acc3 = acc3 * alpha[:, None] + _chunk_values(
-            pr, _chunk_codes(vt, vc_ptr, t, w, 3 * W, P, BITS, SHARED), vs, vm, t, 3 * W, G, VG,
-            valid)
-    return m_new, l_i, acc0, acc1, acc2, acc3
+        acc2 = tl.dot(p16, v2, acc2)
+        acc3 = tl.dot(p16, v3, acc3)
+    return m_i, l_i, acc0, acc1, acc2, acc3
 
 
 @triton.jit(do_not_specialize=["tok_base", "S"])
@@ -147,6 +233,7 @@ def _kivi_attend_context(
     DECODE: tl.constexpr,
     W: tl.constexpr,  # channels per chunk: min(P, G), one value group and one bit plane
     NCH: tl.constexpr,  # chunks per head (2 or 4)
+    USE_ASM: tl.constexpr,  # magic-number unpack in PTX (False under the interpreter)
     PAGE_BYTES: tl.constexpr,
     OFF_KC: tl.constexpr,
     OFF_VC: tl.constexpr,
@@ -182,7 +269,6 @@ def _kivi_attend_context(
     p_hi = tl.minimum(p_lo + per_split, n_pages)
 
     BLOCK_M: tl.constexpr = BLOCK_Q * BLOCK_H
-    SHARED: tl.constexpr = W == P
     m = tl.arange(0, BLOCK_M)
     tok = tok0 + m // BLOCK_H
     hh = m % BLOCK_H
@@ -192,13 +278,13 @@ def _kivi_attend_context(
     t = tl.arange(0, G)
     q_rows = query + tok[:, None] * stride_qt + head[:, None] * stride_qh
     qk_scale = sm_scale * 1.4426950408889634
-    q0 = _load_chunk(q_rows, 0, row_ok[:, None], 0 * W, w).to(tl.float32) * qk_scale
-    q1 = _load_chunk(q_rows, 0, row_ok[:, None], 1 * W, w).to(tl.float32) * qk_scale
+    q0 = (_load_chunk(q_rows, 0, row_ok[:, None], 0 * W, w) * qk_scale).to(tl.float16)
+    q1 = (_load_chunk(q_rows, 0, row_ok[:, None], 1 * W, w) * qk_scale).to(tl.float16)
     q2 = q0
     q3 = q1
     if NCH == 4:
-        q2 = _load_chunk(q_rows, 0, row_ok[:, None], 2 * W, w).to(tl.float32) * qk_scale
-        q3 = _load_chunk(q_rows, 0, row_ok[:, None], 3 * W, w).to(tl.float32) * qk_scale
+        q2 = (_load_chunk(q_rows, 0, row_ok[:, None], 2 * W, w) * qk_scale).to(tl.float16)
+        q3 = (_load_chunk(q_rows, 0, row_ok[:, None], 3 * W, w) * qk_scale).to(tl.float16)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -207,33 +293,17 @@ def _kivi_attend_context(
     acc2 = tl.zeros([BLOCK_M, W], dtype=tl.float32)
     acc3 = tl.zeros([BLOCK_M, W], dtype=tl.float32)
 
-    tile_off = kvh * G * P + t[:, None] * P + tl.arange(0, P)[None, :]
+    tile_off = kvh * G * P + t[:, None] * P + w[None, :]
     bt_row = block_table + req.to(tl.int64) * stride_bt
-    for p in range(p_lo, p_hi, 2):
-        # two pages per iteration: both pages' code tiles are requested before any math
-        has_b = p + 1 < p_hi
-        page_a = cache + tl.load(bt_row + p).to(tl.int64) * PAGE_BYTES
-        page_b = cache + tl.load(bt_row + p + 1, mask=has_b, other=0).to(tl.int64) * PAGE_BYTES
-        kt_a = 0
-        vt_a = 0
-        kt_b = 0
-        vt_b = 0
-        if SHARED:
-            kt_a = tl.load(page_a + OFF_KC + tile_off).to(tl.int32)
-            vt_a = tl.load(page_a + OFF_VC + tile_off).to(tl.int32)
-            kt_b = tl.load(page_b + OFF_KC + tile_off).to(tl.int32)
-            vt_b = tl.load(page_b + OFF_VC + tile_off).to(tl.int32)
+    for p in range(p_lo, p_hi):
+        page = cache + tl.load(bt_row + p).to(tl.int64) * PAGE_BYTES
         m_i, l_i, acc0, acc1, acc2, acc3 = _attend_page(
-            page_a, kt_a, vt_a, True, q0, q1, q2, q3, m_i, l_i, acc0, acc1, acc2, acc3,
-            kvh, t, w, W, NCH, SHARED, OFF_KC, OFF_VC, OFF_KS, OFF_KM, OFF_VS, OFF_VM,
-            G, D, P, VG, BITS)
-        m_i, l_i, acc0, acc1, acc2, acc3 = _attend_page(
-            page_b, kt_b, vt_b, has_b, q0, q1, q2, q3, m_i, l_i, acc0, acc1, acc2, acc3,
-            kvh, t, w, W, NCH, SHARED, OFF_KC, OFF_VC, OFF_KS, OFF_KM, OFF_VS, OFF_VM,
-            G, D, P, VG, BITS)
+            page, q0, q1, q2, q3, m_i, l_i, acc0, acc1, acc2, acc3, kvh, t, tile_off, w,
+            W, NCH, OFF_KC, OFF_VC, OFF_KS, OFF_KM, OFF_VS, OFF_VM, G, D, P, VG, BITS,
+            USE_ASM)
 
     if split == S - 1:
-        # full-precision tail ring: positions [tstart, ctx)
+        # full-precision tail ring: positions [tstart, ctx); exact (non-lazy) update
         r = tl.arange(0, BLOCK_R)
         pos = tstart + r
         r_ok = (pos < ctx)[:, None]
@@ -241,40 +311,34 @@ def _kivi_attend_context(
         ring = tail + tslot * stride_tail_slot + kvh * stride_tail_h
         rows = (pos % R)[:, None] * stride_tail_pos
         ring_v = ring + stride_tail_kv
-        s = tl.dot(q0.to(tl.float16), tl.trans(_load_chunk(ring, rows, r_ok, 0 * W, w).to(
-            tl.float16)))
-        s += tl.dot(q1.to(tl.float16), tl.trans(_load_chunk(ring, rows, r_ok, 1 * W, w).to(
-            tl.float16)))
+        s = tl.dot(q0, tl.trans(_load_chunk(ring, rows, r_ok, 0 * W, w).to(tl.float16)))
+        s = tl.dot(q1, tl.trans(_load_chunk(ring, rows, r_ok, 1 * W, w).to(tl.float16)), s)
         if NCH == 4:
-            s += tl.dot(q2.to(tl.float16), tl.trans(_load_chunk(ring, rows, r_ok, 2 * W, w).to(
-                tl.float16)))
-            s += tl.dot(q3.to(tl.float16), tl.trans(_load_chunk(ring, rows, r_ok, 3 * W, w).to(
-                tl.float16)))
+            s = tl.dot(q2, tl.trans(_load_chunk(ring, rows, r_ok, 2 * W, w).to(tl.float16)), s)
+            s = tl.dot(q3, tl.trans(_load_chunk(ring, rows, r_ok, 3 * W, w).to(tl.float16)), s)
         s = tl.where(tl.trans(r_ok), s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         if DECODE:
             # the step's own token (query_len == 1), full precision
             self_k = key + tok0 * stride_kt + kvh * stride_kh
-            s_self = tl.sum(q0 * tl.load(self_k + 0 * W + w).to(tl.float32)[None, :], axis=1)
-            s_self += tl.sum(q1 * tl.load(self_k + 1 * W + w).to(tl.float32)[None, :], axis=1)
+            s_self = _self_dot(q0, self_k, 0 * W, w) + _self_dot(q1, self_k, 1 * W, w)
             if NCH == 4:
-                s_self += tl.sum(q2 * tl.load(self_k + 2 * W + w).to(tl.float32)[None, :], 1)
-                s_self += tl.sum(q3 * tl.load(self_k + 3 * W + w).to(tl.float32)[None, :], 1)
+                s_self += _self_dot(q2, self_k, 2 * W, w) + _self_dot(q3, self_k, 3 * W, w)
             m_new = tl.maximum(m_new, s_self)
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp2(m_i - m_safe)
         pr = tl.exp2(s - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(pr, axis=1)
         pr16 = pr.to(tl.float16)
-        acc0 = acc0 * alpha[:, None] + tl.dot(pr16, _load_chunk(ring_v, rows, r_ok, 0 * W, w).to(
-            tl.float16))
-        acc1 = acc1 * alpha[:, None] + tl.dot(pr16, _load_chunk(ring_v, rows, r_ok, 1 * W, w).to(
-            tl.float16))
+        acc0 = tl.dot(pr16, _load_chunk(ring_v, rows, r_ok, 0 * W, w).to(tl.float16),
+                      acc0 * alpha[:, None])
+        acc1 = tl.dot(pr16, _load_chunk(ring_v, rows, r_ok, 1 * W, w).to(tl.float16),
+                      acc1 * alpha[:, None])
         if NCH == 4:
-            acc2 = acc2 * alpha[:, None] + tl.dot(
-                pr16, _load_chunk(ring_v, rows, r_ok, 2 * W, w).to(tl.float16))
-            acc3 = acc3 * alpha[:, None] + tl.dot(
-                pr16, _load_chunk(ring_v, rows, r_ok, 3 * W, w).to(tl.float16))
+            acc2 = tl.dot(pr16, _load_chunk(ring_v, rows, r_ok, 2 * W, w).to(tl.float16),
+                          acc2 * alpha[:, None])
+            acc3 = tl.dot(pr16, _load_chunk(ring_v, rows, r_ok, 3 * W, w).to(tl.float16),
+                          acc3 * alpha[:, None])
         if DECODE:
             p_self = tl.exp2(s_self - m_safe)
             l_i += p_self
@@ -345,6 +409,7 @@ MAX_SPLITS = 32
 SPLIT_TARGET = int(os.environ.get("KIVI_SPLIT_TARGET", 132 * 12))  # programs in flight
 DECODE_WARPS = int(os.environ.get("KIVI_DECODE_WARPS", 2))
 NUM_STAGES = int(os.environ.get("KIVI_NUM_STAGES", 2))
+USE_ASM = os.environ.get("TRITON_INTERPRET", "0") != "1"
 
 
 def num_splits_for(num_rows: int, num_kv_heads: int, max_splits: int = MAX_SPLITS) -> int:
@@ -410,7 +475,7 @@ def attend_context(
         mid_o.stride(0), mid_o.stride(1), mid_o.stride(2),
         mid_lse.stride(0), mid_lse.stride(1),
         R=residual, BLOCK_R=triton.next_power_of_2(residual), QPK=qpk,
-        BLOCK_H=block_h, BLOCK_Q=block_q, DECODE=decode, W=width, NCH=nch,
+        BLOCK_H=block_h, BLOCK_Q=block_q, DECODE=decode, W=width, NCH=nch, USE_ASM=USE_ASM,
         num_warps=DECODE_WARPS if decode else 4, num_stages=NUM_STAGES, **format_constants(fmt),
     )
     lse_arg = lse_out if lse_out is not None else mid_lse
