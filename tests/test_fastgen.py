@@ -264,3 +264,102 @@ def test_fastgen_config_validation() -> None:
         with pytest.raises(KiviConfigError, match="kivi.fastgen") as err:
             KiviConfig.from_dict({"fastgen": raw})
         assert message in str(err.value)
+
+
+# --- scheduler side: head-page accounting in vLLM's own KVCacheManager -------------
+
+
+def _kv_manager(num_blocks: int = 41):
+    from vllm.v1.core.kv_cache_manager import KVCacheManager
+    from vllm.v1.kv_cache_interface import KVCacheConfig, KVCacheGroupSpec, KVCacheTensor
+
+    from kivi_vllm.fastgen.manager import FastGenAttentionSpec, register_fastgen_spec
+
+    register_fastgen_spec()
+    # 2 layers x 2 KV heads: 4 head-pages per token-block of 32 tokens
+    spec = FastGenAttentionSpec(
+        block_size=32, num_kv_heads=2, head_size=64, dtype=torch.uint8, kivi_bits=2,
+        kivi_group=32, fastgen_heads=4,
+    )
+    layers = ["layers.0.attn", "layers.1.attn"]
+    cfg = KVCacheConfig(
+        num_blocks=num_blocks,
+        kv_cache_tensors=[KVCacheTensor(size=num_blocks * spec.page_size_bytes, shared_by=layers)],
+        kv_cache_groups=[KVCacheGroupSpec(layers, spec)],
+    )
+    return KVCacheManager(
+        cfg, max_model_len=1024, scheduler_block_size=32, hash_block_size=32,
+        enable_caching=False,
+    )
+
+
+def _request(req_id: str, n: int):
+    from vllm import SamplingParams
+    from vllm.v1.request import Request
+
+    return Request(req_id, list(range(n)), SamplingParams(max_tokens=16), None)
+
+
+def test_head_page_is_one_kv_head_of_a_kivi_page() -> None:
+    from kivi_vllm.fastgen.manager import FastGenAttentionSpec
+    from kivi_vllm.spec import KiviAttentionSpec
+
+    kw = dict(block_size=32, num_kv_heads=3, head_size=64, dtype=torch.uint8, kivi_bits=2,
+              kivi_group=32)
+    full = KiviAttentionSpec(**kw).page_size_bytes
+    head = FastGenAttentionSpec(**kw, fastgen_heads=90).page_size_bytes
+    assert head < full <= 3 * head + 16  # 16-byte page rounding
+
+
+def test_freed_head_pages_admit_another_request_and_nothing_is_left() -> None:
+    from types import SimpleNamespace
+
+    from kivi_vllm.fastgen.manager import PageReport, apply_runner_reports
+
+    kv = _kv_manager()
+    pool = kv.block_pool
+    assert pool.get_num_free_blocks() == 40
+    a, b = _request("a", 200), _request("b", 200)
+    assert kv.allocate_slots(a, 200, full_sequence_must_fit=True) is not None
+    assert pool.get_num_free_blocks() == 40 - 4 * 7  # unprofiled: every head full
+    assert kv.allocate_slots(b, 200, full_sequence_must_fit=True) is None  # no room
+
+    # the worker profiled and compacted a: 9 head-pages hold its kept tokens
+    a.num_computed_tokens = 200
+    before = list(kv.get_block_ids("a")[0])
+    out = SimpleNamespace(kivi_fastgen_reports={"a": PageReport(keep=9, need=10)})
+    assert apply_runner_reports(kv, out) == 19
+    assert list(kv.get_block_ids("a")[0]) == before[:9]
+    assert pool.get_num_free_blocks() == 12 + 19
+
+    # b is admitted now, on pages a gave back
+    assert kv.allocate_slots(b, 200, full_sequence_must_fit=True) is not None
+    assert pool.get_num_free_blocks() == 31 - 28
+    # b's 28 pages come from the 31 free ones, 19 of which a gave back: >= 16 are a's
+    assert len(set(before[9:]) & set(kv.get_block_ids("b")[0])) >= 28 - 12
+
+    # a decodes: the manager holds the worker's bound, not 4 x cdiv(201, 32)
+    assert kv.allocate_slots(a, 1) is not None
+    assert len(kv.get_block_ids("a")[0]) == 10 and pool.get_num_free_blocks() == 2
+
+    # a finishes, b is preempted: everything returns, no per-request state is left
+    kv.free(a)
+    kv.free(b)
+    assert pool.get_num_free_blocks() == 40
+    manager = kv.coordinator.single_type_managers[0]
+    assert manager.profiled_requests == 0 and not manager.req_to_blocks
+    # a late report for a finished request is dropped; a resumed request is unprofiled
+    assert apply_runner_reports(kv, out) == 0
+    b.num_computed_tokens = 0
+    assert kv.allocate_slots(b, 200) is not None and len(kv.get_block_ids("b")[0]) == 28
+
+
+def test_bad_page_report_rejected() -> None:
+    from kivi_vllm.fastgen.manager import PageReport
+
+    kv = _kv_manager()
+    kv.allocate_slots(_request("a", 64), 64)
+    manager = kv.coordinator.single_type_managers[0]
+    for report in (PageReport(keep=9, need=9), PageReport(keep=4, need=3)):
+        with pytest.raises(ValueError, match="bad FastGen report"):
+            manager.apply_report("a", report)
