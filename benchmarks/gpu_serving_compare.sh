@@ -13,7 +13,8 @@
 # benchmarks/results/serving): <setting>.json, <setting>.log (server), serving.png,
 # serving.md. Knobs (env): CONCURRENCY (1,16,64,256), INPUT_LEN (1024), OUTPUT_LEN (256),
 # REQ_PER_C (4 requests per unit of concurrency, at least MIN_REQ=16), MAX_NUM_SEQS (512),
-# GPU_MEM (0.90), MODEL_DIR (dummy 8B config), SERVER_ARGS (extra server flags),
+# GPU_MEM (0.90), MODEL_DIR (dummy 8B config), LOAD_FORMAT (dummy), SERVER_ARGS (extra
+# server flags),
 # PYTHON (python3). kivi_vllm must be importable (installed, or PYTHONPATH); if not, the
 # script installs this checkout with --no-deps into /tmp/site, as scripts/gpu_run.sh does.
 set -euo pipefail
@@ -34,6 +35,7 @@ REQ_PER_C=${REQ_PER_C:-4}
 MIN_REQ=${MIN_REQ:-16}
 MAX_NUM_SEQS=${MAX_NUM_SEQS:-512}
 GPU_MEM=${GPU_MEM:-0.90}
+LOAD_FORMAT=${LOAD_FORMAT:-dummy}
 MODEL_DIR=${MODEL_DIR:-$($PY -c "from benchmarks.common import dummy_llama8b_dir as d; print(d())")}
 VOCAB=$($PY -c "import json,sys; print(json.load(open(sys.argv[1]))['vocab_size'])" \
   "$MODEL_DIR/config.json")
@@ -59,7 +61,7 @@ for kv in "${settings[@]}"; do
   echo "[serving] $kv $(date -u +%FT%TZ)"
   # shellcheck disable=SC2086
   $PY benchmarks/loadtest.py --label "$kv" --out "$json" --server-log "$OUT_DIR/$kv.log" \
-    --server-cmd "$PY -m kivi_vllm.cli serve $MODEL_DIR --load-format dummy \
+    --server-cmd "$PY -m kivi_vllm.cli serve $MODEL_DIR --load-format $LOAD_FORMAT \
       --skip-tokenizer-init --dtype bfloat16 --max-model-len $MAX_LEN \
       --max-num-seqs $MAX_NUM_SEQS --gpu-memory-utilization $GPU_MEM $flags ${SERVER_ARGS:-}" \
     --concurrency "$CONCURRENCY" --requests-per-concurrency "$REQ_PER_C" \
@@ -74,11 +76,12 @@ jsons=()
 for kv in bf16 fp8 kivi4 kivi2; do [ -s "$OUT_DIR/$kv.json" ] && jsons+=("$OUT_DIR/$kv.json"); done
 [ ${#jsons[@]} -eq 0 ] && { echo "[serving] no results in $OUT_DIR"; exit 1; }
 gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 || true)
-title="${gpu:-$(hostname)}: $(basename "$MODEL_DIR") (dummy weights), ${INPUT_LEN} in / ${OUTPUT_LEN} out"
+title="${gpu:-$(hostname)}: $(basename "$MODEL_DIR") ($LOAD_FORMAT weights), ${INPUT_LEN} in / ${OUTPUT_LEN} out"
 {
   echo "Serving load test, $title, $(date -u +%F)."
   echo "Command: \`bash benchmarks/gpu_serving_compare.sh ${*:-}\` (CONCURRENCY=$CONCURRENCY," \
-    "REQ_PER_C=$REQ_PER_C, MAX_NUM_SEQS=$MAX_NUM_SEQS, GPU_MEM=$GPU_MEM)."
+    "REQ_PER_C=$REQ_PER_C, MIN_REQ=$MIN_REQ, MAX_NUM_SEQS=$MAX_NUM_SEQS, GPU_MEM=$GPU_MEM," \
+    "SERVER_ARGS='${SERVER_ARGS:-}')."
   echo
   $PY benchmarks/plot_loadtest.py "${jsons[@]}" --png "$OUT_DIR/serving.png" --title "$title" \
     | grep -v "^wrote "
