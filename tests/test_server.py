@@ -218,3 +218,33 @@ def test_loadtest_client_json_holds_every_reported_field(
     ])
     run = record["runs"][0]
     assert run["request_rate"] == 4.0 and run["completed"] == 8 and run["failed"] == 0
+
+
+def test_metrics_aggregate_over_workers() -> None:
+    from kivi_vllm.metrics import aggregate
+
+    def worker(tp: int, pp: int, groups: int) -> dict[str, int]:
+        return {"tail_slots_in_use": 3, "tail_slots": 64, "quantized_groups": groups,
+                "tail_bytes": 1000, "tp_rank": tp, "pp_rank": pp}
+
+    # TP=2 x PP=2: TP ranks repeat the same figures; pipeline stages hold different layers.
+    stats = aggregate([worker(0, 0, 40), worker(1, 0, 40), worker(0, 1, 20), worker(1, 1, 20)])
+    assert stats == {"tail_slots_in_use": 3, "tail_slots": 64, "tail_bytes": 2000,
+                     "quantized_groups": 60}
+    with pytest.raises(ValueError):
+        aggregate([])
+
+
+def test_loadtest_length_distributions() -> None:
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    assert set(loadtest.sample_lengths(rng, 50, 100, "fixed", 0.5, "input")) == {100}
+    lens = loadtest.sample_lengths(rng, 500, 100, "uniform", 0.5, "input")
+    assert lens.min() >= 50 and lens.max() <= 150 and len(set(lens)) > 20
+    lens = loadtest.sample_lengths(rng, 500, 100, "normal", 0.2, "output")
+    assert 90 < lens.mean() < 110 and lens.min() >= 1
+    with pytest.raises(ValueError, match="--input-dist"):
+        loadtest.sample_lengths(rng, 5, 100, "zipf", 0.5, "input")
+    with pytest.raises(ValueError, match="--output-spread"):
+        loadtest.sample_lengths(rng, 5, 100, "uniform", 1.5, "output")
