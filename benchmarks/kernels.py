@@ -89,25 +89,32 @@ def fa_case(batch: int, ctx: int, block: int = 16):
     return run, nbytes
 
 
+TUNE_SETTINGS = (  # (warps, stages, max registers, split target)
+    (2, 2, None, 1584), (2, 2, None, 1056), (2, 2, None, 2112), (2, 2, None, 4224),
+    (2, 3, 128, 1584), (2, 3, 128, 2112), (2, 2, 96, 1584), (2, 2, 96, 2640),
+    (2, 4, 128, 2112),
+)
+
+
 def tune() -> None:
     """Decode kernel time for a few launch settings (prints one line each)."""
     import triton.testing
 
     from kivi_vllm.kernels import attention
 
-    for batch, ctx in ((64, 8192), (8, 32768)):
-        for bits in (2, 4):
-            run, nbytes = kivi_case(bits, batch, ctx)
-            for warps, stages in ((2, 2), (2, 3), (2, 4), (4, 2), (4, 3), (4, 4)):
-                    attention.DECODE_WARPS, attention.NUM_STAGES = warps, stages
-                    handle = run()
-                    ms = triton.testing.do_bench(run, warmup=25, rep=100, return_mode="median")
-                    print(f"tune B={batch} ctx={ctx} bits={bits} warps={warps} "
-                          f"stages={stages}"
-                          f" regs={handle.n_regs} spills={handle.n_spills}: {ms * 1e3:.1f}us "
-                          f"{nbytes / (ms * 1e-3) / 1e12:.2f} TB/s", flush=True)
-            del run
-            torch.cuda.empty_cache()
+    for batch, ctx, bits in ((64, 8192, 2), (64, 8192, 4), (8, 32768, 2), (256, 2048, 2)):
+        run, nbytes = kivi_case(bits, batch, ctx)
+        for warps, stages, regs, target in TUNE_SETTINGS:
+            attention.DECODE_WARPS, attention.NUM_STAGES = warps, stages
+            attention.MAX_REGISTERS, attention.SPLIT_TARGET = regs, target
+            handle = run()
+            ms = triton.testing.do_bench(run, warmup=25, rep=100, return_mode="median")
+            print(f"tune B={batch} ctx={ctx} bits={bits} warps={warps} stages={stages} "
+                  f"maxnreg={regs} target={target} regs={handle.n_regs} "
+                  f"spills={handle.n_spills}: {ms * 1e3:.1f}us "
+                  f"{nbytes / (ms * 1e-3) / 1e12:.2f} TB/s", flush=True)
+        del run
+        torch.cuda.empty_cache()
 
 
 def main() -> None:

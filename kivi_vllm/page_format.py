@@ -6,18 +6,20 @@ One page (one vLLM block) holds ``group_size`` tokens of every KV head of a laye
 section               logical shape                       dtype
 ====================  ==================================  =========
 key codes             [kv_heads, group, head_dim / cpb]   uint8
-value codes           [kv_heads, group, head_dim / cpb]   uint8
+value codes           [kv_heads, head_dim / cpb, group]   uint8
 key scale             [kv_heads, head_dim]                float16
 key min               [kv_heads, head_dim]                float16
-value scale           [kv_heads, group, head_dim / group] float16
-value min             [kv_heads, group, head_dim / group] float16
+value scale           [kv_heads, head_dim / group, group] float16
+value min             [kv_heads, head_dim / group, group] float16
 ====================  ==================================  =========
 
 ``cpb`` = codes per byte (8 // bits). Codes are packed *planar* along channels:
 channel ``c`` lives in byte ``c % (head_dim // cpb)`` at bit ``(c // (head_dim // cpb))
 * bits``, so unpacking is a shift and a mask per plane, with no interleaving.
 Keys are quantized per channel over the group's tokens, values per token over
-groups of ``group_size`` channels. Scales and mins are float16.
+groups of ``group_size`` channels. Scales and mins are float16. Value sections are
+token-minor (a byte column or a channel group's scales hold the group's tokens
+contiguously): the attention kernel reads values with tokens as the reduction axis.
 """
 
 from __future__ import annotations
@@ -72,11 +74,11 @@ class PageFormat:
         h, g, d = self.num_kv_heads, self.group_size, self.head_dim
         layout = [
             ("k_codes", (h, g, self.packed_dim), torch.uint8),
-            ("v_codes", (h, g, self.packed_dim), torch.uint8),
+            ("v_codes", (h, self.packed_dim, g), torch.uint8),
             ("k_scale", (h, d), torch.float16),
             ("k_min", (h, d), torch.float16),
-            ("v_scale", (h, g, self.value_groups), torch.float16),
-            ("v_min", (h, g, self.value_groups), torch.float16),
+            ("v_scale", (h, self.value_groups, g), torch.float16),
+            ("v_min", (h, self.value_groups, g), torch.float16),
         ]
         out: dict[str, tuple[int, tuple[int, ...], torch.dtype]] = {}
         offset = 0
@@ -131,3 +133,9 @@ def _numel(shape: tuple[int, ...]) -> int:
     for s in shape:
         n *= s
     return n
+
+
+def kivi_bytes_per_token(cfg, head_dim: int, num_kv_heads: int, num_layers: int) -> float:
+    """KV bytes per token of a whole model in KIVI pages (a ``KiviConfig``; no tails)."""
+    fmt = PageFormat(cfg.bits, cfg.group_size, head_dim, num_kv_heads)
+    return fmt.bytes_per_token * num_layers

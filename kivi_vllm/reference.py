@@ -92,11 +92,11 @@ def quantize_page(
     v_codes, v_scale, v_min = quantize(v, dim=-1, bits=fmt.bits)  # [h, g, vg, G]
     return {
         "k_codes": pack_planar(k_codes, fmt.bits),
-        "v_codes": pack_planar(v_codes.flatten(-2), fmt.bits),
+        "v_codes": pack_planar(v_codes.flatten(-2), fmt.bits).transpose(-1, -2),  # [h, P, g]
         "k_scale": k_scale.squeeze(1),
         "k_min": k_min.squeeze(1),
-        "v_scale": v_scale.squeeze(-1),
-        "v_min": v_min.squeeze(-1),
+        "v_scale": v_scale.squeeze(-1).transpose(-1, -2),  # [h, vg, g]
+        "v_min": v_min.squeeze(-1).transpose(-1, -2),
     }
 
 
@@ -111,12 +111,12 @@ def dequantize_pages(
         views["k_scale"][block_ids].unsqueeze(2),
         views["k_min"][block_ids].unsqueeze(2),
     )
-    v_codes = unpack_planar(views["v_codes"][block_ids], fmt.bits)
+    v_codes = unpack_planar(views["v_codes"][block_ids].transpose(-1, -2), fmt.bits)
     v_codes = v_codes.unflatten(-1, (fmt.value_groups, g))  # [n, h, g, vg, G]
     v = dequantize(
         v_codes,
-        views["v_scale"][block_ids].unsqueeze(-1),
-        views["v_min"][block_ids].unsqueeze(-1),
+        views["v_scale"][block_ids].transpose(-1, -2).unsqueeze(-1),
+        views["v_min"][block_ids].transpose(-1, -2).unsqueeze(-1),
     ).flatten(-2)
     k = k.permute(0, 2, 1, 3).reshape(n * g, fmt.num_kv_heads, fmt.head_dim)
     v = v.permute(0, 2, 1, 3).reshape(n * g, fmt.num_kv_heads, fmt.head_dim)

@@ -36,6 +36,10 @@ for step in "$@"; do
       kvs=${step#tp:}
       python3 benchmarks/throughput.py --kv "$kvs" --out "$OUT/throughput-${kvs//,/-}.json" \
         2>&1 | tee "$OUT/throughput-${kvs//,/-}.log" | tail -8 ;;
+    prof:*)  # prof:KV:WORKLOAD[:eager]
+      IFS=: read -r _ kv wl eager <<< "$step"
+      python3 benchmarks/profile_engine.py --kv "$kv" --workload "$wl" ${eager:+--eager} 2>&1 \
+        | tee "$OUT/prof-$kv-$wl.log" | grep "^PROFILE" ;;
     kernels-quick)
       python3 benchmarks/kernels.py --batches 1,64 --contexts 1024,8192 2>&1 \
         | grep -v "^INFO\|^WARNING" | tail -8 ;;

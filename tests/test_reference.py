@@ -293,9 +293,9 @@ def test_quantize_page_round_trip(bits: int, group: int, head_dim: int, heads: i
         vh = v_hat[i * group : (i + 1) * group]
         # keys: one (scale, min) per head and channel, shared by the group's tokens
         _assert_within_bound(k, kh, page["k_scale"][None], page["k_min"][None])
-        # values: one (scale, min) per head, token and channel group
-        vs = page["v_scale"].permute(1, 0, 2).repeat_interleave(group, dim=-1)
-        vm = page["v_min"].permute(1, 0, 2).repeat_interleave(group, dim=-1)
+        # values: one (scale, min) per head, token and channel group (stored token-minor)
+        vs = page["v_scale"].permute(2, 0, 1).repeat_interleave(group, dim=-1)
+        vm = page["v_min"].permute(2, 0, 1).repeat_interleave(group, dim=-1)
         _assert_within_bound(v, vh, vs, vm)
         # the codes in the page are the quantizer's codes, at the documented bit positions
         kc, ks, km = reference.quantize(k.permute(1, 0, 2), dim=1, bits=bits)
@@ -304,8 +304,9 @@ def test_quantize_page_round_trip(bits: int, group: int, head_dim: int, heads: i
         assert torch.equal(km.squeeze(1), page["k_min"])
         vq = v.permute(1, 0, 2).unflatten(-1, (head_dim // group, group))
         vc, vsc, vmn = reference.quantize(vq, dim=-1, bits=bits)
-        assert torch.equal(_unpack_expected(page["v_codes"], bits), vc.flatten(-2))
-        assert torch.equal(vsc.squeeze(-1), page["v_scale"])
+        v_codes = page["v_codes"].transpose(-1, -2)  # stored [h, P, g]: tokens contiguous
+        assert torch.equal(_unpack_expected(v_codes, bits), vc.flatten(-2))
+        assert torch.equal(vsc.squeeze(-1), page["v_scale"].transpose(-1, -2))
         # and the dequantized page equals the quantizer's own reconstruction
         assert torch.equal(kh, reference.dequantize(kc, ks, km).permute(1, 0, 2))
         assert torch.equal(vh, reference.dequantize(vc, vsc, vmn).flatten(-2).permute(1, 0, 2))

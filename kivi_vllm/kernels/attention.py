@@ -85,9 +85,10 @@ def _dequant_planes(x, s0, m0, s1, m1, s2, m2, s3, m3, BITS: tl.constexpr,
 
 
 @triton.jit
-def _page_chunks(rows, s0, m0, s1, m1, s2, m2, s3, m3, W: tl.constexpr, P: tl.constexpr,
-                 BITS: tl.constexpr, USE_ASM: tl.constexpr):
-    """One head's packed rows -> its dequantized channel chunks [G, W] (chunk i = channels
+def _page_chunks(rows, half, s0, m0, s1, m1, s2, m2, s3, m3, W: tl.constexpr,
+                 P: tl.constexpr, BITS: tl.constexpr, USE_ASM: tl.constexpr):
+    """One head's codes ([G, W] byte pointers ``rows``; the byte columns W..2W at
+    ``rows + half``) -> its dequantized channel chunks [G, W] (chunk i = channels
     iW..iW+W, scaled by (s_i, m_i))."""
     if P == W:  # one byte tile holds every plane: plane i is chunk i
         c0, c1, c2, c3 = _dequant_planes(tl.load(rows), s0, m0, s1, m1, s2, m2, s3, m3,
@@ -95,7 +96,7 @@ def _page_chunks(rows, s0, m0, s1, m1, s2, m2, s3, m3, W: tl.constexpr, P: tl.co
     else:  # P == 2W (4-bit): byte half j, plane k is chunk 2k + j
         c0, c2, _, _ = _dequant_planes(tl.load(rows), s0, m0, s2, m2, s0, m0, s0, m0,
                                        BITS, USE_ASM)
-        c1, c3, _, _ = _dequant_planes(tl.load(rows + W), s1, m1, s3, m3, s1, m1, s1, m1,
+        c1, c3, _, _ = _dequant_planes(tl.load(rows + half), s1, m1, s3, m3, s1, m1, s1, m1,
                                        BITS, USE_ASM)
     return c0, c1, c2, c3
 
@@ -114,16 +115,16 @@ def _key_params(ptr, w, W: tl.constexpr, NCH: tl.constexpr):
 
 
 @triton.jit
-def _value_params(ptr, t, W: tl.constexpr, NCH: tl.constexpr, G: tl.constexpr,
-                  VG: tl.constexpr):
-    """Per-token value scales (or mins) of the group holding each chunk, as [G, 1]."""
-    p0 = tl.load(ptr + t * VG)[:, None]
-    p1 = tl.load(ptr + t * VG + W // G)[:, None]
+def _value_params(ptr, t, W: tl.constexpr, NCH: tl.constexpr, G: tl.constexpr):
+    """Per-token value scales (or mins) of the group holding each chunk, as [G, 1]
+    (stored token-minor: one contiguous row of G per channel group)."""
+    p0 = tl.load(ptr + t)[:, None]
+    p1 = tl.load(ptr + (W // G) * G + t)[:, None]
     p2 = p0
     p3 = p1
     if NCH == 4:
-        p2 = tl.load(ptr + t * VG + (2 * W) // G)[:, None]
-        p3 = tl.load(ptr + t * VG + (3 * W) // G)[:, None]
+        p2 = tl.load(ptr + ((2 * W) // G) * G + t)[:, None]
+        p3 = tl.load(ptr + ((3 * W) // G) * G + t)[:, None]
     return p0, p1, p2, p3
 
 
@@ -139,8 +140,8 @@ def _self_dot(q_c, k_ptr, C0: tl.constexpr, w):
 
 
 @triton.jit
-def _attend_page(page, q0, q1, q2, q3, m_i, l_i, acc0, acc1, acc2, acc3, kvh, t, tile_off,
-                 w, W: tl.constexpr, NCH: tl.constexpr, OFF_KC: tl.constexpr,
+def _attend_page(page, q0, q1, q2, q3, m_i, l_i, acc0, acc1, acc2, acc3, kvh, t, k_off,
+                 v_off, w, W: tl.constexpr, NCH: tl.constexpr, OFF_KC: tl.constexpr,
                  OFF_VC: tl.constexpr, OFF_KS: tl.constexpr, OFF_KM: tl.constexpr,
                  OFF_VS: tl.constexpr, OFF_VM: tl.constexpr, G: tl.constexpr,
                  D: tl.constexpr, P: tl.constexpr, VG: tl.constexpr, BITS: tl.constexpr,
@@ -155,7 +156,7 @@ def _attend_page(page, q0, q1, q2, q3, m_i, l_i, acc0, acc1, acc2, acc3, kvh, t,
     km = (page + OFF_KM).to(tl.pointer_type(tl.float16)) + kvh * D
     s0, s1, s2, s3 = _key_params(ks, w, W, NCH)
     m0, m1, m2, m3 = _key_params(km, w, W, NCH)
-    k0, k1, k2, k3 = _page_chunks(page + OFF_KC + tile_off, s0, m0, s1, m1, s2, m2, s3, m3,
+    k0, k1, k2, k3 = _page_chunks(page + OFF_KC + k_off, W, s0, m0, s1, m1, s2, m2, s3, m3,
                                   W, P, BITS, USE_ASM)
     s = tl.dot(q0, tl.trans(k0))
     s = tl.dot(q1, tl.trans(k1), s)
@@ -176,12 +177,12 @@ def _attend_page(page, q0, q1, q2, q3, m_i, l_i, acc0, acc1, acc2, acc3, kvh, t,
     l_i = l_i + tl.sum(pr, axis=1)
     p16 = pr.to(tl.float16)
 
-    vs = (page + OFF_VS).to(tl.pointer_type(tl.float16)) + kvh * G * VG
-    vm = (page + OFF_VM).to(tl.pointer_type(tl.float16)) + kvh * G * VG
-    s0, s1, s2, s3 = _value_params(vs, t, W, NCH, G, VG)
-    m0, m1, m2, m3 = _value_params(vm, t, W, NCH, G, VG)
-    v0, v1, v2, v3 = _page_chunks(page + OFF_VC + tile_off, s0, m0, s1, m1, s2, m2, s3, m3,
-                                  W, P, BITS, USE_ASM)
+    vs = (page + OFF_VS).to(tl.pointer_type(tl.float16)) + kvh * VG * G
+    vm = (page + OFF_VM).to(tl.pointer_type(tl.float16)) + kvh * VG * G
+    s0, s1, s2, s3 = _value_params(vs, t, W, NCH, G)
+    m0, m1, m2, m3 = _value_params(vm, t, W, NCH, G)
+    v0, v1, v2, v3 = _page_chunks(page + OFF_VC + v_off, W * G, s0, m0, s1, m1, s2, m2, s3,
+                                  m3, W, P, BITS, USE_ASM)
     acc0 = tl.dot(p16, v0, acc0)
     acc1 = tl.dot(p16, v1, acc1)
     if NCH == 4:
@@ -293,12 +294,13 @@ def _kivi_attend_context(
     acc2 = tl.zeros([BLOCK_M, W], dtype=tl.float32)
     acc3 = tl.zeros([BLOCK_M, W], dtype=tl.float32)
 
-    tile_off = kvh * G * P + t[:, None] * P + w[None, :]
+    k_off = kvh * G * P + t[:, None] * P + w[None, :]  # key bytes [G tokens, W]
+    v_off = kvh * P * G + w[None, :] * G + t[:, None]  # value bytes, token-minor
     bt_row = block_table + req.to(tl.int64) * stride_bt
     for p in range(p_lo, p_hi):
         page = cache + tl.load(bt_row + p).to(tl.int64) * PAGE_BYTES
         m_i, l_i, acc0, acc1, acc2, acc3 = _attend_page(
-            page, q0, q1, q2, q3, m_i, l_i, acc0, acc1, acc2, acc3, kvh, t, tile_off, w,
+            page, q0, q1, q2, q3, m_i, l_i, acc0, acc1, acc2, acc3, kvh, t, k_off, v_off, w,
             W, NCH, OFF_KC, OFF_VC, OFF_KS, OFF_KM, OFF_VS, OFF_VM, G, D, P, VG, BITS,
             USE_ASM)
 
@@ -408,13 +410,15 @@ def _kivi_reduce_splits(
 MAX_SPLITS = 32
 SPLIT_TARGET = int(os.environ.get("KIVI_SPLIT_TARGET", 132 * 12))  # programs in flight
 DECODE_WARPS = int(os.environ.get("KIVI_DECODE_WARPS", 2))
-NUM_STAGES = int(os.environ.get("KIVI_NUM_STAGES", 2))
+NUM_STAGES = int(os.environ.get("KIVI_NUM_STAGES", 3))
+MAX_REGISTERS = int(os.environ.get("KIVI_MAX_REGISTERS", 128)) or None  # ptxas .maxnreg
 USE_ASM = os.environ.get("TRITON_INTERPRET", "0") != "1"
 
 
 def num_splits_for(num_rows: int, num_kv_heads: int, max_splits: int = MAX_SPLITS) -> int:
     """Context splits per (row, KV head): enough programs in flight to fill the GPU."""
-    return max(1, min(max_splits, -(-SPLIT_TARGET // max(1, num_rows * num_kv_heads))))
+    target = SPLIT_TARGET
+    return max(1, min(max_splits, -(-target // max(1, num_rows * num_kv_heads))))
 
 
 def chunking(fmt: PageFormat) -> tuple[int, int]:
@@ -476,7 +480,8 @@ def attend_context(
         mid_lse.stride(0), mid_lse.stride(1),
         R=residual, BLOCK_R=triton.next_power_of_2(residual), QPK=qpk,
         BLOCK_H=block_h, BLOCK_Q=block_q, DECODE=decode, W=width, NCH=nch, USE_ASM=USE_ASM,
-        num_warps=DECODE_WARPS if decode else 4, num_stages=NUM_STAGES, **format_constants(fmt),
+        num_warps=DECODE_WARPS if decode else 4, num_stages=NUM_STAGES,
+        maxnreg=MAX_REGISTERS if decode else None, **format_constants(fmt),
     )
     lse_arg = lse_out if lse_out is not None else mid_lse
     _kivi_reduce_splits[(num_tokens, hq)](

@@ -143,7 +143,7 @@ def _kivi_pack_groups(
     v_codes = tl.minimum(tl.maximum(v_codes, 0.0), QMAX * 1.0)
     v_codes = tl.where(v_sc[:, :, None] > 0, v_codes, 0.0).to(tl.int32)
     vg = tl.arange(0, VG)
-    vs_off = h * G * VG + t[:, None] * VG + vg[None, :]
+    vs_off = h * VG * G + vg[None, :] * G + t[:, None]  # token-minor (page_format)
     tl.store((page + OFF_VS).to(tl.pointer_type(tl.float16)) + vs_off, v_sc16)
     tl.store((page + OFF_VM).to(tl.pointer_type(tl.float16)) + vs_off, v_mn16)
     # planar packing: channel c -> byte c % P, bits (c // P) * BITS
@@ -151,9 +151,8 @@ def _kivi_pack_groups(
     k_bytes = tl.sum(tl.reshape(k_codes, (G, CPB, P)) << shifts, axis=1)
     v_bytes = tl.sum(tl.reshape(tl.reshape(v_codes, (G, D)), (G, CPB, P)) << shifts, axis=1)
     pp = tl.arange(0, P)
-    code_off = h * G * P + t[:, None] * P + pp[None, :]
-    tl.store(page + OFF_KC + code_off, k_bytes.to(tl.uint8))
-    tl.store(page + OFF_VC + code_off, v_bytes.to(tl.uint8))
+    tl.store(page + OFF_KC + h * G * P + t[:, None] * P + pp[None, :], k_bytes.to(tl.uint8))
+    tl.store(page + OFF_VC + h * P * G + pp[None, :] * G + t[:, None], v_bytes.to(tl.uint8))
 
 
 @triton.jit(do_not_specialize=["num_reqs"])
