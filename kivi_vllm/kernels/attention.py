@@ -235,6 +235,8 @@ def _kivi_attend_context(
     W: tl.constexpr,  # channels per chunk: min(P, G), one value group and one bit plane
     NCH: tl.constexpr,  # chunks per head (2 or 4)
     USE_ASM: tl.constexpr,  # magic-number unpack in PTX (False under the interpreter)
+    SINGLE: tl.constexpr,  # S == 1: write the final output and natural-log LSE directly
+    WRITE_LSE: tl.constexpr,
     PAGE_BYTES: tl.constexpr,
     OFF_KC: tl.constexpr,
     OFF_VC: tl.constexpr,
@@ -356,6 +358,7 @@ def _kivi_attend_context(
     inv_l = tl.where(empty, 0.0, 1.0 / l_i)
     lse = tl.where(empty, float("-inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)))
     mid_tok = tok - tok_base
+    # one split: mid_o/mid_lse are the final output [T, HQ, D] and LSE [HQ, T] (natural log)
     out = mid_o + mid_tok[:, None] * stride_ot + head[:, None] * stride_oh + split * stride_os
     ok = row_ok[:, None]
     tl.store(out + 0 * W + w[None, :], acc0 * inv_l[:, None], mask=ok)
@@ -363,7 +366,10 @@ def _kivi_attend_context(
     if NCH == 4:
         tl.store(out + 2 * W + w[None, :], acc2 * inv_l[:, None], mask=ok)
         tl.store(out + 3 * W + w[None, :], acc3 * inv_l[:, None], mask=ok)
-    tl.store(mid_lse + mid_tok * stride_lt + head * stride_lh + split, lse, mask=row_ok)
+    if SINGLE:
+        lse = lse * 0.6931471805599453
+    if WRITE_LSE:
+        tl.store(mid_lse + mid_tok * stride_lt + head * stride_lh + split, lse, mask=row_ok)
 
 
 @triton.jit(do_not_specialize=["S"])
@@ -463,8 +469,13 @@ def attend_context(
     hk = fmt.num_kv_heads
     qpk = hq // hk
     s = num_splits or num_splits_for(num_tiles * block_q, hk)
-    mid_o = torch.empty((num_tokens, hq, s, d), dtype=torch.float32, device=query.device)
-    mid_lse = torch.empty((num_tokens, hq, s), dtype=torch.float32, device=query.device)
+    single = s == 1
+    if single:  # no reduce: the kernel writes ``out`` (and ``lse_out``) itself
+        mid_o = out.unsqueeze(2)
+        mid_lse = (lse_out if lse_out is not None else out.new_empty((hq, 1))).t().unsqueeze(2)
+    else:
+        mid_o = torch.empty((num_tokens, hq, s, d), dtype=torch.float32, device=query.device)
+        mid_lse = torch.empty((num_tokens, hq, s), dtype=torch.float32, device=query.device)
     if tile_req is None:
         tile_req = tile_tok = seq_lens  # unused in decode mode
     block_h = max(16 // block_q, triton.next_power_of_2(qpk))
@@ -480,16 +491,19 @@ def attend_context(
         mid_lse.stride(0), mid_lse.stride(1),
         R=residual, BLOCK_R=triton.next_power_of_2(residual), QPK=qpk,
         BLOCK_H=block_h, BLOCK_Q=block_q, DECODE=decode, W=width, NCH=nch, USE_ASM=USE_ASM,
+        SINGLE=single, WRITE_LSE=not single or lse_out is not None,
         num_warps=DECODE_WARPS if decode else 4, num_stages=NUM_STAGES,
         maxnreg=MAX_REGISTERS if decode else None, **format_constants(fmt),
     )
+    if single:
+        return handle
     lse_arg = lse_out if lse_out is not None else mid_lse
     _kivi_reduce_splits[(num_tokens, hq)](
         mid_o, mid_lse, out, lse_arg,
         mid_o.stride(0), mid_o.stride(1), mid_o.stride(2),
         mid_lse.stride(0), mid_lse.stride(1), out.stride(0), out.stride(1),
         lse_arg.stride(0), s,
-        BLOCK_S=MAX_SPLITS, D=d, WRITE_LSE=lse_out is not None,
+        BLOCK_S=triton.next_power_of_2(s), D=d, WRITE_LSE=lse_out is not None,
         num_warps=4,
     )
     return handle
