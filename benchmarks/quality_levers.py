@@ -1,0 +1,217 @@
+"""Offline study of levers beyond plain KIVI-2: fake quantization in a transformers forward.
+
+The model runs in fp32 with an attention function that replaces each cached key/value
+by its KIVI reconstruction (``kivi_vllm.reference.quantize``/``dequantize``) exactly
+where the engine would read it from a page: query position ``p`` reads positions below
+``max(0, floor(p / G) * G - (R - G))`` dequantized and the others exact. Windows and
+scored tokens are the harness's (``kivi_vllm.quality.ppl_windows``). Levers:
+
+* ``sink``: the first ``sink`` groups of the sequence stay exact (kept in full precision)
+* ``residual``: a longer full-precision window
+* ``outliers``: per page and head, the ``outliers`` key channels with the largest range
+  in the group stay exact (fp16 values + a channel index byte each)
+* ``hi_layers``: the first and last ``hi_layers`` layers at 4 bits
+* ``rotate``: keys multiplied by a normalized Hadamard matrix before quantization (and
+  back after), an orthogonal rotation that spreads outlier channels
+
+    nice -n 10 .venv/bin/python benchmarks/quality_levers.py --model smollm2
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+BUDGET = 4 * 1024**3  # capacity figures as in benchmarks/capacity.py: 4 GiB,
+MAX_SEQS = 256  # max_num_seqs tails (+1 scratch slot)
+
+
+@dataclass(frozen=True)
+class Lever:
+    bits: int = 2
+    group: int = 32
+    residual: int = 32
+    sink: int = 0  # groups
+    outliers: int = 0  # key channels per page and head
+    hi_layers: int = 0  # first and last layers at 4 bits
+    rotate: bool = False
+    exact: bool = False  # no quantization at all (the fp32 reference)
+
+    @property
+    def name(self) -> str:
+        if self.exact:
+            return "fp32"
+        s = f"kivi{self.bits}-g{self.group}-r{self.residual}"
+        for key in ("sink", "outliers", "hi_layers"):
+            if getattr(self, key):
+                s += f"+{key}{getattr(self, key)}"
+        return s + ("+rotate" if self.rotate else "")
+
+
+def hadamard(n: int) -> torch.Tensor:
+    h = torch.ones(1, 1)
+    while h.shape[0] < n:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)])
+    if h.shape[0] != n:
+        raise ValueError(f"Hadamard rotation needs a power-of-two head size, got {n}")
+    return h / math.sqrt(n)
+
+
+def fake_kv(k: torch.Tensor, v: torch.Tensor, lv: Lever, bits: int) -> tuple:
+    """KIVI reconstruction of complete groups of k, v [b, h, t, d] (fp32)."""
+    from kivi_vllm import reference
+
+    g, d = lv.group, k.shape[-1]
+    kh, vh = k.clone(), v.clone()
+    rot = hadamard(d) if lv.rotate else None
+    for j in range(k.shape[2] // g):
+        sl = slice(j * g, (j + 1) * g)
+        kg = k[:, :, sl] @ rot if rot is not None else k[:, :, sl]
+        codes, scale, mn = reference.quantize(kg, dim=2, bits=bits)
+        kq = reference.dequantize(codes, scale, mn)
+        if lv.outliers:
+            rng = kg.amax(2, keepdim=True) - kg.amin(2, keepdim=True)
+            top = rng.topk(lv.outliers, dim=-1).indices.expand(-1, -1, g, -1)
+            kq.scatter_(-1, top, kg.half().float().gather(-1, top))
+        kh[:, :, sl] = kq @ rot.T if rot is not None else kq
+        codes, scale, mn = reference.quantize(v[:, :, sl].unflatten(-1, (d // g, g)), -1, bits)
+        vh[:, :, sl] = reference.dequantize(codes, scale, mn).flatten(-2)
+    return kh, vh
+
+
+_STATE: dict[str, Any] = {}
+
+
+def sim_attention(module, query, key, value, attention_mask, scaling=None, **kwargs):
+    lv: Lever = _STATE["lever"]
+    _, hq, t, _ = query.shape
+    q, k, v = query.float(), key.float(), value.float()
+    pos = torch.arange(t)
+    causal = pos[None, :] > pos[:, None]
+    rep = hq // k.shape[1]
+    if lv.exact:
+        use_hat = torch.zeros(t, t, dtype=torch.bool)
+        kh, vh = k, v
+    else:
+        layer, layers = module.layer_idx, _STATE["layers"]
+        hi = lv.hi_layers and (layer < lv.hi_layers or layer >= layers - lv.hi_layers)
+        kh, vh = fake_kv(k, v, lv, 4 if hi else lv.bits)
+        g = lv.group
+        bound = torch.clamp(pos // g * g - (lv.residual - g), min=0)
+        use_hat = (pos[None, :] < bound[:, None]) & (pos[None, :] >= lv.sink * g)
+    k, v, kh, vh = (x.repeat_interleave(rep, 1) for x in (k, v, kh, vh))
+    scores = torch.where(use_hat, q @ kh.transpose(-1, -2), q @ k.transpose(-1, -2))
+    probs = torch.softmax((scores * scaling).masked_fill(causal, float("-inf")), -1)
+    out = (probs * use_hat) @ vh + (probs * ~use_hat) @ v
+    return out.to(query.dtype).transpose(1, 2).contiguous(), None
+
+
+def cost(lv: Lever, hf: Any) -> dict[str, float]:
+    """Page bytes per token (all layers) and the token capacity vs bf16 at 4 GiB with
+    256 sequences' full-precision tails (residual + sink groups) carved out."""
+    from kivi_vllm.page_format import PageFormat, bf16_bytes_per_token
+
+    heads, layers = hf.num_key_value_heads, hf.num_hidden_layers
+    d = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
+    bf16 = bf16_bytes_per_token(heads, d) * layers
+    if lv.exact:
+        return {"bytes_per_token": bf16, "capacity_vs_bf16": 1.0}
+    lo = PageFormat(lv.bits, lv.group, d, heads).bytes_per_token
+    hi = PageFormat(4, lv.group, d, heads).bytes_per_token
+    n_hi = min(layers, 2 * lv.hi_layers)
+    per_layer_extra = heads * lv.outliers * (2 + 1 / lv.group)  # fp16 values + index byte
+    pages = lo * (layers - n_hi) + hi * n_hi + per_layer_extra * layers
+    tail_tokens = lv.residual + lv.sink * lv.group
+    tails = (MAX_SEQS + 1) * tail_tokens * bf16
+    return {
+        "bytes_per_token": pages,
+        "capacity_vs_bf16": ((BUDGET - tails) / pages) / (BUDGET / bf16),
+    }
+
+
+LEVERS = [
+    Lever(exact=True),
+    Lever(bits=4),
+    Lever(),
+    Lever(sink=1),
+    Lever(residual=64),
+    Lever(residual=128),
+    Lever(outliers=4),
+    Lever(rotate=True),
+    Lever(hi_layers=1),
+    Lever(sink=1, residual=64),
+    Lever(sink=1, outliers=4),
+    Lever(sink=1, rotate=True),
+    Lever(sink=1, residual=64, outliers=4),
+]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", default="smollm2")
+    p.add_argument("--windows", type=int, default=6)
+    p.add_argument("--window-len", type=int, default=1152)
+    p.add_argument("--scored", type=int, default=64)
+    p.add_argument("--only", default=None, help="comma-separated lever names")
+    p.add_argument("--out", default=None)
+    args = p.parse_args()
+    from transformers import AttentionInterface, AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from kivi_vllm import quality
+    from kivi_vllm.models import ensure_model
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    path = ensure_model(args.model)
+    tok = AutoTokenizer.from_pretrained(path)
+    hf = AutoConfig.from_pretrained(path)
+    if getattr(hf, "sliding_window", 0) is None:  # Gemma 3 full-attention variant
+        hf.sliding_window = args.window_len
+    AttentionInterface.register("kivi_levers", sim_attention)
+    model = AutoModelForCausalLM.from_pretrained(
+        path, config=hf, dtype=torch.float32, attn_implementation="kivi_levers"
+    ).eval()
+    _STATE["layers"] = hf.num_hidden_layers
+    windows = quality.ppl_windows(tok, args.windows, args.window_len)
+    out = Path(args.out) if args.out else RESULTS / f"quality-levers-{args.model}.json"
+    doc = json.loads(out.read_text()) if out.exists() else {"records": []}
+    records = {r["name"]: r for r in doc["records"]}
+    only = set(args.only.split(",")) if args.only else None
+    for lv in LEVERS:
+        if only and lv.name not in only:
+            continue
+        _STATE["lever"] = lv
+        nll: list[float] = []
+        with torch.inference_mode():
+            for w in windows:
+                logits = model(torch.tensor([w])).logits[0].float()
+                lp = torch.log_softmax(logits[-args.scored - 1 : -1], -1)
+                tgt = torch.tensor(w[-args.scored :])
+                nll += (-lp.gather(1, tgt[:, None])[:, 0]).tolist()
+        rec = {"name": lv.name, **asdict(lv), **cost(lv, hf),
+               "ppl": math.exp(sum(nll) / len(nll)), "ppl_tokens": len(nll)}
+        records[lv.name] = rec
+        base = records.get("fp32")
+        for r in records.values():
+            r["ppl_vs_fp32"] = r["ppl"] / base["ppl"] - 1 if base else None
+        doc.update(
+            model=args.model, windows=args.windows, window_len=args.window_len,
+            scored=args.scored, records=list(records.values()),
+            date=datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        )
+        out.write_text(json.dumps(doc, indent=1) + "\n")
+        print(f"{lv.name:40s} ppl {rec['ppl']:.3f} ({rec['ppl_vs_fp32']:+.1%} vs fp32) "
+              f"{rec['bytes_per_token']:.0f} B/tok, {rec['capacity_vs_bf16']:.2f}x bf16",
+              flush=True)
+
+
+if __name__ == "__main__":
+    main()
