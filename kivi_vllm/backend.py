@@ -177,6 +177,16 @@ class KiviMetadataBuilder(AttentionMetadataBuilder[KiviMetadata]):
         self._valid_from = torch.zeros(max_reqs, dtype=torch.int32, device=device)
         max_tiles = vllm_config.scheduler_config.max_num_batched_tokens + max_reqs
         self._tiles = torch.zeros((2, max_tiles), dtype=torch.int32, device=device)
+        if self.cfg.fastgen is not None:  # kivi.fastgen only (CPU reference path)
+            from transformers import AutoTokenizer
+
+            from kivi_vllm.fastgen.engine import WORKER
+
+            mc = vllm_config.model_config
+            tok = AutoTokenizer.from_pretrained(
+                mc.tokenizer, trust_remote_code=mc.trust_remote_code
+            )
+            WORKER.enable(self.cfg.fastgen, tok)
 
     def build(
         self,
@@ -315,7 +325,7 @@ class KiviAttentionImpl(AttentionImpl[KiviMetadata]):
 
             ops.forward(q, k, v, kv_cache, tail, attn_metadata, self, out)
         else:
-            self._forward_reference(q, k, v, kv_cache, tail, attn_metadata, out)
+            self._forward_reference(q, k, v, kv_cache, tail, attn_metadata, out, layer.layer_name)
         return output
 
     def _forward_reference(
@@ -327,12 +337,21 @@ class KiviAttentionImpl(AttentionImpl[KiviMetadata]):
         tail: torch.Tensor,
         md: KiviMetadata,
         out: torch.Tensor,
+        layer_name: str = "",
     ) -> None:
         views = self.fmt.views(kv_cache)
         steps, bounds = md.seq_steps
+        fastgen = None
+        if self.cfg.fastgen is not None and not state.STEP.in_dummy:
+            from kivi_vllm.fastgen.engine import WORKER as fastgen
         for i, seq in enumerate(steps):
             lo, hi = bounds[i], bounds[i + 1]
             ck, cv = reference.context_kv(views, tail, seq, self.fmt, self.cfg.residual)
+            if fastgen is not None and i < len(fastgen.rows):
+                out[lo:hi] = fastgen.attend(
+                    layer_name, i, q[lo:hi], k[lo:hi], v[lo:hi], ck, cv, seq.ctx_len, self.scale
+                )
+                continue
             out[lo:hi] = reference.attend(q[lo:hi], k[lo:hi], v[lo:hi], ck, cv, self.scale)
         for i, seq in enumerate(steps):
             lo, hi = bounds[i], bounds[i + 1]

@@ -363,3 +363,72 @@ def test_bad_page_report_rejected() -> None:
     for report in (PageReport(keep=9, need=9), PageReport(keep=4, need=3)):
         with pytest.raises(ValueError, match="bad FastGen report"):
             manager.apply_report("a", report)
+
+
+def test_profile_from_the_last_chunk_of_queries() -> None:
+    """Profiling with only the last m query rows (a prefill's last chunk) equals profiling
+    the whole prompt restricted to those rows."""
+    n, m = 70, 24
+    q, k = _random_qk(n, seed=3)
+    special, punct = _classes(n)
+    kw = dict(recovery=0.9, scale=0.25, chunk=8, **RATIOS)
+    tail = profile_heads(q[n - m :], k, special, punct, **kw)
+    whole = profile_heads(q, k, special, punct, rows=m, **kw)
+    assert torch.equal(tail.frequent, whole.frequent) and tail.rows == m
+    assert torch.allclose(tail.recovery, whole.recovery, atol=1e-9)
+
+
+# --- engine (CPU reference path): profiling inside the backend, per-request state ----
+
+FASTGEN_KIVI = {"bits": 4, "group_size": 32, "residual": 32, "fastgen": {"recovery": 0.95}}
+SMALL_BLOCKS = 12  # 384 KV tokens: six requests of ~100 tokens must preempt
+
+
+@pytest.fixture(scope="module")
+def fastgen_llm(default_model_path: str):
+    from conftest import make_llm, shutdown_llm
+
+    llm = make_llm(default_model_path, FASTGEN_KIVI, 1, num_gpu_blocks_override=SMALL_BLOCKS,
+                   max_model_len=SMALL_BLOCKS * 32, max_num_seqs=6)
+    try:
+        yield llm
+    finally:
+        shutdown_llm(llm)
+
+
+@pytest.mark.slow
+def test_engine_profiles_every_layer_and_leaves_nothing(fastgen_llm) -> None:
+    """Six requests through a 384-token cache: each prompt is profiled in all 30 layers
+    inside the backend, generated tokens are classified as they arrive, preempted and
+    finished requests leave no FastGen state, and prefix caching is off."""
+    from conftest import metric, wait_tail_slots_free
+    from vllm import SamplingParams
+
+    from kivi_vllm.fastgen.engine import fastgen_stats
+
+    llm = fastgen_llm
+    assert llm.llm_engine.vllm_config.cache_config.enable_prefix_caching is False
+    tok = llm.get_tokenizer()
+    base = "The river flows north, past the old mill; then it turns east. "
+    prompts = [f"{i}: " + base * (3 + i % 3) for i in range(6)]
+    params = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
+    before = metric(llm, "vllm:num_preemptions")
+    outs = llm.generate(prompts, params)
+    preemptions = metric(llm, "vllm:num_preemptions") - before
+    stats = llm.collective_rpc(fastgen_stats)[0]
+    classes = TokenClasses.from_tokenizer(tok)
+    assert stats["enabled"] and stats["requests"] == 0
+    assert wait_tail_slots_free(llm)["tail_slots_in_use"] == 0
+    assert preemptions > 0
+    # the worker sees vLLM's internal ids: the user's id plus a random suffix
+    history = {k.rsplit("-", 1)[0]: v for k, v in stats["history"].items()}
+    for out in outs:
+        ids = list(out.prompt_token_ids) + list(out.outputs[0].token_ids)[:-1]
+        summary = history[out.request_id]
+        special, punct = classes.masks(ids)
+        assert summary["tokens"] == len(ids) and summary["prompt_len"] == len(out.prompt_token_ids)
+        assert summary["punct"] == int(punct.sum()) and summary["special"] == int(special.sum())
+        assert summary["layers_profiled"] == 30 and sum(summary["policy_counts"]) == 30 * 3
+        assert len(out.outputs[0].token_ids) == 40
+    print(f"\npreemptions {preemptions:.0f}; policy counts "
+          f"{[history[o.request_id]['policy_counts'] for o in outs]}")

@@ -34,10 +34,14 @@ class HeadProfile:
 
 
 def _probs(q: torch.Tensor, k: torch.Tensor, lo: int, hi: int, scale: float) -> torch.Tensor:
-    """Causal softmax of query rows [lo, hi) over keys [0, hi): float32 [Hq, hi-lo, hi]."""
+    """Causal softmax of query positions [lo, hi) over keys [0, hi): float32 [Hq, hi-lo, hi].
+
+    ``q`` holds the last ``len(q)`` positions of the ``len(k)`` keys.
+    """
     hq, hk = q.shape[1], k.shape[1]
+    off = k.shape[0] - q.shape[0]
     keys = k[:hi].float().repeat_interleave(hq // hk, dim=1)
-    scores = torch.einsum("qhd,khd->hqk", q[lo:hi].float(), keys) * scale
+    scores = torch.einsum("qhd,khd->hqk", q[lo - off : hi - off].float(), keys) * scale
     rows = torch.arange(lo, hi)
     masked = torch.arange(hi)[None, :] > rows[:, None]
     return torch.softmax(scores.masked_fill(masked, float("-inf")), dim=-1)
@@ -58,11 +62,16 @@ def profile_heads(
 ) -> HeadProfile:
     """Profile the heads of one layer on a prompt and choose their policies.
 
-    q: ``[n, q_heads, D]`` and k: ``[n, kv_heads, D]`` after RoPE; special/punct: bool
-    ``[n]``. ``rows``: profile only the last ``rows`` query positions (default all).
+    k: ``[n, kv_heads, D]`` after RoPE; q: ``[m, q_heads, D]`` for the last ``m <= n``
+    positions (e.g. a prefill's last chunk); special/punct: bool ``[n]``. ``rows``:
+    profile only the last ``rows`` query positions (default: all of ``q``).
     """
+    n, m = k.shape[0], q.shape[0]
+    if m > n:
+        raise ValueError(f"q has {m} rows but only {n} keys")
+    rows = m if rows is None else min(rows, m)
     return _profile(
-        lambda lo, hi: _probs(q, k, lo, hi, scale), q.shape[0], q.shape[1], k.shape[1],
+        lambda lo, hi: _probs(q, k, lo, hi, scale), n, q.shape[1], k.shape[1],
         special, punct, recovery, frequent_ratio, local_ratio, chunk, rows,
     )
 

@@ -65,6 +65,11 @@ def check_engine_config(vllm_config: Any, cfg: KiviConfig) -> None:
         raise KiviConfigError(
             f"KIVI runs on vLLM's V1 model runner; unset {_V2_RUNNER_ENV} or set it to 0"
         )
+    if cfg.fastgen is not None and not current_platform.is_cpu():
+        raise KiviConfigError(
+            "kivi.fastgen runs on the CPU reference path only (the GPU kernels do not "
+            "read per-head kept sets yet); remove kivi.fastgen on GPU"
+        )
     if not current_platform.is_cpu():
         backend = vllm_config.attention_config.backend
         if backend not in (None, AttentionBackendEnum.CUSTOM):
@@ -84,6 +89,13 @@ def configure_engine(vllm_config: Any, cfg: KiviConfig) -> None:
     if not current_platform.is_cpu():
         vllm_config.attention_config.backend = AttentionBackendEnum.CUSTOM
     logger.info("KIVI KV cache: %s (block size %d)", cfg.name, cfg.group_size)
+    if cfg.fastgen is not None:
+        cache_config.enable_prefix_caching = False
+        logger.warning(
+            "KIVI FastGen (recovery %s): prefix caching off; attention reads per-head kept "
+            "sets, but evicted tokens' KV memory is not returned to vLLM yet "
+            "(docs/fastgen.md)", cfg.fastgen.recovery,
+        )
 
 
 def apply() -> None:

@@ -6,6 +6,7 @@ import functools
 
 from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
+from kivi_vllm.fastgen.engine import WORKER as FASTGEN
 from kivi_vllm.state import STEP
 
 
@@ -24,6 +25,13 @@ def apply() -> None:
                 self.input_batch.req_ids[:n],
                 self.input_batch.num_computed_tokens_cpu[:n],
             )
+            if FASTGEN.enabled:  # kivi.fastgen only
+                batch = self.input_batch
+                FASTGEN.begin_step(
+                    ended, batch.req_ids[:n], batch.num_computed_tokens_cpu[:n],
+                    scheduler_output.num_scheduled_tokens, batch.num_prompt_tokens[:n],
+                    batch.token_ids_cpu,
+                )
         return result
 
     GPUModelRunner._update_states = _update_states
