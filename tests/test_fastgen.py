@@ -432,3 +432,63 @@ def test_engine_profiles_every_layer_and_leaves_nothing(fastgen_llm) -> None:
         assert len(out.outputs[0].token_ids) == 40
     print(f"\npreemptions {preemptions:.0f}; policy counts "
           f"{[history[o.request_id]['policy_counts'] for o in outs]}")
+
+
+def test_worker_attend_prompt_profile_and_kept_rows() -> None:
+    """FastGenWorker.attend (what the backend calls): prompt rows are plain attention, the
+    chunk that completes the prompt profiles the layer, later rows (also inside one chunk,
+    as after a preemption's recompute) read their kept sets; all-full equals reference."""
+    import numpy as np
+
+    from kivi_vllm.fastgen.engine import FastGenWorker
+
+    g = torch.Generator().manual_seed(4)
+    n, prompt, hq, hk, d = 48, 40, 4, 2, 16
+    q = torch.randn(n, hq, d, generator=g) * 2
+    k, v = torch.randn(2, n, hk, d, generator=g)
+    ids = torch.randint(10, 50, (n,), generator=g)
+    ids[[0, 7, 19, 33, 44]] = 1  # "punctuation"
+    worker = FastGenWorker()
+    worker.cfg = FastGenConfig(recovery=0.9)
+    worker.classes = TokenClasses(frozenset(), frozenset({1}))
+
+    def step(req: str, ctx: int, q_len: int) -> torch.Tensor:
+        worker.begin_step(set(), [req], np.array([ctx]), {req: q_len}, np.array([prompt]),
+                          ids[None].numpy())
+        sl = slice(ctx, ctx + q_len)
+        return worker.attend("layer0", 0, q[sl], k[sl], v[sl], k[:ctx], v[:ctx], ctx, 0.25)
+
+    first = step("a", 0, 32)  # a prompt chunk: no profile yet
+    torch.testing.assert_close(first, reference.attend(q[:32], k[:32], v[:32], k[:0], v[:0], 0.25))
+    assert "layer0" not in worker.seqs["a"].profiles
+    step("a", 32, 8)  # completes the prompt: profiled on these 8 rows against 40 keys
+    prof = worker.seqs["a"].profiles["layer0"]
+    special, punct = TokenClasses(frozenset(), frozenset({1})).masks(ids.tolist())
+    expect = profile_heads(q[32:40], k[:40], special[:40], punct[:40], recovery=0.9,
+                           frequent_ratio=0.3, local_ratio=0.3, scale=0.25)
+    assert torch.equal(prof.policy, expect.policy) and torch.equal(prof.frequent, expect.frequent)
+    decoded = step("a", 40, 1)
+    kept = kept_indices(prof.policy, 40, special, punct, prof.frequent, prof.window)
+    torch.testing.assert_close(
+        decoded, attend_kept(q[40:41], k[40:41], v[40:41], k[:40], v[:40], kept, 0.25)
+    )
+    # a recompute chunk spanning the prompt end gives the same rows as step by step
+    worker.release(["a"])
+    assert not worker.seqs and "a" in worker.history
+    step("b", 0, 32)
+    span = step("b", 32, 16)
+    worker.seqs["b"].profiles["layer0"] = prof
+    for j in range(8, 16):
+        pos = 32 + j
+        kept = kept_indices(prof.policy, pos, special, punct, prof.frequent, prof.window)
+        row = attend_kept(q[pos : pos + 1], k[pos : pos + 1], v[pos : pos + 1], k[:pos],
+                          v[:pos], kept, 0.25)
+        torch.testing.assert_close(span[j : j + 1], row)
+    # all heads full: the kept-set path equals plain attention
+    full = type(prof)(prof.recovery, prof.frequent, torch.full_like(prof.policy, Policy.FULL),
+                      prof.window, prof.rows)
+    worker.seqs["b"].profiles["layer0"] = full
+    out = worker.attend("layer0", 0, q[44:46], k[44:46], v[44:46], k[:44], v[:44], 44, 0.25)
+    torch.testing.assert_close(
+        out, reference.attend(q[44:46], k[44:46], v[44:46], k[:44], v[:44], 0.25)
+    )
