@@ -21,6 +21,7 @@ import datetime
 import json
 import os
 import platform
+import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -71,6 +72,38 @@ def bytes_per_token(setting: dict[str, Any], hf: Any) -> dict[str, float]:
     return {"bytes_per_token": per, "capacity_vs_bf16": bf16 / per}
 
 
+def capacity_with_tails(rec: dict[str, Any], hf: Any, budget_gib: float = 4,
+                        max_num_seqs: int = 256) -> float:
+    """KV tokens vs bf16 in ``budget_gib`` with the full-precision tails of
+    ``max_num_seqs`` sequences (+1 scratch) carved out, as ``benchmarks/capacity.py``
+    measures it (the sink rows are part of the residual)."""
+    budget = budget_gib * 1024**3
+    heads = hf.num_key_value_heads
+    head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
+    bf16 = 2 * heads * head_dim * 2 * hf.num_hidden_layers
+    tails = (max_num_seqs + 1) * (rec["residual"] or 0) * bf16
+    return ((budget - tails) / rec["bytes_per_token"]) / (budget / bf16)
+
+
+def table(doc: dict[str, Any], hf: Any) -> str:
+    """The markdown table of docs/benchmarks.md for one results file."""
+    recs = doc["records"]
+    bf16 = next(r for r in recs if r["kv"] == "bf16")
+    lines = [
+        "| setting | KV bytes/token (all layers) | capacity vs bf16 (pages / 4 GiB, 256 seqs "
+        "with tails) | PPL | vs bf16 | passkey | greedy agreement |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in recs:
+        lines.append(
+            f"| {r['kv']} | {r['bytes_per_token']:,.0f} | {r['capacity_vs_bf16']:.2f}x / "
+            f"{capacity_with_tails(r, hf):.2f}x | {r['ppl']:.3f} | "
+            f"{100 * (r['ppl'] / bf16['ppl'] - 1):+.1f}% | "
+            f"{r['passkey_hits']}/{r['passkey_trials']} | {r['agreement']:.3f} |"
+        )
+    return "\n".join(lines)
+
+
 def run_setting(
     model_path: str, setting: dict[str, Any], args: argparse.Namespace, work: dict[str, Any]
 ) -> dict[str, Any]:
@@ -102,6 +135,14 @@ def run_setting(
         llm.llm_engine.engine_core.shutdown()
         del llm
     return rec
+
+
+def _machine() -> str:
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    return f"CPU: {os.cpu_count()} cores, {platform.machine()}, no GPU"
 
 
 def plot(records: list[dict[str, Any]], model: str, path: Path) -> None:
@@ -142,6 +183,7 @@ def main() -> None:
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--kv-space-gib", default="1")
     p.add_argument("--out", default=None)
+    p.add_argument("--table", action="store_true", help="print the docs table and exit")
     args = p.parse_args()
     os.environ["VLLM_CPU_KVCACHE_SPACE"] = args.kv_space_gib
 
@@ -155,6 +197,9 @@ def main() -> None:
     hf = AutoConfig.from_pretrained(model_path)
     out = Path(args.out) if args.out else RESULTS / f"quality-{args.model}.json"
     doc = json.loads(out.read_text()) if out.exists() else {"records": []}
+    if args.table:
+        print(table(doc, hf))
+        return
     work = {
         "tokenizer": tokenizer,
         "windows": quality.ppl_windows(tokenizer, args.windows, args.window_len),
@@ -174,9 +219,9 @@ def main() -> None:
         raise SystemExit(f"{out} was made with {doc['setup']}; use --out for other sizes")
     doc.update(
         model=args.model, model_path=Path(model_path).name, setup=setup,
-        machine=f"CPU: {os.cpu_count()} cores, {platform.machine()}, no GPU",
+        machine=_machine(),
         commit=subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, cwd=RESULTS).stdout.strip(),
+                              text=True, cwd=RESULTS).stdout.strip() if shutil.which("git") else "",
     )
     records = {r["kv"]: r for r in doc["records"]}
     for name in (args.kv or DEFAULT_KV[args.model]).split(","):

@@ -140,25 +140,24 @@ def cost(lv: Lever, hf: Any) -> dict[str, float]:
 
 LEVERS = [
     Lever(exact=True),
-    Lever(bits=4),
     Lever(),
     Lever(sink=1),
     Lever(residual=64),
-    Lever(residual=128),
+    Lever(sink=1, residual=64),
     Lever(outliers=4),
     Lever(rotate=True),
     Lever(hi_layers=1),
-    Lever(sink=1, residual=64),
-    Lever(sink=1, outliers=4),
+    Lever(bits=4),
+    Lever(residual=128),
     Lever(sink=1, rotate=True),
-    Lever(sink=1, residual=64, outliers=4),
+    Lever(sink=1, outliers=4),
 ]
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="smollm2")
-    p.add_argument("--windows", type=int, default=6)
+    p.add_argument("--windows", type=int, default=3)
     p.add_argument("--window-len", type=int, default=1152)
     p.add_argument("--scored", type=int, default=64)
     p.add_argument("--only", default=None, help="comma-separated lever names")

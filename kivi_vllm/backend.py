@@ -346,7 +346,9 @@ class KiviAttentionImpl(AttentionImpl[KiviMetadata]):
             from kivi_vllm.fastgen.engine import WORKER as fastgen
         for i, seq in enumerate(steps):
             lo, hi = bounds[i], bounds[i + 1]
-            ck, cv = reference.context_kv(views, tail, seq, self.fmt, self.cfg.residual)
+            ck, cv = reference.context_kv(
+                views, tail, seq, self.fmt, self.cfg.residual, self.cfg.sink_tokens
+            )
             if fastgen is not None and i < len(fastgen.rows):
                 out[lo:hi] = fastgen.attend(
                     layer_name, i, q[lo:hi], k[lo:hi], v[lo:hi], ck, cv, seq.ctx_len, self.scale
@@ -355,5 +357,8 @@ class KiviAttentionImpl(AttentionImpl[KiviMetadata]):
             out[lo:hi] = reference.attend(q[lo:hi], k[lo:hi], v[lo:hi], ck, cv, self.scale)
         for i, seq in enumerate(steps):
             lo, hi = bounds[i], bounds[i + 1]
-            reference.store(views, tail, k[lo:hi], v[lo:hi], seq, self.fmt, self.cfg.residual)
+            reference.store(
+                views, tail, k[lo:hi], v[lo:hi], seq, self.fmt, self.cfg.residual,
+                self.cfg.sink_tokens,
+            )
 

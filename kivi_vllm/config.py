@@ -63,17 +63,21 @@ class KiviConfig:
     bits: code width (2 or 4; 4 is the quality-safe default). group_size: tokens per key
     group and channels per value group; also the KV block size. residual: full-precision
     window in tokens (a multiple of group_size). fastgen: optional FastGen settings.
+    sink_groups: the first groups of every sequence kept in full precision for its
+    lifetime (attention sinks); they take ``sink_groups * group_size`` of the residual's
+    rows, the rest stays the sliding window (CPU reference path only for now).
     """
 
     bits: int = 4
     group_size: int = 32
     residual: int = 32
     fastgen: FastGenConfig | None = None
+    sink_groups: int = 0
 
     def __post_init__(self) -> None:
         if self.fastgen is not None and not isinstance(self.fastgen, FastGenConfig):
             object.__setattr__(self, "fastgen", FastGenConfig.from_dict(self.fastgen))
-        for name in ("bits", "group_size", "residual"):
+        for name in ("bits", "group_size", "residual", "sink_groups"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
                 raise KiviConfigError(
@@ -93,6 +97,16 @@ class KiviConfig:
                 f"kivi.residual={self.residual} must be a positive multiple of "
                 f"kivi.group_size={self.group_size} (e.g. {self.group_size}, "
                 f"{2 * self.group_size}, {4 * self.group_size})"
+            )
+        if self.sink_groups < 0:
+            raise KiviConfigError(
+                f"kivi.sink_groups={self.sink_groups} must be >= 0 (0 = no sinks)"
+            )
+        if self.residual < (self.sink_groups + 1) * self.group_size:
+            raise KiviConfigError(
+                f"kivi.residual={self.residual} must hold kivi.sink_groups="
+                f"{self.sink_groups} sink group(s) plus at least one sliding group: use "
+                f"residual >= {(self.sink_groups + 1) * self.group_size}"
             )
 
     @classmethod
@@ -125,11 +139,25 @@ class KiviConfig:
         out = asdict(self)
         if self.fastgen is None:
             del out["fastgen"]
+        if not self.sink_groups:
+            del out["sink_groups"]
         return out
+
+    @property
+    def sink_tokens(self) -> int:
+        """Full-precision sink positions at the start of every sequence."""
+        return self.sink_groups * self.group_size
+
+    @property
+    def levers(self) -> dict[str, int]:
+        """Options beyond plain KIVI that are switched on (CPU reference path only)."""
+        return {"sink_groups": self.sink_groups} if self.sink_groups else {}
 
     @property
     def name(self) -> str:
         name = f"kivi{self.bits}-g{self.group_size}-r{self.residual}"
+        if self.sink_groups:
+            name += f"-s{self.sink_groups}"
         return name if self.fastgen is None else f"{name}-fastgen{self.fastgen.recovery}"
 
 

@@ -135,8 +135,23 @@ class SeqStep:
 
 
 def tail_start(ctx_len: int, valid_from: int, group: int, residual: int) -> int:
-    """First context position read from the tail ring instead of the pages."""
+    """First context position read from the tail ring instead of the pages.
+
+    With attention sinks pass the ring's sliding part (``residual - sinks``) as residual.
+    """
     return max(valid_from, (ctx_len // group) * group - (residual - group), 0)
+
+
+def ring_index(pos: torch.Tensor, residual: int, sinks: int = 0) -> torch.Tensor:
+    """Row of the tail ring holding position ``pos``.
+
+    The first ``sinks`` positions of a sequence (attention sinks, whole groups) keep rows
+    of their own for the sequence's lifetime; later positions cycle through the other
+    ``residual - sinks`` rows. Without sinks this is ``pos % residual``.
+    """
+    if not sinks:
+        return pos % residual
+    return torch.where(pos < sinks, pos, sinks + (pos - sinks) % (residual - sinks))
 
 
 def context_kv(
@@ -145,16 +160,27 @@ def context_kv(
     seq: SeqStep,
     fmt: PageFormat,
     residual: int,
+    sinks: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """float32 keys/values of the context [ctx_len, kv_heads, head_dim] as stored."""
+    """float32 keys/values of the context [ctx_len, kv_heads, head_dim] as stored.
+
+    ``sinks``: tokens at the start of the sequence read from the ring in full precision
+    (when the sequence wrote them itself, ``valid_from == 0``) instead of their pages.
+    """
     g = fmt.group_size
-    start = tail_start(seq.ctx_len, seq.valid_from, g, residual)
-    n_pages = start // g
-    k, v = dequantize_pages(views, seq.block_ids[:n_pages].long(), fmt)
+    start = tail_start(seq.ctx_len, seq.valid_from, g, residual - sinks)
+    pinned = min(sinks, start) if seq.valid_from == 0 else 0
+    k, v = dequantize_pages(views, seq.block_ids[pinned // g : start // g].long(), fmt)
     pos = torch.arange(start, seq.ctx_len)
-    ring = pos % residual
+    if pinned:
+        pos = torch.cat([torch.arange(pinned), pos])
+    ring = ring_index(pos, residual, sinks)
     k_tail = tail[0, seq.tail_slot, ring].float()
     v_tail = tail[1, seq.tail_slot, ring].float()
+    if pinned:
+        k = torch.cat([k_tail[:pinned], k])
+        v = torch.cat([v_tail[:pinned], v])
+        k_tail, v_tail = k_tail[pinned:], v_tail[pinned:]
     return torch.cat([k, k_tail]), torch.cat([v, v_tail])
 
 
@@ -191,16 +217,18 @@ def store(
     seq: SeqStep,
     fmt: PageFormat,
     residual: int,
+    sinks: int = 0,
 ) -> None:
     """Write the step's tokens: pack every group that completes, then update the ring.
 
-    tail: [2, num_slots, residual, kv_heads, head_dim] in the model dtype.
+    tail: [2, num_slots, residual, kv_heads, head_dim] in the model dtype. Positions
+    below ``sinks`` are packed like the others and also kept in their own ring rows.
     """
     g = fmt.group_size
     start, end = seq.ctx_len, seq.ctx_len + seq.query_len
     for group in range(start // g, end // g):
         lo = group * g
-        old = torch.arange(lo, max(lo, start)) % residual  # tokens already in the ring
+        old = ring_index(torch.arange(lo, max(lo, start)), residual, sinks)  # in the ring
         new = slice(max(lo - start, 0), lo + g - start)
         k = torch.cat([tail[0, seq.tail_slot, old].float(), key[new].float()])
         v = torch.cat([tail[1, seq.tail_slot, old].float(), value[new].float()])
@@ -208,7 +236,9 @@ def store(
         block = int(seq.block_ids[group])
         for name, data in page.items():
             views[name][block] = data
-    keep_from = max(start, end - residual)
-    ring = torch.arange(keep_from, end) % residual
-    tail[0, seq.tail_slot, ring] = key[keep_from - start :].to(tail.dtype)
-    tail[1, seq.tail_slot, ring] = value[keep_from - start :].to(tail.dtype)
+    keep = torch.arange(min(max(start, sinks, end - (residual - sinks)), end), end)
+    if start < sinks:
+        keep = torch.cat([torch.arange(start, min(end, sinks)), keep])
+    ring = ring_index(keep, residual, sinks)
+    tail[0, seq.tail_slot, ring] = key[keep - start].to(tail.dtype)
+    tail[1, seq.tail_slot, ring] = value[keep - start].to(tail.dtype)

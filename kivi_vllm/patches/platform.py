@@ -61,6 +61,7 @@ def check_engine_config(vllm_config: Any, cfg: KiviConfig) -> None:
             f"{cfg.group_size}: a KIVI page holds exactly one group; omit --block-size "
             f"or set it to {cfg.group_size}"
         )
+    check_levers_supported(cfg)
     if os.environ.get(_V2_RUNNER_ENV, "") in ("1", "true", "True"):
         raise KiviConfigError(
             f"KIVI runs on vLLM's V1 model runner; unset {_V2_RUNNER_ENV} or set it to 0"
@@ -77,6 +78,19 @@ def check_engine_config(vllm_config: Any, cfg: KiviConfig) -> None:
                 f"--attention-backend {backend.name} cannot serve KIVI pages; "
                 "allowed: CUSTOM (or leave it unset)"
             )
+
+
+def check_levers_supported(cfg: KiviConfig, on_cpu: bool | None = None) -> None:
+    """Options beyond plain KIVI run on the CPU reference path only: the CUDA kernels
+    do not implement them yet, so a GPU engine refuses them at start-up."""
+    if on_cpu is None:
+        on_cpu = current_platform.is_cpu()
+    if cfg.levers and not on_cpu:
+        names = ", ".join(f"kivi.{k}={v}" for k, v in cfg.levers.items())
+        raise KiviConfigError(
+            f"{names} is implemented in the CPU reference path only (the CUDA kernels do "
+            "not read full-precision sink rows yet); remove it on GPU"
+        )
 
 
 def configure_engine(vllm_config: Any, cfg: KiviConfig) -> None:
