@@ -15,7 +15,8 @@ Metrics (labels ``model_name``, ``engine``, as vLLM's own):
   bytes per token of one worker (its attention layers and KV heads), KIVI and the
   unquantized cache of the model dtype; tails excluded.
 * ``vllm:kivi_tail_slots_in_use`` / ``vllm:kivi_tail_slots`` / ``vllm:kivi_tail_bytes`` -
-  full-precision tail rings: slots held by running requests, slots, bytes per worker.
+  full-precision tail rings: slots held by running requests, slots, bytes of one
+  tensor-parallel rank (summed over pipeline stages).
 * ``vllm:kivi_quantized_groups_total`` - groups of ``group_size`` tokens packed into
   pages, summed over layers (counted on the host from the step metadata).
 * ``vllm:kivi_config_info`` - 1, with labels ``bits``, ``group_size``, ``residual``.
@@ -127,7 +128,8 @@ class KiviPrometheusMetrics:
         )
         self.tail_slots = gauge("vllm:kivi_tail_slots", "KIVI tail slots (max_num_seqs).")
         self.tail_bytes = gauge(
-            "vllm:kivi_tail_bytes", "Bytes of KIVI full-precision tail rings per worker."
+            "vllm:kivi_tail_bytes",
+            "Bytes of KIVI full-precision tail rings of one tensor-parallel rank.",
         )
         self.quantized_groups = Counter(
             "vllm:kivi_quantized_groups",
