@@ -1,0 +1,108 @@
+"""Compile the decode kernel for sm_90 without a GPU; print registers and per-loop SASS.
+
+Uses the Triton wheel's own ptxas/cuobjdump, with the specializations a real launch
+makes (16-byte-aligned pointers, strides divisible by 16), so register counts match
+the GPU's within a few. For each loop: instructions per warp per iteration, barriers,
+loads and the opcode histogram, e.g.::
+
+    python benchmarks/kernel_sass.py --bits 2 --warps 2 --stages 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+POINTERS = {
+    "query": "*bf16", "key": "*bf16", "value": "*bf16", "cache": "*u8", "tail": "*bf16",
+    "block_table": "*i32", "seq_lens": "*i32", "query_start_loc": "*i32", "tail_slots": "*i32",
+    "valid_from": "*i32", "tile_req": "*i32", "tile_tok": "*i32", "mid_o": "*fp32",
+    "mid_lse": "*fp32",
+}
+SCALARS = {"sm_scale": "fp32", "tok_base": "i32", "S": "i32"}
+ALIGNED_STRIDES = ("stride_bt", "stride_tail_kv", "stride_tail_slot", "stride_tail_pos",
+                   "stride_qt", "stride_kt", "stride_vt", "stride_ot", "stride_oh", "stride_os")
+
+
+def compile_decode(bits: int, group: int, head_dim: int, kv_heads: int, qpk: int,
+                   residual: int, warps: int, stages: int, maxnreg: int | None):
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from kivi_vllm.kernels import attention
+    from kivi_vllm.kernels.common import format_constants
+    from kivi_vllm.page_format import PageFormat
+
+    fmt = PageFormat(bits, group, head_dim, kv_heads)
+    width, nch = attention.chunking(fmt)
+    fn = attention._kivi_attend_context
+    names = fn.arg_names
+    consts = dict(R=residual, BLOCK_R=triton.next_power_of_2(residual), QPK=qpk,
+                  BLOCK_H=max(16, triton.next_power_of_2(qpk)), BLOCK_Q=1, DECODE=True,
+                  W=width, NCH=nch, USE_ASM=True, SINGLE=False, WRITE_LSE=True,
+                  **format_constants(fmt))
+    signature = {n: POINTERS.get(n) or SCALARS.get(n) or
+                 ("i32" if n.startswith("stride_") else "constexpr") for n in names}
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in names
+             if n in POINTERS or n in ALIGNED_STRIDES}
+    src = ASTSource(fn=fn, signature=signature, attrs=attrs,
+                    constexprs={(names.index(k),): v for k, v in consts.items()})
+    options = dict(num_warps=warps, num_stages=stages)
+    if maxnreg:
+        options["maxnreg"] = maxnreg
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
+
+
+def sass_report(cubin: bytes) -> None:
+    import triton
+
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        usage = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True)
+        sass = subprocess.run([tool, "-sass", f.name], capture_output=True, text=True).stdout
+    print(usage.stdout.strip().splitlines()[-1].strip())
+    ins = []
+    for line in sass.splitlines():
+        m = re.match(r"\s*/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z0-9_.]+)(.*);", line)
+        if m:
+            ins.append((int(m.group(1), 16), m.group(3), m.group(4)))
+    for addr, op, rest in ins:
+        target = re.search(r"0x([0-9a-f]+)", rest) if op.startswith("BRA") else None
+        if target and int(target.group(1), 16) < addr:  # a backward branch closes a loop
+            lo = int(target.group(1), 16)
+            body = collections.Counter(o for a, o, _ in ins if lo <= a <= addr)
+            print(f"loop {lo:#x}-{addr:#x}: {sum(body.values())} instructions per warp "
+                  "per iteration")
+            for name, count in body.most_common(24):
+                print(f"  {count:5d} {name}")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--bits", type=int, default=2)
+    p.add_argument("--group", type=int, default=32)
+    p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--kv-heads", type=int, default=8)
+    p.add_argument("--qpk", type=int, default=4, help="query heads per KV head")
+    p.add_argument("--residual", type=int, default=32)
+    p.add_argument("--warps", type=int, default=2)
+    p.add_argument("--stages", type=int, default=3)
+    p.add_argument("--maxnreg", type=int, default=128)
+    a = p.parse_args()
+    kernel = compile_decode(a.bits, a.group, a.head_dim, a.kv_heads, a.qpk, a.residual,
+                            a.warps, a.stages, a.maxnreg)
+    sass_report(kernel.asm["cubin"])
+
+
+if __name__ == "__main__":
+    main()
