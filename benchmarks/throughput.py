@@ -37,7 +37,8 @@ def run_one(kv: str, workloads: list[tuple[int, int, int]], args) -> list[dict]:
     llm = LLM(
         model=dummy_llama8b_dir(), load_format="dummy", skip_tokenizer_init=True,
         dtype="bfloat16", gpu_memory_utilization=args.gpu_mem, max_num_seqs=args.max_num_seqs,
-        max_model_len=max_len, enforce_eager=args.eager, seed=0, **KV_SETTINGS[kv],
+        max_model_len=max_len, enforce_eager=args.eager, seed=0,
+        tensor_parallel_size=args.tp, **KV_SETTINGS[kv],
     )
     cache = llm.llm_engine.vllm_config.cache_config
     kv_tokens = cache.num_gpu_blocks * cache.block_size
@@ -60,7 +61,8 @@ def run_one(kv: str, workloads: list[tuple[int, int, int]], args) -> list[dict]:
             "output_tokens_per_s": round(out_tokens / elapsed, 1),
             "total_tokens_per_s": round((out_tokens + num * in_len) / elapsed, 1),
             "elapsed_s": round(elapsed, 2), "gpu": gpu, "date": str(datetime.date.today()),
-            "enforce_eager": args.eager,
+            "enforce_eager": args.eager, "tensor_parallel_size": args.tp,
+            "num_gpus": torch.cuda.device_count(),
         })
         print("RESULT " + json.dumps(records[-1]), flush=True)
     return records
@@ -87,6 +89,7 @@ def main() -> None:
     parser.add_argument("--gpu-mem", type=float, default=0.90)
     parser.add_argument("--max-num-seqs", type=int, default=1024)
     parser.add_argument("--eager", action="store_true", help="enforce_eager (no CUDA graphs)")
+    parser.add_argument("--tp", type=int, default=1, help="tensor_parallel_size")
     parser.add_argument("--out", default=None)
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -97,7 +100,8 @@ def main() -> None:
     records: list[dict] = []
     for kv in args.kv.split(","):
         cmd = [sys.executable, __file__, "--one", kv, "--workloads", args.workloads,
-               "--gpu-mem", str(args.gpu_mem), "--max-num-seqs", str(args.max_num_seqs)]
+               "--gpu-mem", str(args.gpu_mem), "--max-num-seqs", str(args.max_num_seqs),
+               "--tp", str(args.tp)]
         if args.eager:
             cmd.append("--eager")
         proc = subprocess.run(cmd, capture_output=True, text=True)

@@ -53,6 +53,11 @@ for step in "$@"; do
       python3 benchmarks/quality.py --model smollm2 --out "$OUT/quality-smollm2-h100.json" \
         --kv "${KIVI_QUALITY_KV:-bf16,fp8,kivi4-g32-r32,kivi2-g32-r32,kivi2-g32-r128}" 2>&1 \
         | grep -v "^INFO\|^WARNING\|^(EngineCore" | tee "$OUT/quality.log" | tail -25 ;;
+    tp2:*)  # tp2:KV,KV - tensor parallel over 2 GPUs, small workload
+      kvs=${step#tp2:}
+      python3 benchmarks/throughput.py --kv "$kvs" --tp 2 --workloads 64x512x64 --eager \
+        --out "$OUT/throughput-tp2-${kvs//,/-}.json" 2>&1 \
+        | tee "$OUT/throughput-tp2-${kvs//,/-}.log" | tail -8 ;;
     kernels-quick)
       python3 benchmarks/kernels.py --batches 1,64 --contexts 1024,8192 2>&1 \
         | grep -v "^INFO\|^WARNING" | tail -8 ;;
