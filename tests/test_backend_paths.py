@@ -271,3 +271,33 @@ def test_prefix_hit_reads_the_other_sequences_pages(activate) -> None:
     seqs["e"].first_step = 0  # runs before 'a' finished its first two groups
     with pytest.raises(AssertionError, match="seq e"):
         _drive(cfg, seqs, 4, 2, 64, torch.float32, activate, seed=4, atol=2e-5)
+
+
+# ---------------------------------------------------------------- GPU kernel shapes
+
+
+@pytest.mark.parametrize(
+    ("bits", "group", "head", "ok"),
+    [
+        (2, 32, 64, True), (4, 32, 64, True), (2, 32, 128, True), (4, 32, 128, True),
+        (2, 128, 128, True), (4, 64, 128, True), (2, 64, 256, True), (4, 128, 256, True),
+        (2, 32, 96, False), (4, 32, 96, False), (2, 32, 256, False), (4, 32, 256, False),
+        (2, 64, 192, False),
+    ],
+)
+def test_gpu_kernel_shape_check(bits: int, group: int, head: int, ok: bool) -> None:
+    """Start-up refuses what the CUDA read kernel cannot serve, naming what would work."""
+    from kivi_vllm.config import KiviConfigError
+    from kivi_vllm.patches.platform import check_gpu_kernel_shape
+
+    cfg = KiviConfig.from_dict({"bits": bits, "group_size": group, "residual": group})
+    if ok:
+        check_gpu_kernel_shape(cfg, head, 8)
+        return
+    with pytest.raises(KiviConfigError) as err:
+        check_gpu_kernel_shape(cfg, head, 8)
+    msg = str(err.value)
+    assert f"kivi.bits={bits}" in msg and f"kivi.group_size={group}" in msg
+    assert "allowed on GPU for this model" in msg
+    if head == 256:  # larger groups work there
+        assert "bits=2, group_size=64" in msg

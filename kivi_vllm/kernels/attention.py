@@ -433,6 +433,14 @@ def chunking(fmt: PageFormat) -> tuple[int, int]:
     return width, fmt.head_dim // width
 
 
+def kernel_supports(fmt: PageFormat) -> bool:
+    """Whether the GPU read kernel serves this (bits, group, head_dim): 2 or 4 chunks of a
+    power-of-two width >= 16, each byte tile holding one or two chunks per plane."""
+    width, nch = chunking(fmt)
+    return (nch in (2, 4) and width >= 16 and width & (width - 1) == 0
+            and fmt.packed_dim in (width, 2 * width))
+
+
 def attend_context(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -480,7 +488,7 @@ def attend_context(
         tile_req = tile_tok = seq_lens  # unused in decode mode
     block_h = max(16 // block_q, triton.next_power_of_2(qpk))
     width, nch = chunking(fmt)
-    assert nch in (2, 4), f"unsupported (head_dim, group, bits) for the GPU kernels: {fmt}"
+    assert kernel_supports(fmt), f"unsupported (head_dim, group, bits) for the GPU kernels: {fmt}"
     handle = _kivi_attend_context[(num_tiles, hk, s)](
         query, key, value, cache, tail, block_table, seq_lens, query_start_loc,
         tail_slots, valid_from, tile_req, tile_tok, mid_o, mid_lse, scale, tok_base, s,

@@ -11,7 +11,13 @@ from vllm.logger import init_logger
 from vllm.platforms import current_platform
 from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
 
-from kivi_vllm.config import KiviConfig, KiviConfigError, kivi_config_from_vllm
+from kivi_vllm.config import (
+    ALLOWED_BITS,
+    ALLOWED_GROUP_SIZES,
+    KiviConfig,
+    KiviConfigError,
+    kivi_config_from_vllm,
+)
 
 logger = init_logger("vllm.kivi")
 
@@ -72,12 +78,34 @@ def check_engine_config(vllm_config: Any, cfg: KiviConfig) -> None:
             "read per-head kept sets yet); remove kivi.fastgen on GPU"
         )
     if not current_platform.is_cpu():
+        check_gpu_kernel_shape(cfg, head_size, model_config.get_total_num_kv_heads())
         backend = vllm_config.attention_config.backend
         if backend not in (None, AttentionBackendEnum.CUSTOM):
             raise KiviConfigError(
                 f"--attention-backend {backend.name} cannot serve KIVI pages; "
                 "allowed: CUSTOM (or leave it unset)"
             )
+
+
+def check_gpu_kernel_shape(cfg: KiviConfig, head_size: int, kv_heads: int) -> None:
+    """The CUDA read kernel covers fewer (bits, group, head size) combinations than the
+    CPU reference path: refuse the others at start-up, naming what would work."""
+    from kivi_vllm.kernels.attention import kernel_supports
+    from kivi_vllm.page_format import PageFormat
+
+    def ok(bits: int, group: int) -> bool:
+        return head_size % group == 0 and kernel_supports(
+            PageFormat(bits, group, head_size, kv_heads))
+
+    if ok(cfg.bits, cfg.group_size):
+        return
+    allowed = [f"bits={b}, group_size={g}" for b in ALLOWED_BITS for g in ALLOWED_GROUP_SIZES
+               if ok(b, g)]
+    raise KiviConfigError(
+        f"kivi.bits={cfg.bits} with kivi.group_size={cfg.group_size} and head size "
+        f"{head_size} is not served by the GPU kernels yet; allowed on GPU for this "
+        f"model: {allowed or 'none (use the CPU build)'}"
+    )
 
 
 def check_levers_supported(cfg: KiviConfig, on_cpu: bool | None = None) -> None:
