@@ -51,7 +51,9 @@ def quantize(
     scale = fp16_ceil((mx - mn.float()) / qmax)
     scale_f = scale.float()
     safe = torch.where(scale_f > 0, scale_f, torch.ones_like(scale_f))
-    codes = torch.floor((xf - mn.float()) / safe + 0.5).clamp_(0, qmax)
+    # NaN quotients (non-finite input, overflowed scale) -> code 0: casting NaN to uint8
+    # is undefined and could spill into the next bit plane when packed.
+    codes = torch.floor((xf - mn.float()) / safe + 0.5).nan_to_num_(0.0).clamp_(0, qmax)
     codes = torch.where(scale_f > 0, codes, torch.zeros_like(codes))
     return codes.to(torch.uint8), scale, mn
 
