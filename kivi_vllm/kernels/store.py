@@ -10,6 +10,10 @@ Two named kernels, launched in this order on one stream:
   sequence's tail ring if it is among the sequence's last ``R`` positions.
 
 Padding tokens (``slot_mapping == -1``) are skipped. No host-device synchronisation.
+Why two launches and not one: a prefill chunk longer than ``R`` appends tokens whose
+ring rows (``pos % R``) alias rows that a group completing in the same step still has to
+read (its first tokens came from earlier steps); programs of one launch have no order,
+so the packing must finish before the appends start.
 """
 
 from __future__ import annotations
