@@ -195,6 +195,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     classes = TokenClasses.from_tokenizer(tok)
     Sim.prompt, Sim.chunk, Sim.ratios = args.prompt, args.chunk, (args.frequent, args.local)
     settings = ["full", "kivi2"] + [f"fastgen{t}{s}" for t in THRESHOLDS for s in ("", "+kivi2")]
+    if args.profile_only:  # kept fractions and policies only: no scoring passes
+        settings = [f"fastgen{t}" for t in THRESHOLDS]
     nll: dict[str, list[torch.Tensor]] = {s: [] for s in settings}
     per_doc, kept_layer, max_head = [], {t: [] for t in THRESHOLDS}, {t: [] for t in THRESHOLDS}
     mix = {t: torch.zeros(len(Policy)) for t in THRESHOLDS}
@@ -223,8 +225,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     layer: _choose(prof, hk, t)
                     for layer, prof in Sim.profiles.items()
                 }
-            nll[setting].append(_nll(model, ids, cache))
-            record[f"ppl_{setting}"] = math.exp(float(nll[setting][-1].mean()))
+            if not args.profile_only:
+                nll[setting].append(_nll(model, ids, cache))
+                record[f"ppl_{setting}"] = math.exp(float(nll[setting][-1].mean()))
             if setting.startswith("fastgen") and not Sim.kivi:
                 frac = kept_fractions(Sim.policies, n)
                 kept_layer[t].append(frac.mean(dim=1))
@@ -247,7 +250,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "policy_mix": {POLICY_NAMES[i]: float(c / mix[t].sum()) for i, c in enumerate(mix[t])},
             "kv_bytes_vs_bf16_with_kivi2": kept * kivi_ratio,
         }
-    ppl = {s: math.exp(float(torch.cat(v).mean())) for s, v in nll.items()}
+    ppl = {s: math.exp(float(torch.cat(v).mean())) for s, v in nll.items() if v}
     q_heads = cfg.num_attention_heads
     return {
         "model": str(path), "date": datetime.datetime.now(datetime.UTC).isoformat(),
@@ -279,6 +282,8 @@ def main() -> None:
     ap.add_argument("--frequent", type=float, default=0.3)
     ap.add_argument("--local", type=float, default=0.3)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--profile-only", action="store_true",
+                    help="profile and count kept tokens; skip the perplexity passes")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
