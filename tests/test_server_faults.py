@@ -213,6 +213,7 @@ def test_bad_request_gets_4xx_json(server: str, case: tuple[str, object]) -> Non
     assert httpx.get(f"{server}/health", timeout=10).status_code == 200
 
 
+@pytest.mark.slow
 def test_schemathesis_fuzz_no_server_errors(server: str, tmp_path: Path) -> None:
     """Property-based fuzzing of the generation endpoints from the server's own
     /openapi.json (schemathesis, valid and invalid inputs, bounded in time): no 5xx."""
