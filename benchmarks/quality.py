@@ -184,6 +184,8 @@ def main() -> None:
     p.add_argument("--kv-space-gib", default="1")
     p.add_argument("--out", default=None)
     p.add_argument("--table", action="store_true", help="print the docs table and exit")
+    p.add_argument("--merge", default=None,
+                   help="merge the records of another results file of the same setup")
     args = p.parse_args()
     os.environ["VLLM_CPU_KVCACHE_SPACE"] = args.kv_space_gib
 
@@ -199,6 +201,18 @@ def main() -> None:
     doc = json.loads(out.read_text()) if out.exists() else {"records": []}
     if args.table:
         print(table(doc, hf))
+        return
+    if args.merge:
+        other = json.loads(Path(args.merge).read_text())
+        if other["setup"] != doc["setup"]:
+            raise SystemExit(f"{args.merge} has another setup: {other['setup']}")
+        records = {r["kv"]: r for r in doc["records"] + other["records"]}
+        ref = records.get("bf16")
+        for r in records.values():
+            r["agreement"] = quality.agreement(ref["greedy"], r["greedy"]) if ref else None
+        doc["records"] = list(records.values())
+        out.write_text(json.dumps(doc, indent=1) + "\n")
+        plot(doc["records"], args.model, out.with_suffix(".png"))
         return
     work = {
         "tokenizer": tokenizer,
