@@ -39,7 +39,7 @@ MAX_MODEL_LEN = 1024
 VLLM_LIST_BODY_BUG = "vLLM 0.26.0: JSON array body -> 500 ('list' object has no attribute 'get')"
 VLLM_LIST_BODY_500 = "'list' object has no attribute 'get'"
 FUZZ_PATHS = "^/(v1/completions|v1/chat/completions|tokenize|detokenize|v1/models)$"
-FUZZ_TIME_S = 60
+FUZZ_TIME_S = 40
 GREEDY = {"model": MODEL, "prompt": "The three largest cities of Europe are", "max_tokens": 40,
           "temperature": 0}
 
