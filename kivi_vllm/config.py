@@ -17,6 +17,16 @@ class KiviConfigError(ValueError):
 FASTGEN_DEFAULT_RATIO = 0.3
 
 
+def _reject_unknown(raw: dict, cls: type, label: str) -> None:
+    """Fail on keys that are not fields of the config dataclass ``cls``."""
+    allowed = set(cls.__dataclass_fields__)
+    unknown = sorted(set(raw) - allowed)
+    if unknown:
+        raise KiviConfigError(
+            f"unknown {label} option(s) {unknown}; allowed options: {sorted(allowed)}"
+        )
+
+
 @dataclass(frozen=True)
 class FastGenConfig:
     """``kivi.fastgen``: FastGen per-head compression (see docs/fastgen.md).
@@ -47,12 +57,7 @@ class FastGenConfig:
             raise KiviConfigError(
                 f'kivi.fastgen must be a JSON object such as {{"recovery": 0.97}}, got {raw!r}'
             )
-        allowed = set(cls.__dataclass_fields__)
-        unknown = sorted(set(raw) - allowed)
-        if unknown:
-            raise KiviConfigError(
-                f"unknown kivi.fastgen option(s) {unknown}; allowed options: {sorted(allowed)}"
-            )
+        _reject_unknown(raw, cls, "kivi.fastgen")
         return cls(**raw)
 
 
@@ -118,12 +123,7 @@ class KiviConfig:
             raise KiviConfigError(
                 f"additional_config['kivi'] must be a JSON object, got {raw!r}"
             )
-        allowed = set(cls.__dataclass_fields__)
-        unknown = sorted(set(raw) - allowed)
-        if unknown:
-            raise KiviConfigError(
-                f"unknown kivi option(s) {unknown}; allowed options: {sorted(allowed)}"
-            )
+        _reject_unknown(raw, cls, "kivi")
         return cls(**raw)
 
     def check_head_size(self, head_size: int) -> None:
