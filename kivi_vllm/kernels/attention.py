@@ -205,8 +205,8 @@ def _kivi_attend_context(
     valid_from,
     tile_req,  # [num_tiles] int32 (prefill tiles)
     tile_tok,  # [num_tiles] int32
-    mid_o,  # fp32 [rows, HQ, S, D]
-    mid_lse,  # fp32 [rows, HQ, S] (log2 domain)
+    mid_o,  # fp32 [rows, HQ, S, D]; SINGLE: the output [rows, HQ, 1, D]
+    mid_lse,  # fp32 [rows, HQ, S] (log2 domain); SINGLE: the LSE [HQ, rows] (natural log)
     sm_scale,
     tok_base,  # first token of this launch: mid_o/mid_lse row = token - tok_base
     S,  # context splits (runtime: one compiled kernel serves every batch size)
@@ -423,8 +423,7 @@ USE_ASM = os.environ.get("TRITON_INTERPRET", "0") != "1"
 
 def num_splits_for(num_rows: int, num_kv_heads: int, max_splits: int = MAX_SPLITS) -> int:
     """Context splits per (row, KV head): enough programs in flight to fill the GPU."""
-    target = SPLIT_TARGET
-    return max(1, min(max_splits, -(-target // max(1, num_rows * num_kv_heads))))
+    return max(1, min(max_splits, -(-SPLIT_TARGET // max(1, num_rows * num_kv_heads))))
 
 
 def chunking(fmt: PageFormat) -> tuple[int, int]:
