@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
@@ -39,13 +40,16 @@ def main() -> None:
     params = SamplingParams(max_tokens=out_len, temperature=0.0, ignore_eos=True)
     llm.generate(prompts[:8], params, use_tqdm=False)  # warm-up (compiles the kernels)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        start = time.perf_counter()
         llm.generate(prompts, params, use_tqdm=False)
         torch.cuda.synchronize()
+        wall_ms = 1e3 * (time.perf_counter() - start)
     events = [e for e in prof.key_averages() if e.device_time_total > 0]
     events.sort(key=lambda e: e.device_time_total, reverse=True)
     total = sum(e.self_device_time_total for e in events)
     print(f"PROFILE kv={args.kv} workload={args.workload} eager={args.eager} "
-          f"gpu_total_ms={total / 1e3:.1f}")
+          f"gpu_total_ms={total / 1e3:.1f} wall_ms={wall_ms:.1f} "
+          f"gpu_busy={total / 1e3 / wall_ms:.2f}")
     for e in events[: args.rows]:
         print(f"PROFILE {e.self_device_time_total / 1e3:9.1f} ms {e.count:7d}x "
               f"{100 * e.self_device_time_total / total:5.1f}%  {e.key[:90]}")

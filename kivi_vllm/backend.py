@@ -176,7 +176,16 @@ class KiviMetadataBuilder(AttentionMetadataBuilder[KiviMetadata]):
         self._tail_slots = torch.zeros(max_reqs, dtype=torch.int32, device=device)
         self._valid_from = torch.zeros(max_reqs, dtype=torch.int32, device=device)
         max_tiles = vllm_config.scheduler_config.max_num_batched_tokens + max_reqs
+        max_tiles = -(-max_tiles // 4) * 4  # both rows 16-byte aligned (one compiled variant)
         self._tiles = torch.zeros((2, max_tiles), dtype=torch.int32, device=device)
+        if device.type == "cuda":
+            from kivi_vllm.kernels.warmup import warm_up
+
+            mc = vllm_config.model_config
+            fmt = PageFormat(self.cfg.bits, self.cfg.group_size, kv_cache_spec.head_size,
+                             kv_cache_spec.num_kv_heads)
+            num_heads = mc.get_num_attention_heads(vllm_config.parallel_config)
+            warm_up(fmt, self.cfg.residual, num_heads, mc.dtype, device)
         if self.cfg.fastgen is not None:  # kivi.fastgen only (CPU reference path)
             from transformers import AutoTokenizer
 

@@ -16,6 +16,9 @@ for step in "$@"; do
     kernels-test)
       KIVI_KERNEL_DEVICE=cuda python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py \
         2>&1 | tee "$OUT/kernels-test.log" | tail -15 ;;
+    engine-test)
+      python3 -m pytest -q -p no:cacheprovider tests/test_engine_gpu.py 2>&1 \
+        | tee "$OUT/engine-test.log" | grep -v "^INFO\|^WARNING\|^(EngineCore" | tail -15 ;;
     kernels-bench)
       python3 benchmarks/kernels.py --out "$OUT/kernels-h100.json" 2>&1 \
         | grep -v "^INFO\|^WARNING" | tee "$OUT/kernels-bench.log" | tail -25 ;;
@@ -36,6 +39,11 @@ for step in "$@"; do
       kvs=${step#tp:}
       python3 benchmarks/throughput.py --kv "$kvs" --out "$OUT/throughput-${kvs//,/-}.json" \
         2>&1 | tee "$OUT/throughput-${kvs//,/-}.log" | tail -8 ;;
+    tpw:*)  # tpw:KV,KV:WORKLOAD,WORKLOAD
+      IFS=: read -r _ kvs wls <<< "$step"
+      python3 benchmarks/throughput.py --kv "$kvs" --workloads "$wls" \
+        --out "$OUT/throughput-${kvs//,/-}-${wls//,/-}.json" 2>&1 \
+        | tee "$OUT/throughput-${kvs//,/-}-${wls//,/-}.log" | grep -v "^INFO\|^WARNING\|^(EngineCore" | tail -8 ;;
     prof:*)  # prof:KV:WORKLOAD[:eager]
       IFS=: read -r _ kv wl eager <<< "$step"
       python3 benchmarks/profile_engine.py --kv "$kv" --workload "$wl" ${eager:+--eager} 2>&1 \

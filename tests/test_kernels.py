@@ -104,3 +104,15 @@ def test_store_matches_reference(case):
     assert torch.equal(tail, ref_tail)
     mismatched = (cache != ref_cache).float().mean().item()
     assert mismatched == 0.0, f"{mismatched:.2%} of page bytes differ"
+
+
+def test_warm_up_launches_every_variant():
+    """The start-up warm-up runs each launch mode once (compiled on a GPU; on CPU the
+    interpreter executes it). That no step compiles afterwards is checked on the GPU by
+    ``tests/test_engine_gpu.py``."""
+    from kivi_vllm.kernels import warmup
+
+    fmt = PageFormat(2, 32, 64, 2)
+    dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float32
+    warmup.warm_up(fmt, 32, 8, dtype, torch.device(DEVICE))
+    assert (fmt, 32, 8, dtype, str(torch.device(DEVICE))) in warmup._DONE

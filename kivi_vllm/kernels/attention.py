@@ -191,7 +191,10 @@ def _attend_page(page, q0, q1, q2, q3, m_i, l_i, acc0, acc1, acc2, acc3, kvh, t,
     return m_i, l_i, acc0, acc1, acc2, acc3
 
 
-@triton.jit(do_not_specialize=["tok_base", "S"])
+# Arguments that change with the batch are not specialized (no divisibility or ==1
+# variants), so the variants compiled at start-up (``kernels/warmup.py``) serve every step.
+@triton.jit(do_not_specialize=["tok_base", "S", "stride_bt", "stride_ot", "stride_oh",
+                               "stride_os", "stride_lt", "stride_lh"])
 def _kivi_attend_context(
     query,  # [T, HQ, D]
     key,  # [T, HK, D] step tokens (the self token of a decode)
@@ -372,7 +375,8 @@ def _kivi_attend_context(
         tl.store(mid_lse + mid_tok * stride_lt + head * stride_lh + split, lse, mask=row_ok)
 
 
-@triton.jit(do_not_specialize=["S"])
+@triton.jit(do_not_specialize=["stride_ot", "stride_oh", "stride_os", "stride_lt",
+                               "stride_lh", "stride_zh", "S"])
 def _kivi_reduce_splits(
     mid_o,  # fp32 [T, HQ, S, D]
     mid_lse,  # fp32 [T, HQ, S] (log2)
