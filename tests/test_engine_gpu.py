@@ -10,6 +10,7 @@ batches, split and unsplit decodes needs must already exist after start-up
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -17,6 +18,9 @@ import torch
 from tests.conftest import shutdown_llm
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+# The pytest process may already hold a CUDA context (a forked engine core could not
+# initialise CUDA again), so the engine's processes are spawned.
+os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
 
 TINY_LLAMA = {  # head layout of Llama-3.1-8B (head_dim 128, GQA 4), 4 small layers
     "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 1024,
