@@ -514,7 +514,8 @@ def attend_context(
         mid_o.stride(0), mid_o.stride(1), mid_o.stride(2),
         mid_lse.stride(0), mid_lse.stride(1), out.stride(0), out.stride(1),
         lse_arg.stride(0), s,
-        BLOCK_S=triton.next_power_of_2(s), D=d, WRITE_LSE=lse_out is not None,
+        BLOCK_S=max(MAX_SPLITS, triton.next_power_of_2(s)),  # one variant for every S
+        D=d, WRITE_LSE=lse_out is not None,
         num_warps=4,
     )
     return handle
