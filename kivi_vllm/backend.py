@@ -305,6 +305,8 @@ class KiviAttentionImpl(AttentionImpl[KiviMetadata]):
         self.cfg: KiviConfig = state.active_config()
         self.cfg.check_head_size(head_size)
         self.fmt = PageFormat(self.cfg.bits, self.cfg.group_size, head_size, self.num_kv_heads)
+        # kivi.rotate_keys: one orthogonal matrix for queries and keys (moved on first use)
+        self.rotation = reference.hadamard(head_size) if self.cfg.rotate_keys else None
 
     def forward(
         self,
@@ -329,6 +331,10 @@ class KiviAttentionImpl(AttentionImpl[KiviMetadata]):
         k = key[:n].view(n, self.num_kv_heads, self.head_size)
         v = value[:n].view(n, self.num_kv_heads, self.head_size)
         out = output[:n].view(n, self.num_heads, self.head_size)
+        if self.rotation is not None:  # before both paths: attention and storage
+            if self.rotation.device != q.device:
+                self.rotation = self.rotation.to(q.device)
+            q, k = reference.rotate(q, self.rotation), reference.rotate(k, self.rotation)
         if kv_cache.is_cuda:
             from kivi_vllm.kernels import ops
 

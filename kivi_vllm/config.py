@@ -71,6 +71,9 @@ class KiviConfig:
     sink_groups: the first groups of every sequence kept in full precision for its
     lifetime (attention sinks); they take ``sink_groups * group_size`` of the residual's
     rows, the rest stays the sliding window (CPU reference path only for now).
+    rotate_keys: multiply queries and keys by a normalized Hadamard matrix before
+    attention and before storing (q . k unchanged; keys quantized in the rotated basis;
+    needs a power-of-two head size; CPU only for now).
     """
 
     bits: int = 4
@@ -78,6 +81,7 @@ class KiviConfig:
     residual: int = 32
     fastgen: FastGenConfig | None = None
     sink_groups: int = 0
+    rotate_keys: bool = False
 
     def __post_init__(self) -> None:
         if self.fastgen is not None and not isinstance(self.fastgen, FastGenConfig):
@@ -88,6 +92,10 @@ class KiviConfig:
                 raise KiviConfigError(
                     f"kivi.{name} must be an integer, got {value!r}"
                 )
+        if not isinstance(self.rotate_keys, bool):
+            raise KiviConfigError(
+                f"kivi.rotate_keys must be true or false, got {self.rotate_keys!r}"
+            )
         if self.bits not in ALLOWED_BITS:
             raise KiviConfigError(
                 f"kivi.bits={self.bits} is not supported; allowed values: {ALLOWED_BITS}"
@@ -134,6 +142,11 @@ class KiviConfig:
                 f"kivi.group_size={self.group_size} does not divide the model's "
                 f"head size {head_size}; allowed group sizes for this model: {allowed}"
             )
+        if self.rotate_keys and head_size & (head_size - 1):
+            raise KiviConfigError(
+                f"kivi.rotate_keys=true needs a power-of-two head size (Hadamard "
+                f"rotation), the model's is {head_size}; allowed: false for this model"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -141,6 +154,8 @@ class KiviConfig:
             del out["fastgen"]
         if not self.sink_groups:
             del out["sink_groups"]
+        if not self.rotate_keys:
+            del out["rotate_keys"]
         return out
 
     @property
@@ -149,15 +164,20 @@ class KiviConfig:
         return self.sink_groups * self.group_size
 
     @property
-    def levers(self) -> dict[str, int]:
+    def levers(self) -> dict[str, int | bool]:
         """Options beyond plain KIVI that are switched on (CPU reference path only)."""
-        return {"sink_groups": self.sink_groups} if self.sink_groups else {}
+        out: dict[str, int | bool] = {"sink_groups": self.sink_groups} if self.sink_groups else {}
+        if self.rotate_keys:
+            out["rotate_keys"] = True
+        return out
 
     @property
     def name(self) -> str:
         name = f"kivi{self.bits}-g{self.group_size}-r{self.residual}"
         if self.sink_groups:
             name += f"-s{self.sink_groups}"
+        if self.rotate_keys:
+            name += "-rot"
         return name if self.fastgen is None else f"{name}-fastgen{self.fastgen.recovery}"
 
 

@@ -125,6 +125,26 @@ def dequantize_pages(
     return k, v
 
 
+def hadamard(n: int) -> torch.Tensor:
+    """Normalized (orthogonal, symmetric) Hadamard matrix [n, n] in float32, n a power
+    of two: ``kivi.rotate_keys`` multiplies queries and keys by it before attention."""
+    if n < 1 or n & (n - 1):
+        raise ValueError(f"a Hadamard rotation needs a power-of-two size, got {n}")
+    h = torch.ones(1, 1)
+    while h.shape[0] < n:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)])
+    return h / n**0.5
+
+
+def rotate(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
+    """``x @ rotation`` over the last dim, computed in float32, returned in x's dtype.
+
+    Applied to both queries and keys, an orthogonal rotation leaves ``q . k`` unchanged
+    (values are untouched): the keys are stored and quantized in the rotated basis, where
+    outlier channels are spread over all channels."""
+    return (x.float() @ rotation).to(x.dtype)
+
+
 @dataclass(frozen=True)
 class SeqStep:
     """One sequence's part of a step, as the backend sees it."""

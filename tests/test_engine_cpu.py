@@ -189,7 +189,8 @@ BAD_OPTIONS = [
     ({"bits": 3}, {}, ["kivi.bits", "(2, 4)"]),
     ({"group_size": 16}, {}, ["kivi.group_size", "(32, 64, 128)"]),
     ({"residual": 48}, {}, ["kivi.residual", "multiple of kivi.group_size=32"]),
-    ({"bitz": 2}, {}, ["bitz", "['bits', 'fastgen', 'group_size', 'residual', 'sink_groups']"]),
+    ({"bitz": 2}, {}, ["bitz", "['bits', 'fastgen', 'group_size', 'residual', 'rotate_keys', "
+                                "'sink_groups']"]),
     ({"bits": "2"}, {}, ["kivi.bits", "integer"]),
     ({"bits": 2}, {"kv_cache_dtype": "fp8"}, ["kv_cache_dtype", "fp8", "'auto'"]),
     ({"bits": 2}, {"block_size": 64}, ["--block-size 64", "kivi.group_size=32", "set it to 32"]),

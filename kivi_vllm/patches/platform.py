@@ -117,7 +117,8 @@ def check_levers_supported(cfg: KiviConfig, on_cpu: bool | None = None) -> None:
         names = ", ".join(f"kivi.{k}={v}" for k, v in cfg.levers.items())
         raise KiviConfigError(
             f"{names} is implemented in the CPU reference path only (the CUDA kernels do "
-            "not read full-precision sink rows yet); remove it on GPU"
+            "not read full-precision sink rows yet; kivi.rotate_keys has not been run on "
+            "a GPU); remove it on GPU"
         )
 
 

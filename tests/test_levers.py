@@ -1,0 +1,155 @@
+"""Lever ``kivi.rotate_keys``: KiviAttentionImpl.forward driven directly (no engine).
+
+The backend multiplies queries and keys by a normalized Hadamard matrix before both the
+attention and the store. Checked here: with an exact (unquantized) context the attention
+output is unchanged up to rounding; stored pages and tail rows hold the rotated keys
+(values untouched); the output equals an independent fp32 computation over the rotated,
+KIVI-reconstructed keys; start-up validation and the GPU refusal.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from kivi_vllm import reference, state
+from kivi_vllm.backend import KiviAttentionImpl, KiviMetadata
+from kivi_vllm.config import KiviConfig, KiviConfigError
+
+LAYER = "model.layers.0.self_attn.attn"
+HEADS, KV_HEADS, D, G = 4, 2, 64, 32
+
+
+class FakeLayer:
+    layer_name = LAYER
+
+
+@pytest.fixture
+def fresh_state(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(state, "_ACTIVE", None)
+    monkeypatch.setattr(state, "_TAILS", {})
+
+
+def _metadata(ctx: int, q_len: int, blocks: torch.Tensor) -> KiviMetadata:
+    qsl = torch.tensor([0, q_len], dtype=torch.int32)
+    seq_lens = torch.tensor([ctx + q_len], dtype=torch.int32)
+    slots, valid_from = np.array([0], dtype=np.int32), np.array([0], dtype=np.int32)
+    return KiviMetadata(
+        num_actual_tokens=q_len, num_reqs=1, num_decodes=int(q_len == 1),
+        num_decode_tokens=int(q_len == 1), max_query_len=q_len, max_seq_len=ctx + q_len,
+        query_start_loc=qsl, seq_lens=seq_lens, block_table=blocks[None],
+        slot_mapping=torch.arange(q_len, dtype=torch.int64),
+        tail_slots=torch.from_numpy(slots), valid_from=torch.from_numpy(valid_from),
+        query_start_loc_cpu=qsl, seq_lens_cpu=seq_lens, tail_slots_cpu=slots,
+        valid_from_cpu=valid_from,
+    )
+
+
+def _run(cfg: KiviConfig, q, k, v, chunk: int, dtype: torch.dtype):
+    """Feed one sequence chunk by chunk; return the outputs, the cache and the tail."""
+    state.activate(cfg)
+    impl = KiviAttentionImpl(HEADS, D, D**-0.5, KV_HEADS)
+    state.allocate_tails([LAYER], 2, cfg.residual, KV_HEADS, D, dtype, torch.device("cpu"))
+    n = q.shape[0]
+    blocks = torch.arange(n // G + 1, dtype=torch.int32)
+    kv_cache = torch.zeros(len(blocks), impl.fmt.page_bytes, dtype=torch.uint8)
+    outs = []
+    for start in range(0, n, chunk):
+        sl = slice(start, min(start + chunk, n))
+        m = sl.stop - sl.start
+        out = torch.zeros(m, HEADS * D, dtype=dtype)
+        impl.forward(FakeLayer(), q[sl].flatten(1).to(dtype), k[sl].flatten(1).to(dtype),
+                     v[sl].flatten(1).to(dtype), kv_cache, _metadata(start, m, blocks),
+                     output=out)
+        outs.append(out.view(m, HEADS, D).float())
+    return torch.cat(outs), impl, kv_cache, state.tail_for(LAYER)
+
+
+def _qkv(n: int, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(n, h, D, generator=gen) for h in (HEADS, KV_HEADS, KV_HEADS))
+    k[..., 3] *= 8  # an outlier channel, as real keys have
+    return q, k, v
+
+
+def _attention(q, k, v):
+    """fp32 causal GQA over the whole sequence (independent of reference.attend)."""
+    rep = HEADS // KV_HEADS
+    k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+    s = torch.einsum("qhd,khd->hqk", q, k) * D**-0.5
+    s = s.masked_fill(torch.ones(len(q), len(q), dtype=torch.bool).triu(1), float("-inf"))
+    return torch.einsum("hqk,khd->qhd", torch.softmax(s, -1), v)
+
+
+@pytest.mark.parametrize(("dtype", "atol"), [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
+def test_rotation_leaves_exact_attention_unchanged(fresh_state, dtype, atol) -> None:
+    """Every context row in the tail (96 tokens, residual 128): nothing is quantized, so
+    rotating q and k changes the output only by rounding."""
+    q, k, v = _qkv(96)
+    plain, *_ = _run(KiviConfig(bits=2, residual=128), q, k, v, 32, dtype)
+    rot, impl, _, tail = _run(KiviConfig(bits=2, residual=128, rotate_keys=True),
+                              q, k, v, 32, dtype)
+    assert impl.rotation is not None
+    err = (rot - plain).abs().max().item()
+    assert err <= atol, err
+    if dtype == torch.float32:
+        exact = _attention(q, k, v)
+        assert (rot - exact).abs().max().item() <= atol
+        h = reference.hadamard(D)
+        assert torch.allclose(h @ h.T, torch.eye(D), atol=1e-6)
+        assert torch.allclose(tail[0, 0, :96], k @ h, atol=1e-5)  # the tail holds k @ H
+        assert torch.equal(tail[1, 0, :96], v)  # values untouched
+
+
+@pytest.mark.parametrize("chunk", [32, 13, 1])
+def test_rotated_keys_are_stored_and_read_consistently(fresh_state, chunk) -> None:
+    """Pages hold KIVI(k @ H), values as without rotation; the output equals fp32
+    attention of q @ H over the keys the cache must return."""
+    n, cfg = 160, KiviConfig(bits=2, residual=32, rotate_keys=True)
+    q, k, v = _qkv(n, seed=1)
+    out, impl, kv_cache, _ = _run(cfg, q, k, v, chunk, torch.float32)
+    h = reference.hadamard(D)
+    kr = k @ h
+    views = impl.fmt.views(kv_cache)
+    pk, pv = reference.dequantize_pages(views, torch.arange(n // G), impl.fmt)
+    want_k, want_v = kr.clone(), v.clone()
+    for j in range(n // G):  # the pages: independent (de)quantization of each group
+        sl = slice(j * G, (j + 1) * G)
+        c, s, m = reference.quantize(kr[sl], dim=0, bits=2)
+        want_k[sl] = reference.dequantize(c, s, m)
+        c, s, m = reference.quantize(v[sl].unflatten(-1, (D // G, G)), dim=-1, bits=2)
+        want_v[sl] = reference.dequantize(c, s, m).flatten(-2)
+    assert torch.allclose(pk, want_k[: n // G * G], atol=1e-5)
+    assert torch.allclose(pv, want_v[: n // G * G], atol=1e-6)
+    # expected output, query by query: groups older than the tail window read their page
+    expected = torch.empty_like(out)
+    for p in range(n):
+        start = chunk * (p // chunk)  # the step's context length
+        bound = reference.tail_start(start, 0, G, cfg.residual)
+        kk = torch.cat([want_k[:bound], kr[bound : p + 1]])
+        vv = torch.cat([want_v[:bound], v[bound : p + 1]])
+        expected[p] = _attention((q @ h)[: p + 1], kk, vv)[p]
+    assert (out - expected).abs().max().item() <= 1e-4
+    unrotated, *_ = _run(KiviConfig(bits=2, residual=32), q, k, v, chunk, torch.float32)
+    assert (out - unrotated).abs().max().item() > 1e-3  # the rotation changes what is lost
+
+
+def test_rotate_keys_config_and_gpu_refusal() -> None:
+    from kivi_vllm.patches.platform import check_levers_supported
+
+    cfg = KiviConfig.from_dict({"bits": 2, "residual": 96, "sink_groups": 1,
+                                "rotate_keys": True})
+    assert cfg.name == "kivi2-g32-r96-s1-rot" and cfg.to_dict()["rotate_keys"] is True
+    assert "rotate_keys" not in KiviConfig().to_dict()
+    with pytest.raises(KiviConfigError, match="kivi.rotate_keys must be true or false"):
+        KiviConfig(rotate_keys=1)
+    cfg.check_head_size(64)
+    with pytest.raises(KiviConfigError, match="rotate_keys=true needs a power-of-two head "
+                                              "size .* 96"):
+        cfg.check_head_size(96)
+    check_levers_supported(cfg, on_cpu=True)
+    with pytest.raises(KiviConfigError, match="rotate_keys=True .* has not been run on a GPU"):
+        check_levers_supported(KiviConfig(rotate_keys=True), on_cpu=False)
+    with pytest.raises(ValueError, match="power-of-two"):
+        reference.hadamard(96)
