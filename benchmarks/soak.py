@@ -249,8 +249,8 @@ async def wait_idle(client: httpx.AsyncClient, timeout_s: float) -> dict[str, An
     t0 = time.monotonic()
     while True:
         m = await metrics(client)
-        gauges = {g: m.get(g) for g in IDLE_GAUGES}
-        idle = all(v == 0 for v in gauges.values())
+        gauges = {g: m.get(g) for g in IDLE_GAUGES if g in m or "kivi" not in g}
+        idle = all(v == 0 for v in gauges.values())  # (no KIVI gauges with --no-kivi)
         if idle or time.monotonic() > deadline:
             return {"idle": idle, "after_s": round(time.monotonic() - t0, 1), **gauges}
         await asyncio.sleep(0.5)
@@ -338,10 +338,14 @@ async def soak(args: argparse.Namespace, base_url: str, pid: int) -> dict[str, A
 def server_args(args: argparse.Namespace) -> list[str]:
     from kivi_vllm.models import ensure_default_model
 
+    # --no-kivi: the stock bf16 cache with the same blocks of 32 tokens
+    kv = (["--no-kivi", "--block-size", "32", "--num-gpu-blocks-override",
+           str(args.num_gpu_blocks)] if args.no_kivi
+          else ["--kv-bits", str(args.kv_bits), "--kv-group", "32", "--kv-residual", "32",
+                "--num-gpu-blocks-override", str(args.num_gpu_blocks)])
     return kivi_serve_command(
-        args.model or ensure_default_model(), "--kv-bits", str(args.kv_bits), "--kv-group", "32",
-        "--kv-residual", "32", "--max-num-seqs", str(args.max_num_seqs), "--max-model-len",
-        str(args.max_model_len), "--num-gpu-blocks-override", str(args.num_gpu_blocks),
+        args.model or ensure_default_model(), *kv, "--max-num-seqs", str(args.max_num_seqs),
+        "--max-model-len", str(args.max_model_len),
         "--enforce-eager", "--served-model-name", MODEL, "--host", "127.0.0.1",
     )
 
@@ -351,6 +355,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base-url", help="a running server (its model must be served as 'smollm2')")
     p.add_argument("--model", help="model to serve (default: the embedded SmolLM2)")
     p.add_argument("--kv-bits", type=int, default=2, choices=(2, 4))
+    p.add_argument("--no-kivi", action="store_true",
+                   help="baseline: the stock bf16 cache, same KV tokens (idle check without KIVI)")
     p.add_argument("--num-gpu-blocks", type=int, default=64, help="KV blocks of 32 tokens")
     p.add_argument("--max-num-seqs", type=int, default=32)
     p.add_argument("--max-model-len", type=int, default=1024)
