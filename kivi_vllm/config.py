@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -15,6 +16,12 @@ class KiviConfigError(ValueError):
 
 
 FASTGEN_DEFAULT_RATIO = 0.3
+_INT_OPTIONS = {  # the allowed values of the integer options, for type errors
+    "bits": f"one of {ALLOWED_BITS}",
+    "group_size": f"one of {ALLOWED_GROUP_SIZES}",
+    "residual": "a positive multiple of group_size (e.g. 32, 64, 128)",
+    "sink_groups": "an integer >= 0",
+}
 
 
 def _reject_unknown(raw: dict, cls: type, label: str) -> None:
@@ -90,7 +97,8 @@ class KiviConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
                 raise KiviConfigError(
-                    f"kivi.{name} must be an integer, got {value!r}"
+                    f"kivi.{name} must be an integer, got {value!r}; allowed: "
+                    f"{_INT_OPTIONS[name]}"
                 )
         if not isinstance(self.rotate_keys, bool):
             raise KiviConfigError(
@@ -129,7 +137,8 @@ class KiviConfig:
             return cls()
         if not isinstance(raw, dict):
             raise KiviConfigError(
-                f"additional_config['kivi'] must be a JSON object, got {raw!r}"
+                f"additional_config['kivi'] must be a JSON object, got {raw!r}; allowed: "
+                'an object such as {"bits": 2}, true (defaults) or false (KIVI off)'
             )
         _reject_unknown(raw, cls, "kivi")
         return cls(**raw)
@@ -187,6 +196,16 @@ def kivi_config_from_vllm(vllm_config: Any) -> KiviConfig | None:
     if not isinstance(additional, dict) or CONFIG_KEY not in additional:
         return None
     raw = additional[CONFIG_KEY]
-    if raw is None or raw is False:
+    if raw is False:
         return None
+    if raw is None:  # e.g. a config dump that lost the value: never fall back silently
+        raise KiviConfigError(
+            "additional_config['kivi'] is null; allowed: a JSON object such as "
+            '{"bits": 2} (KIVI on), true (KIVI with defaults) or false (KIVI off)'
+        )
     return KiviConfig.from_dict(raw)
+
+
+def config_fingerprint(cfg: KiviConfig) -> str:
+    """Canonical JSON of every option of ``cfg`` (equal iff the configs are equal)."""
+    return json.dumps(asdict(cfg), sort_keys=True, separators=(",", ":"))

@@ -7,15 +7,21 @@ from typing import Self
 
 from vllm.v1.kv_cache_interface import FullAttentionSpec
 
+from kivi_vllm.config import KiviConfig, KiviConfigError, config_fingerprint
 from kivi_vllm.page_format import PageFormat
 
 
 @dataclass(frozen=True, kw_only=True)
 class KiviAttentionSpec(FullAttentionSpec):
-    """Pages of ``block_size == group_size`` tokens in the KIVI format (uint8 storage)."""
+    """Pages of ``block_size == group_size`` tokens in the KIVI format (uint8 storage).
+
+    ``kivi_config`` is the fingerprint (:func:`config_fingerprint`) of the whole KIVI
+    config the pages were sized for; the worker checks it where the cache is bound.
+    """
 
     kivi_bits: int = 2
     kivi_group: int = 32
+    kivi_config: str = ""
 
     @property
     def page_format(self) -> PageFormat:
@@ -29,11 +35,31 @@ class KiviAttentionSpec(FullAttentionSpec):
     def merge(cls, specs: list[Self]) -> Self:
         merged = super().merge(specs)
         first = specs[0]
-        assert all(
-            (s.kivi_bits, s.kivi_group) == (first.kivi_bits, first.kivi_group)
-            for s in specs
-        ), "All KIVI layers of a KV cache group must share bits and group size."
-        return replace(merged, kivi_bits=first.kivi_bits, kivi_group=first.kivi_group)
+        configs = sorted({s.kivi_config for s in specs})
+        if len(configs) > 1 or any(
+            (s.kivi_bits, s.kivi_group) != (first.kivi_bits, first.kivi_group) for s in specs
+        ):
+            raise KiviConfigError(
+                f"the KIVI layers of one KV cache group were built for different KIVI "
+                f"configs {configs}; every layer must share one config"
+            )
+        return replace(merged, kivi_bits=first.kivi_bits, kivi_group=first.kivi_group,
+                       kivi_config=first.kivi_config)
+
+    def check_config(self, cfg: KiviConfig | None, who: str) -> None:
+        """Fail unless ``cfg`` (the KIVI config ``who`` reads pages with) is the one
+        these pages were built for; None means ``who`` has KIVI switched off."""
+        active = "none (KIVI off)" if cfg is None else config_fingerprint(cfg)
+        if cfg is None or active != self.kivi_config or (cfg.bits, cfg.group_size) != (
+            self.kivi_bits, self.kivi_group
+        ):
+            raise KiviConfigError(
+                f"KIVI config mismatch: the KV cache spec (pages of {self.page_size_bytes} "
+                f"bytes) was built for kivi config {self.kivi_config or '<unknown>'} "
+                f"(bits={self.kivi_bits}, group_size={self.kivi_group}), but {who} has "
+                f"kivi config {active}; every process must get the same "
+                "--additional-config '{\"kivi\": ...}'"
+            )
 
 
 def register_spec() -> None:

@@ -19,6 +19,11 @@ def activate(cfg: KiviConfig) -> None:
     _ACTIVE = cfg
 
 
+def activated_config() -> KiviConfig | None:
+    """The config this process activated, or None (no fallback to the vLLM config)."""
+    return _ACTIVE
+
+
 def active_config() -> KiviConfig:
     if _ACTIVE is None:
         from vllm.config import get_current_vllm_config_or_none

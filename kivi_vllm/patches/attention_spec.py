@@ -7,11 +7,36 @@ import functools
 import torch
 from vllm.model_executor.layers.attention.attention import Attention
 from vllm.v1.core import single_type_kv_cache_manager as managers
-from vllm.v1.kv_cache_interface import FullAttentionSpec
+from vllm.v1.kv_cache_interface import FullAttentionSpec, UniformTypeKVCacheSpecs
+from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
 from kivi_vllm import state
-from kivi_vllm.config import KiviConfigError, kivi_config_from_vllm
+from kivi_vllm.config import KiviConfigError, config_fingerprint, kivi_config_from_vllm
 from kivi_vllm.spec import KiviAttentionSpec, register_spec
+
+
+def check_bound_config(kv_cache_config, vllm_config) -> None:
+    """Where a worker binds its KV cache: every KIVI page must be in the format of the
+    KIVI config this worker reads with (its engine config and the config its process
+    activated), and a KIVI worker must not get pages of another format."""
+    cfg = kivi_config_from_vllm(vllm_config)
+    activated = state.activated_config()
+    for group in kv_cache_config.kv_cache_groups:
+        spec = group.kv_cache_spec
+        specs = spec.kv_cache_specs.values() if isinstance(spec, UniformTypeKVCacheSpecs) else [
+            spec]
+        for s in specs:
+            if isinstance(s, KiviAttentionSpec):
+                s.check_config(cfg, "this worker's engine config")
+                if activated is not None:
+                    s.check_config(activated, "this worker process (activated config)")
+            elif cfg is not None and isinstance(s, FullAttentionSpec):
+                raise KiviConfigError(
+                    f"KIVI config mismatch: layers {group.layer_names[:3]} got a "
+                    f"{type(s).__name__} (unquantized {s.dtype} pages), but this worker "
+                    f"has kivi config {config_fingerprint(cfg)}; every process must get "
+                    "the same --additional-config"
+                )
 
 
 def apply() -> None:
@@ -37,6 +62,7 @@ def apply() -> None:
             dtype=torch.uint8,
             kivi_bits=cfg.bits,
             kivi_group=cfg.group_size,
+            kivi_config=config_fingerprint(cfg),
         )
 
     Attention.get_kv_cache_spec = get_kv_cache_spec
@@ -49,3 +75,12 @@ def apply() -> None:
         register_spec()
 
     managers.register_all_kvcache_specs = register_all_kvcache_specs
+
+    original_init_kv = GPUModelRunner.initialize_kv_cache
+
+    @functools.wraps(original_init_kv)
+    def initialize_kv_cache(self: GPUModelRunner, kv_cache_config, *args, **kwargs):
+        check_bound_config(kv_cache_config, self.vllm_config)
+        return original_init_kv(self, kv_cache_config, *args, **kwargs)
+
+    GPUModelRunner.initialize_kv_cache = initialize_kv_cache
