@@ -130,7 +130,7 @@ def hadamard(n: int) -> torch.Tensor:
     of two: ``kivi.rotate_keys`` multiplies queries and keys by it before attention."""
     if n < 1 or n & (n - 1):
         raise ValueError(f"a Hadamard rotation needs a power-of-two size, got {n}")
-    h = torch.ones(1, 1)
+    h = torch.ones(1, 1, dtype=torch.float32)  # vLLM builds layers under a bf16 default
     while h.shape[0] < n:
         h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)])
     return h / n**0.5

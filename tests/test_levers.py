@@ -49,7 +49,12 @@ def _metadata(ctx: int, q_len: int, blocks: torch.Tensor) -> KiviMetadata:
 def _run(cfg: KiviConfig, q, k, v, chunk: int, dtype: torch.dtype):
     """Feed one sequence chunk by chunk; return the outputs, the cache and the tail."""
     state.activate(cfg)
-    impl = KiviAttentionImpl(HEADS, D, D**-0.5, KV_HEADS)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # as vLLM builds the model's layers
+    try:
+        impl = KiviAttentionImpl(HEADS, D, D**-0.5, KV_HEADS)
+    finally:
+        torch.set_default_dtype(default)
     state.allocate_tails([LAYER], 2, cfg.residual, KV_HEADS, D, dtype, torch.device("cpu"))
     n = q.shape[0]
     blocks = torch.arange(n // G + 1, dtype=torch.int32)
