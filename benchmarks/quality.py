@@ -21,6 +21,7 @@ import datetime
 import json
 import os
 import platform
+import re
 import shutil
 import subprocess
 import time
@@ -238,7 +239,8 @@ def main() -> None:
                               text=True, cwd=RESULTS).stdout.strip() if shutil.which("git") else "",
     )
     records = {r["kv"]: r for r in doc["records"]}
-    for name in (args.kv or DEFAULT_KV[args.model]).split(","):
+    # a comma starts a new setting only before bf16/fp8/kivi (else it separates options)
+    for name in re.split(r",(?=bf16|fp8|kivi)", args.kv or DEFAULT_KV[args.model]):
         setting = parse_kv(name)
         print(f"[quality] {args.model} {name} ...", flush=True)
         rec = {"model": Path(model_path).name, "kv": name,
