@@ -149,7 +149,15 @@ LEVERS = [
     Lever(hi_layers=1),
     Lever(bits=4),
     Lever(residual=128),
+    # combinations (G32; tails = residual + sink groups: 96 tokens keep >= 4.5x bf16)
+    Lever(sink=1, residual=64, rotate=True),
     Lever(sink=1, rotate=True),
+    Lever(sink=2),
+    Lever(sink=1, outliers=1),
+    Lever(sink=1, outliers=2),
+    Lever(sink=1, residual=96, rotate=True),
+    Lever(sink=2, rotate=True),
+    Lever(sink=1, outliers=1, rotate=True),
     Lever(sink=1, outliers=4),
 ]
 
