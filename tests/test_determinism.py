@@ -1,19 +1,25 @@
 """Determinism with KIVI-2 on the CPU engine: a greedy request gives the same tokens
 alone and inside a full batch.
 
-Tolerance: none (token-identical), in float32. The model runs in ``dtype="float32"``:
-in bf16 the last bits of K/V can depend on the shape of the computation (batch size,
-chunking), and a 2-bit code sitting on a rounding boundary then flips - the effect
-tests/test_engine_cpu.py measured for preemption (3/64 requests differed before EOS in
-bf16, 0/64 in fp32); bf16 batching itself was not measured here. What KIVI reads does
-not depend on the batch: pages and tails are per sequence, and the prefill chunk
-boundaries are fixed here (``long_prefill_token_threshold`` of one group, far below the
-step budget), so every sequence quantizes the same groups at the same steps whatever
-runs beside it.
+Tolerance, in float32 (``dtype="float32"``): the CPU kernels' results depend on the
+batch shape (GEMM blocking with another M, attention over another batch), so the logits
+of the same request move by a little with what runs beside it, and a 2-bit code on a
+rounding boundary can flip and move them a little more. Batched, each chosen token's
+logprob must stay within ``LOGPROB_TOL`` of the run alone, and the tokens must be
+identical except where the run alone has a near-tie: greedy may take the other token
+only at a position whose top-2 logprob margin is below ``2 * LOGPROB_TOL`` (a gap
+between two logits moves by at most twice what each logit moves). docs/benchmarks.md
+gives the measured perturbation (engine and server, KIVI-2 and the stock cache). What
+KIVI reads does not depend on the batch: pages and tails are per sequence, and the
+prefill chunk boundaries are fixed here (``long_prefill_token_threshold`` of one group,
+far below the step budget), so every sequence quantizes the same groups at the same
+steps whatever runs beside it. ``KIVI_DETERMINISM_JSON=path`` writes the figures.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import random
 
 import pytest
@@ -25,12 +31,35 @@ pytestmark = pytest.mark.skipif(
 
 BATCH = 16  # max_num_seqs: the batch is full
 GEN = 80  # > 2 groups of 32: decode packs groups while the batch runs
+LOGPROB_TOL = 0.02  # ~4x the largest batch-induced change measured (docs/benchmarks.md)
 
 
 def _greedy(max_tokens: int):
     from vllm import SamplingParams
 
-    return SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    return SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True, logprobs=2)
+
+
+def _trace(completion) -> dict:
+    """Tokens, chosen-token logprobs and top-2 logprobs of one greedy completion."""
+    ids = list(completion.token_ids)
+    lps = completion.logprobs
+    return {"tokens": ids, "logprobs": [lp[t].logprob for t, lp in zip(ids, lps, strict=True)],
+            "top2": [sorted((x.logprob for x in lp.values()), reverse=True)[:2] for lp in lps]}
+
+
+def compare(alone: dict, run: dict) -> dict:
+    """First differing token, and the largest logprob change before it."""
+    first = next((j for j, (a, b) in enumerate(zip(alone["tokens"], run["tokens"], strict=True))
+                  if a != b), None)
+    upto = len(alone["tokens"]) if first is None else first
+    diffs = [abs(a - b) for a, b in zip(alone["logprobs"][:upto], run["logprobs"][:upto],
+                                        strict=True)]
+    out = {"first_diff": first, "max_logprob_diff": max(diffs, default=0.0)}
+    if first is not None:
+        top2 = alone["top2"][first]
+        out["alone_margin_at_diff"] = top2[0] - top2[1]
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -47,10 +76,10 @@ def runs(default_model_path: str) -> dict:
         prompts = chat_prompts(llm, questions)
         target = prompts[0]
 
-        def gen(batch: list[list[int]], max_tokens: list[int]) -> list[list[int]]:
+        def gen(batch: list[list[int]], max_tokens: list[int]) -> list[dict]:
             outs = llm.generate([{"prompt_token_ids": p} for p in batch],
                                 [_greedy(m) for m in max_tokens], use_tqdm=False)
-            return [list(o.outputs[0].token_ids) for o in outs]
+            return [_trace(o.outputs[0]) for o in outs]
 
         alone = gen([target], [GEN])[0]
         # the target first (a full batch from its first step) and last of 2 x max_num_seqs
@@ -70,8 +99,16 @@ def runs(default_model_path: str) -> dict:
 @pytest.mark.slow
 def test_greedy_alone_equals_batched(runs: dict) -> None:
     alone = runs["alone"]
-    assert len(alone) == GEN
-    for i, out in enumerate(runs["batched"]):
-        assert out == alone, f"position {i}: first difference at token " + str(
-            next(j for j, (a, b) in enumerate(zip(out, alone, strict=True)) if a != b))
+    assert len(alone["tokens"]) == GEN
+    margins = [a - b for a, b in alone["top2"]]
+    results = [compare(alone, run) for run in runs["batched"]]
+    summary = {"alone_min_margin": min(margins), "batched": results, "tol": LOGPROB_TOL}
+    print(json.dumps(summary))
+    if os.environ.get("KIVI_DETERMINISM_JSON"):
+        with open(os.environ["KIVI_DETERMINISM_JSON"], "w") as f:
+            json.dump({**summary, "alone": alone, "runs": runs["batched"]}, f, indent=1)
+    for i, res in enumerate(results):
+        assert res["max_logprob_diff"] <= LOGPROB_TOL, (i, res)
+        if res["first_diff"] is not None:  # only a near-tie of the run alone may flip
+            assert res["alone_margin_at_diff"] < 2 * LOGPROB_TOL, (i, res)
     assert runs["stats"]["tail_slots_in_use"] == 0
