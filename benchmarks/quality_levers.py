@@ -13,6 +13,7 @@ scored tokens are the harness's (``kivi_vllm.quality.ppl_windows``). Levers:
 * ``hi_layers``: the first and last ``hi_layers`` layers at 4 bits
 * ``rotate``: keys multiplied by a normalized Hadamard matrix before quantization (and
   back after), an orthogonal rotation that spreads outlier channels
+* ``rotate_values``: the same for values (per-token groups of G channels)
 
     nice -n 10 .venv/bin/python benchmarks/quality_levers.py --model smollm2
 """
@@ -44,6 +45,7 @@ class Lever:
     outliers: int = 0  # key channels per page and head
     hi_layers: int = 0  # first and last layers at 4 bits
     rotate: bool = False
+    rotate_values: bool = False
     exact: bool = False  # no quantization at all (the fp32 reference)
 
     @property
@@ -54,7 +56,7 @@ class Lever:
         for key in ("sink", "outliers", "hi_layers"):
             if getattr(self, key):
                 s += f"+{key}{getattr(self, key)}"
-        return s + ("+rotate" if self.rotate else "")
+        return s + ("+rotate" if self.rotate else "") + ("+rotv" if self.rotate_values else "")
 
 
 def hadamard(n: int) -> torch.Tensor:
@@ -73,6 +75,7 @@ def fake_kv(k: torch.Tensor, v: torch.Tensor, lv: Lever, bits: int) -> tuple:
     g, d = lv.group, k.shape[-1]
     kh, vh = k.clone(), v.clone()
     rot = hadamard(d) if lv.rotate else None
+    rot_v = hadamard(d) if lv.rotate_values else None
     for j in range(k.shape[2] // g):
         sl = slice(j * g, (j + 1) * g)
         kg = k[:, :, sl] @ rot if rot is not None else k[:, :, sl]
@@ -83,8 +86,10 @@ def fake_kv(k: torch.Tensor, v: torch.Tensor, lv: Lever, bits: int) -> tuple:
             top = rng.topk(lv.outliers, dim=-1).indices.expand(-1, -1, g, -1)
             kq.scatter_(-1, top, kg.half().float().gather(-1, top))
         kh[:, :, sl] = kq @ rot.T if rot is not None else kq
-        codes, scale, mn = reference.quantize(v[:, :, sl].unflatten(-1, (d // g, g)), -1, bits)
-        vh[:, :, sl] = reference.dequantize(codes, scale, mn).flatten(-2)
+        vg = v[:, :, sl] @ rot_v if rot_v is not None else v[:, :, sl]
+        codes, scale, mn = reference.quantize(vg.unflatten(-1, (d // g, g)), -1, bits)
+        vq = reference.dequantize(codes, scale, mn).flatten(-2)
+        vh[:, :, sl] = vq @ rot_v.T if rot_v is not None else vq
     return kh, vh
 
 
@@ -159,6 +164,7 @@ LEVERS = [
     Lever(sink=2, rotate=True),
     Lever(sink=1, outliers=1, rotate=True),
     Lever(sink=1, outliers=4),
+    Lever(sink=1, residual=64, rotate=True, rotate_values=True),
 ]
 
 
