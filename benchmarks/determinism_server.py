@@ -20,7 +20,6 @@ import asyncio
 import datetime
 import json
 import os
-import platform
 import random
 import sys
 import time
@@ -30,7 +29,11 @@ import httpx
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.server_process import kivi_serve_command, server_process  # noqa: E402
+from benchmarks.server_process import (  # noqa: E402
+    kivi_serve_command,
+    save_run,
+    server_process,
+)
 from benchmarks.soak import parse_metrics  # noqa: E402
 
 MODEL = "smollm2"
@@ -168,15 +171,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     env = {"VLLM_CPU_KVCACHE_SPACE": "1"}
     with server_process(cmd, log_path=args.log, env=env, start_timeout_s=900) as url:
         result = asyncio.run(experiment(url, model_dir, args.reps))
-    record = {"started": started, "args": vars(args), "server_cmd": cmd,
-              "machine": platform.platform(), "cpus": os.cpu_count(), **result}
+    record = save_run(args, cmd, started, result, args.out)
     summary = {k: record[k] for k in ("alone_repeat_identical", "alone_min_margin",
                                       "alone_margins_below_1e-3", "diverged")}
     print(json.dumps(summary))
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(record, f, indent=1)
-            f.write("\n")
     return record
 
 

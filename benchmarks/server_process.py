@@ -14,7 +14,9 @@ Pure stdlib.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import platform
 import signal
 import socket
 import subprocess
@@ -146,3 +148,15 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def save_run(args, cmd: Sequence[str], started: str, result: dict, out: str | None) -> dict:
+    """The JSON record of one scripted server run (arguments, command, machine, results),
+    written to ``out`` when given."""
+    record = {"started": started, "args": vars(args), "server_cmd": list(cmd),
+              "machine": platform.platform(), "cpus": os.cpu_count(), **result}
+    if out:
+        with open(out, "w") as f:
+            json.dump(record, f, indent=1)
+            f.write("\n")
+    return record

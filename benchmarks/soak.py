@@ -26,7 +26,6 @@ import datetime
 import json
 import math
 import os
-import platform
 import random
 import re
 import sys
@@ -39,7 +38,11 @@ import psutil
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.loadtest import WORDS  # noqa: E402
-from benchmarks.server_process import kivi_serve_command, server_process  # noqa: E402
+from benchmarks.server_process import (  # noqa: E402
+    kivi_serve_command,
+    save_run,
+    server_process,
+)
 
 MODEL = "smollm2"
 STOPS = [["."], ["\n"], [" the", "!"], ["?", ","]]
@@ -389,13 +392,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         with server_process(cmd, log_path=args.log, env=env, start_timeout_s=900) as url:
             pid = listening_pid(int(url.rsplit(":", 1)[1]))
             result = asyncio.run(soak(args, url, pid))
-    record = {"started": started, "args": vars(args), "server_cmd": cmd,
-              "machine": platform.platform(), "cpus": os.cpu_count(), **result}
+    record = save_run(args, cmd, started, result, args.out)
     print(json.dumps(record["summary"], indent=1))
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(record, f, indent=1)
-            f.write("\n")
     return record
 
 
