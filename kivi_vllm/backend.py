@@ -182,10 +182,8 @@ class KiviMetadataBuilder(AttentionMetadataBuilder[KiviMetadata]):
             from kivi_vllm.kernels.warmup import warm_up
 
             mc = vllm_config.model_config
-            fmt = PageFormat(self.cfg.bits, self.cfg.group_size, kv_cache_spec.head_size,
-                             kv_cache_spec.num_kv_heads)
             num_heads = mc.get_num_attention_heads(vllm_config.parallel_config)
-            warm_up(fmt, self.cfg.residual, num_heads, mc.dtype, device)
+            warm_up(kv_cache_spec.page_format, self.cfg.residual, num_heads, mc.dtype, device)
         if self.cfg.fastgen is not None:  # kivi.fastgen only (CPU reference path)
             from transformers import AutoTokenizer
 
