@@ -29,6 +29,7 @@ class Scenario:
     query_start_loc: torch.Tensor
     seq_lens: torch.Tensor
     scale: float
+    sinks: int = 0  # attention-sink tokens (kivi.sink_groups * group size)
 
     def seq(self, i: int) -> reference.SeqStep:
         return reference.SeqStep(
@@ -54,8 +55,10 @@ def make_scenario(
     dtype: torch.dtype = torch.float32,
     seed: int = 0,
     prefix_hit: bool = True,
+    sinks: int = 0,
 ) -> Scenario:
-    """Pages and tails as the write path leaves them after each request's context."""
+    """Pages and tails as the write path leaves them after each request's context
+    (``sinks``: the first tokens a sequence wrote itself also stay in ring rows [0, sinks))."""
     gen = torch.Generator().manual_seed(seed)
     g, hk, d = fmt.group_size, fmt.num_kv_heads, fmt.head_dim
     n = len(ctx)
@@ -76,15 +79,19 @@ def make_scenario(
         hist_v = torch.randn(total, hk, d, generator=gen).to(dtype)
         vf = (ctx[i] // g // 2) * g if (prefix_hit and i % 3 == 2) else 0
         valid_from.append(vf)
-        for grp in range(total // g):
+        # sink groups of a sequence that wrote its start itself are never read from their
+        # pages: leave those pages as random bytes (poison) so that reading one shows up
+        first = sinks // g if vf == 0 else 0
+        for grp in range(first, total // g):
             page = reference.quantize_page(hist_k[grp * g:(grp + 1) * g],
                                            hist_v[grp * g:(grp + 1) * g], fmt)
             for name, data in page.items():
                 views[name][int(block_table[i, grp])] = data
-        lo = max(vf, total - residual)
-        pos = torch.arange(lo, total)
-        tail[0, slots[i], pos % residual] = hist_k[lo:total]
-        tail[1, slots[i], pos % residual] = hist_v[lo:total]
+        pos = torch.arange(vf, total)
+        pos = pos[(pos < sinks) | (pos >= total - (residual - sinks))]
+        rows = reference.ring_index(pos, residual, sinks)
+        tail[0, slots[i], rows] = hist_k[pos]
+        tail[1, slots[i], rows] = hist_v[pos]
     num_tokens = sum(qlen)
     query = torch.randn(num_tokens, hq, d, generator=gen).to(dtype)
     key = (torch.randn(num_tokens, hk, d, generator=gen) * 2).to(dtype)
@@ -97,7 +104,7 @@ def make_scenario(
         slot_mapping[qsl[i]:qsl[i + 1]] = block_table[i, pos // g].long() * g + pos % g
     seq_lens = torch.tensor([c + q for c, q in zip(ctx, qlen, strict=True)], dtype=torch.int32)
     return Scenario(fmt, residual, hq, ctx, qlen, valid_from, cache, tail, block_table, slots,
-                    query, key, value, slot_mapping, qsl, seq_lens, d ** -0.5)
+                    query, key, value, slot_mapping, qsl, seq_lens, d ** -0.5, sinks)
 
 
 def reference_context_attention(sc: Scenario, include_self: bool) -> torch.Tensor:
@@ -109,7 +116,7 @@ def reference_context_attention(sc: Scenario, include_self: bool) -> torch.Tenso
     hk = sc.fmt.num_kv_heads
     for i in range(len(sc.ctx)):
         lo, hi = qsl[i], qsl[i + 1]
-        ck, cv = reference.context_kv(views, tail, sc.seq(i), sc.fmt, sc.residual)
+        ck, cv = reference.context_kv(views, tail, sc.seq(i), sc.fmt, sc.residual, sc.sinks)
         q = sc.query[lo:hi].cpu().float()
         if include_self:
             out[lo:hi] = reference.attend(q, sc.key[lo:hi].cpu(), sc.value[lo:hi].cpu(),
@@ -130,7 +137,7 @@ def reference_store(sc: Scenario) -> tuple[torch.Tensor, torch.Tensor]:
     for i in range(len(sc.ctx)):
         lo, hi = qsl[i], qsl[i + 1]
         reference.store(views, tail, sc.key[lo:hi].cpu(), sc.value[lo:hi].cpu(), sc.seq(i),
-                        sc.fmt, sc.residual)
+                        sc.fmt, sc.residual, sc.sinks)
     return cache, tail
 
 

@@ -33,19 +33,26 @@ SMALL = [  # (bits, group, head_dim, kv_heads, q_heads, residual)
     (2, 64, 128, 1, 8, 64),
     (4, 32, 128, 2, 2, 32),
 ]
+SINKS = [  # (case, sink tokens): kivi.sink_groups, sink rows read instead of pages
+    ((2, 32, 64, 2, 4, 96), 32),
+    ((4, 32, 128, 1, 4, 96), 64),
+]
 
 
-def _decode_case(bits, group, d, hk, hq, residual, dtype, seed, ctx):
+def _decode_case(bits, group, d, hk, hq, residual, dtype, seed, ctx, sinks=0):
     fmt = PageFormat(bits, group, d, hk)
-    return make_scenario(fmt, residual, hq, ctx, [1] * len(ctx), dtype=dtype, seed=seed)
+    return make_scenario(fmt, residual, hq, ctx, [1] * len(ctx), dtype=dtype, seed=seed,
+                         sinks=sinks)
 
 
 @pytest.mark.parametrize("splits", [1, 3])
-@pytest.mark.parametrize("case", SMALL)
-def test_decode_attention_matches_reference(case, splits):
+@pytest.mark.parametrize(("case", "sinks"), [(c, 0) for c in SMALL] + SINKS)
+def test_decode_attention_matches_reference(case, sinks, splits):
     bits, group, d, hk, hq, residual = case
     ctx = [0, 5, group, 3 * group + 7, 5 * group - 1, 2 * residual + 3]
-    sc = _decode_case(bits, group, d, hk, hq, residual, torch.float32, sum(case), ctx)
+    if sinks:  # inside the sink groups, just past them, and far past with a prefix hit
+        ctx += [sinks - 3, sinks + 1, 4 * residual + 5]
+    sc = _decode_case(bits, group, d, hk, hq, residual, torch.float32, sum(case), ctx, sinks)
     ref = reference_context_attention(sc, include_self=True)
     dev = sc.to(DEVICE)
     out = torch.full_like(dev.query, float("nan"))
@@ -53,16 +60,18 @@ def test_decode_attention_matches_reference(case, splits):
                    dev.seq_lens, dev.query_start_loc, dev.tail_slots,
                    torch.tensor(sc.valid_from, dtype=torch.int32, device=DEVICE), sc.fmt,
                    residual, sc.scale, out, decode=True, num_tiles=len(ctx),
-                   num_splits=splits)  # 1: the kernel writes the output itself (no reduce)
+                   num_splits=splits, sinks=sinks)  # 1 split: no reduce
     assert rel_err(out.cpu(), ref) < 5e-3  # fp16 dot operands
 
 
-@pytest.mark.parametrize("case", SMALL[:2])
-def test_prefill_context_attention_matches_reference(case):
+@pytest.mark.parametrize(("case", "sinks"), [(c, 0) for c in SMALL[:2]] + SINKS[:1])
+def test_prefill_context_attention_matches_reference(case, sinks):
     bits, group, d, hk, hq, residual = case
     fmt = PageFormat(bits, group, d, hk)
     ctx, qlen = [2 * group + 5, group, 4 * group], [7, group + 3, 1]
-    sc = make_scenario(fmt, residual, hq, ctx, qlen, seed=7)
+    if sinks:
+        ctx, qlen = ctx + [2 * residual + 5, sinks - 2], qlen + [3, 5]
+    sc = make_scenario(fmt, residual, hq, ctx, qlen, seed=7, sinks=sinks)
     ref = reference_context_attention(sc, include_self=False)
     dev = sc.to(DEVICE)
     block_q = 4
@@ -82,24 +91,29 @@ def test_prefill_context_attention_matches_reference(case):
                        residual, sc.scale, out, decode=False, num_tiles=len(tile_req),
                        tile_req=torch.tensor(tile_req, dtype=torch.int32, device=DEVICE),
                        tile_tok=torch.tensor(tile_tok, dtype=torch.int32, device=DEVICE),
-                       block_q=block_q, num_splits=splits, lse_out=lse)
+                       block_q=block_q, num_splits=splits, lse_out=lse, sinks=sinks)
         assert rel_err(out.cpu(), ref) < 5e-3
         assert not torch.isnan(lse).any()
         results[splits] = lse.cpu()
     assert torch.allclose(results[1], results[2], rtol=1e-4, atol=1e-4)  # both natural log
 
 
-@pytest.mark.parametrize("case", SMALL)
-def test_store_matches_reference(case):
+@pytest.mark.parametrize(("case", "sinks"), [(c, 0) for c in SMALL] + SINKS[:1])
+def test_store_matches_reference(case, sinks):
     bits, group, d, hk, hq, residual = case
     fmt = PageFormat(bits, group, d, hk)
     ctx = [group - 1, 3, 2 * group + 5, group]
     qlen = [1, 2 * group + 9, group - 5, 3 * residual + 2]
-    sc = make_scenario(fmt, residual, hq, ctx, qlen, seed=3, prefix_hit=False)
+    if sinks:  # a sink group completed by a decode, a prefill across the sinks, a group
+        # completed far past the sinks (its first tokens in wrapped sliding rows)
+        ctx = ctx + [sinks - 1, sinks - 7, 2 * residual + 5]
+        qlen = qlen + [1, residual + 9, group - 5]
+        qlen[3] = group + 2  # keep the interpreter's work small
+    sc = make_scenario(fmt, residual, hq, ctx, qlen, seed=3, prefix_hit=False, sinks=sinks)
     ref_cache, ref_tail = reference_store(sc)
     dev = sc.to(DEVICE)
     store_step(dev.key, dev.value, dev.cache, dev.tail, dev.slot_mapping,
-               dev.query_start_loc, dev.seq_lens, dev.tail_slots, fmt, residual)
+               dev.query_start_loc, dev.seq_lens, dev.tail_slots, fmt, residual, sinks)
     cache, tail = dev.cache.cpu(), dev.tail.cpu()
     assert torch.equal(tail, ref_tail)
     mismatched = (cache != ref_cache).float().mean().item()

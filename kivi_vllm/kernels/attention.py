@@ -15,6 +15,12 @@ int-to-float conversion runs (those issue at a quarter of the FMA rate on Hopper
 running max is rescaled lazily (only when it grows by more than ``RESCALE_LOG2``). The
 last split also covers the tail ring and, for decode, the step's own token;
 ``_kivi_reduce_splits`` merges the splits by log-sum-exp.
+
+Attention sinks (``sinks`` tokens, ``kivi.sink_groups``; ``reference.context_kv``): for a
+sequence that wrote its start itself (``valid_from == 0``) the first ``min(sinks,
+tail_start)`` positions are read from their own ring rows instead of their pages, and the
+tail window is computed with the ring's sliding part ``R - sinks``. Both ring segments fit
+one tile of ``BLOCK_R`` rows (sink rows first), so the page loop is unchanged.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import triton
 import triton.language as tl
 
 from kivi_vllm.kernels.common import format_constants
+from kivi_vllm.kernels.store import ring_row
 from kivi_vllm.page_format import PageFormat
 
 
@@ -193,8 +200,8 @@ def _attend_page(page, q0, q1, q2, q3, m_i, l_i, acc0, acc1, acc2, acc3, kvh, t,
 
 # Arguments that change with the batch are not specialized (no divisibility or ==1
 # variants), so the variants compiled at start-up (``kernels/warmup.py``) serve every step.
-@triton.jit(do_not_specialize=["tok_base", "S", "stride_bt", "stride_ot", "stride_oh",
-                               "stride_os", "stride_lt", "stride_lh"])
+@triton.jit(do_not_specialize=["tok_base", "S", "sinks", "stride_bt", "stride_ot",
+                               "stride_oh", "stride_os", "stride_lt", "stride_lh"])
 def _kivi_attend_context(
     query,  # [T, HQ, D]
     key,  # [T, HK, D] step tokens (the self token of a decode)
@@ -213,6 +220,7 @@ def _kivi_attend_context(
     sm_scale,
     tok_base,  # first token of this launch: mid_o/mid_lse row = token - tok_base
     S,  # context splits (runtime: one compiled kernel serves every batch size)
+    sinks,  # attention-sink tokens kept in ring rows [0, sinks) (runtime, may be 0)
     stride_qt,
     stride_qh,
     stride_kt,
@@ -268,11 +276,12 @@ def _kivi_attend_context(
     q_len = q_end - tl.load(query_start_loc + req)
     ctx = tl.load(seq_lens + req) - q_len
     vfrom = tl.load(valid_from + req)
-    tstart = tl.maximum(tl.maximum(vfrom, (ctx // G) * G - (R - G)), 0)
-    n_pages = tstart // G
+    tstart = tl.maximum(tl.maximum(vfrom, (ctx // G) * G - (R - sinks - G)), 0)
+    pinned = tl.where(vfrom == 0, tl.minimum(sinks, tstart), 0)  # sink rows read, not pages
+    n_pages = (tstart - pinned) // G
     per_split = tl.cdiv(n_pages, S)
-    p_lo = split * per_split
-    p_hi = tl.minimum(p_lo + per_split, n_pages)
+    p_lo = pinned // G + split * per_split
+    p_hi = tl.minimum(p_lo + per_split, tstart // G)
 
     BLOCK_M: tl.constexpr = BLOCK_Q * BLOCK_H
     m = tl.arange(0, BLOCK_M)
@@ -310,13 +319,14 @@ def _kivi_attend_context(
             USE_ASM)
 
     if split == S - 1:
-        # full-precision tail ring: positions [tstart, ctx); exact (non-lazy) update
+        # full-precision tail ring: sink positions [0, pinned), then [tstart, ctx) (at
+        # most R rows in all); exact (non-lazy) update
         r = tl.arange(0, BLOCK_R)
-        pos = tstart + r
+        pos = tl.where(r < pinned, r, tstart + r - pinned)
         r_ok = (pos < ctx)[:, None]
         tslot = tl.load(tail_slots + req)
         ring = tail + tslot * stride_tail_slot + kvh * stride_tail_h
-        rows = (pos % R)[:, None] * stride_tail_pos
+        rows = ring_row(pos, R, sinks)[:, None] * stride_tail_pos
         ring_v = ring + stride_tail_kv
         s = tl.dot(q0, tl.trans(_load_chunk(ring, rows, r_ok, 0 * W, w).to(tl.float16)))
         s = tl.dot(q1, tl.trans(_load_chunk(ring, rows, r_ok, 1 * W, w).to(tl.float16)), s)
@@ -461,6 +471,7 @@ def attend_context(
     out: torch.Tensor,
     *,
     decode: bool,
+    sinks: int = 0,
     num_tiles: int,
     tile_req: torch.Tensor | None = None,
     tile_tok: torch.Tensor | None = None,
@@ -474,6 +485,8 @@ def attend_context(
     Covers tokens ``[tok_base, tok_base + out.shape[0])`` of ``query``; writes ``out``
     [rows, HQ, D] and, with ``lse_out`` [HQ, rows], the natural-log LSE (for merging
     with the chunk's own attention). Decode: row i is request i, one token each.
+    ``sinks``: attention-sink tokens (``kivi.sink_groups * group_size``) read from their
+    own ring rows.
     """
     num_tokens = out.shape[0]
     _, hq, d = query.shape
@@ -494,7 +507,7 @@ def attend_context(
     assert kernel_supports(fmt), f"unsupported (head_dim, group, bits) for the GPU kernels: {fmt}"
     handle = _kivi_attend_context[(num_tiles, hk, s)](
         query, key, value, cache, tail, block_table, seq_lens, query_start_loc,
-        tail_slots, valid_from, tile_req, tile_tok, mid_o, mid_lse, scale, tok_base, s,
+        tail_slots, valid_from, tile_req, tile_tok, mid_o, mid_lse, scale, tok_base, s, sinks,
         query.stride(0), query.stride(1), key.stride(0), key.stride(1),
         value.stride(0), value.stride(1), block_table.stride(0),
         tail.stride(0), tail.stride(1), tail.stride(2), tail.stride(3),

@@ -27,18 +27,19 @@ def forward(
 ) -> None:
     """Attend (decodes, then prefill chunks), then store the step's tokens."""
     fmt, residual, scale = impl.fmt, impl.cfg.residual, impl.scale
+    sinks = impl.cfg.sink_tokens
     n, nd, ndt = md.num_actual_tokens, md.num_decodes, md.num_decode_tokens
     common = (kv_cache, tail, md.block_table, md.seq_lens, md.query_start_loc,
               md.tail_slots, md.valid_from, fmt, residual, scale)
     if nd:
-        attend_context(q, k, v, *common, out[:ndt], decode=True, num_tiles=nd)
+        attend_context(q, k, v, *common, out[:ndt], decode=True, num_tiles=nd, sinks=sinks)
     if n > ndt:
-        _prefill(q, k, v, common, md, out)
+        _prefill(q, k, v, common, md, out, sinks)
     store_step(k, v, kv_cache, tail, md.slot_mapping[:n], md.query_start_loc, md.seq_lens,
-               md.tail_slots, fmt, residual)
+               md.tail_slots, fmt, residual, sinks)
 
 
-def _prefill(q, k, v, common, md: KiviMetadata, out: torch.Tensor) -> None:
+def _prefill(q, k, v, common, md: KiviMetadata, out: torch.Tensor, sinks: int) -> None:
     """Chunk tokens: own chunk in full precision (FlashAttention, causal), context from
     the pages + tail (Triton), merged by log-sum-exp."""
     n, ndt = md.num_actual_tokens, md.num_decode_tokens
@@ -53,7 +54,7 @@ def _prefill(q, k, v, common, md: KiviMetadata, out: torch.Tensor) -> None:
     ctx_lse = torch.empty((hq, n - ndt), dtype=torch.float32, device=q.device)
     attend_context(q, k, v, *common, ctx_out, decode=False, num_tiles=md.num_prefill_tiles,
                    tile_req=md.prefill_tile_req, tile_tok=md.prefill_tile_tok,
-                   block_q=PREFILL_BLOCK_Q, tok_base=ndt, lse_out=ctx_lse)
+                   block_q=PREFILL_BLOCK_Q, tok_base=ndt, lse_out=ctx_lse, sinks=sinks)
     chunk_out = torch.empty_like(qp)
     chunk_lse = _chunk_attention(qp, kp, vp, cu, md.max_query_len, scale, chunk_out,
                                  return_lse=True)

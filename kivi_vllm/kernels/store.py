@@ -11,9 +11,15 @@ Two named kernels, launched in this order on one stream:
 
 Padding tokens (``slot_mapping == -1``) are skipped. No host-device synchronisation.
 Why two launches and not one: a prefill chunk longer than ``R`` appends tokens whose
-ring rows (``pos % R``) alias rows that a group completing in the same step still has to
+ring rows (``ring_row``) alias rows that a group completing in the same step still has to
 read (its first tokens came from earlier steps); programs of one launch have no order,
 so the packing must finish before the appends start.
+
+Attention sinks (``kivi.sink_groups``, ``sinks`` = its tokens): positions below
+``sinks`` keep ring rows ``[0, sinks)`` of their own for the sequence's lifetime (and are
+packed like the others); later positions cycle through the other ``R - sinks`` rows
+(``reference.ring_index``). ``sinks`` is a runtime argument: one compiled variant serves
+every setting, so the start-up warm-up needs no lever-specific launch.
 """
 
 from __future__ import annotations
@@ -43,6 +49,13 @@ def _token_position(query_start_loc, seq_lens, num_reqs, token, LOG2: tl.constex
 
 
 @triton.jit
+def ring_row(pos, R: tl.constexpr, sinks):
+    """Tail-ring row of position ``pos`` (``reference.ring_index``): sink positions keep
+    their own rows, the others cycle through the remaining ``R - sinks``."""
+    return tl.where(pos < sinks, pos, sinks + (pos - sinks) % (R - sinks))
+
+
+@triton.jit
 def _quantize(x, mn, mx, QMAX: tl.constexpr):
     """Codes (int32) and fp16 (scale, min) with min rounded down and scale rounded up."""
     mn16 = fp16_floor(mn)
@@ -52,7 +65,7 @@ def _quantize(x, mn, mx, QMAX: tl.constexpr):
     return mn16, scale16, safe, scale
 
 
-@triton.jit(do_not_specialize=["num_reqs"])
+@triton.jit(do_not_specialize=["num_reqs", "sinks"])
 def _kivi_pack_groups(
     key,  # [T, HK, D]
     value,  # [T, HK, D]
@@ -63,6 +76,7 @@ def _kivi_pack_groups(
     seq_lens,  # [num_reqs] int32
     tail_slots,  # [num_reqs] int32
     num_reqs,
+    sinks,
     stride_kt,
     stride_kh,
     stride_vt,
@@ -104,7 +118,7 @@ def _kivi_pack_groups(
     p_tok = pos - (G - 1) + t  # positions of the group's tokens
     from_step = p_tok >= ctx
     step_row = q0 + (p_tok - ctx)
-    ring_row = p_tok % R
+    ring = ring_row(p_tok, R, sinks)
     tail_base = tail + tail_slot * stride_tail_slot + h * stride_tail_h
     k_step = tl.load(
         key + step_row[:, None] * stride_kt + h * stride_kh + d[None, :],
@@ -112,7 +126,7 @@ def _kivi_pack_groups(
         other=0.0,
     ).to(tl.float32)
     k_ring = tl.load(
-        tail_base + ring_row[:, None] * stride_tail_pos + d[None, :],
+        tail_base + ring[:, None] * stride_tail_pos + d[None, :],
         mask=~from_step[:, None],
         other=0.0,
     ).to(tl.float32)
@@ -123,7 +137,7 @@ def _kivi_pack_groups(
         other=0.0,
     ).to(tl.float32)
     v_ring = tl.load(
-        tail_base + stride_tail_kv + ring_row[:, None] * stride_tail_pos + d[None, :],
+        tail_base + stride_tail_kv + ring[:, None] * stride_tail_pos + d[None, :],
         mask=~from_step[:, None],
         other=0.0,
     ).to(tl.float32)
@@ -159,7 +173,7 @@ def _kivi_pack_groups(
     tl.store(page + OFF_VC + h * P * G + pp[None, :] * G + t[:, None], v_bytes.to(tl.uint8))
 
 
-@triton.jit(do_not_specialize=["num_reqs"])
+@triton.jit(do_not_specialize=["num_reqs", "sinks"])
 def _kivi_append_tail(
     key,
     value,
@@ -169,6 +183,7 @@ def _kivi_append_tail(
     seq_lens,
     tail_slots,
     num_reqs,
+    sinks,
     stride_kt,
     stride_kh,
     stride_vt,
@@ -188,11 +203,12 @@ def _kivi_append_tail(
     req, q0, ctx, pos, seq_len = _token_position(
         query_start_loc, seq_lens, num_reqs, token, LOG2
     )
-    if pos < seq_len - R:
+    if (pos >= sinks) & (pos < seq_len - (R - sinks)):  # neither a sink nor in the window
         return
     tail_slot = tl.load(tail_slots + req)
     d = tl.arange(0, D)
-    dst = tail + tail_slot * stride_tail_slot + (pos % R) * stride_tail_pos + h * stride_tail_h
+    dst = (tail + tail_slot * stride_tail_slot + ring_row(pos, R, sinks) * stride_tail_pos
+           + h * stride_tail_h)
     k = tl.load(key + token * stride_kt + h * stride_kh + d)
     v = tl.load(value + token * stride_vt + h * stride_vh + d)
     tl.store(dst + d, k.to(dst.dtype.element_ty))
@@ -210,11 +226,15 @@ def store_step(
     tail_slots: torch.Tensor,
     fmt: PageFormat,
     residual: int,
+    sinks: int = 0,
 ) -> None:
     """Pack the groups this step completes, then append the step's tokens to the tails.
 
-    key/value [T, HK, D] (T = tokens of the step, padding has slot -1).
+    key/value [T, HK, D] (T = tokens of the step, padding has slot -1); ``sinks``: the
+    attention-sink tokens (``kivi.sink_groups * group_size``) kept in their own ring rows.
     """
+    if not 0 <= sinks < residual or sinks % fmt.group_size:
+        raise ValueError(f"sinks={sinks}: whole groups below residual={residual} expected")
     num_tokens = slot_mapping.shape[0]
     if num_tokens == 0:
         return
@@ -232,10 +252,10 @@ def store_step(
     )
     _kivi_pack_groups[grid](
         key, value, cache, tail, slot_mapping, query_start_loc, seq_lens, tail_slots,
-        num_reqs, *strides, R=residual, LOG2=MAX_REQS_LOG2, **format_constants(fmt),
+        num_reqs, sinks, *strides, R=residual, LOG2=MAX_REQS_LOG2, **format_constants(fmt),
         num_warps=4,
     )
     _kivi_append_tail[grid](
         key, value, tail, slot_mapping, query_start_loc, seq_lens, tail_slots, num_reqs,
-        *strides, R=residual, D=fmt.head_dim, LOG2=MAX_REQS_LOG2, num_warps=1,
+        sinks, *strides, R=residual, D=fmt.head_dim, LOG2=MAX_REQS_LOG2, num_warps=1,
     )
