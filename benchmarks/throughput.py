@@ -6,6 +6,11 @@ writes JSON records (see ``--out``). Run on a GPU host:
 
     python benchmarks/throughput.py --kv bf16,fp8,int4_per_token_head,kivi4,kivi2 \
         --workloads 512x1024x256,384x4096x512 --out benchmarks/results/throughput-h100.json
+
+``--kv`` names: the keys of ``benchmarks.common.KV_SETTINGS``, or a KIVI setting with
+options as ``benchmarks/quality.py`` writes it, ``kivi<bits>-g<group>-r<residual>
+[:option=value,...]``, e.g. ``kivi2-g32-r96:sink_groups=1,rotate_keys=true`` (a comma
+starts a new setting only before bf16/fp8/int4/kivi).
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import argparse
 import datetime
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -27,6 +33,34 @@ def parse_workloads(spec: str) -> list[tuple[int, int, int]]:
     return [tuple(int(x) for x in w.split("x")) for w in spec.split(",")]  # type: ignore[misc]
 
 
+def split_kv(spec: str) -> list[str]:
+    """``--kv`` -> setting names (commas inside a KIVI setting separate its options)."""
+    names = re.split(r",(?=bf16|fp8|int4|kivi)", spec)
+    for name in names:
+        kv_setting(name)  # fail before any engine starts
+    return names
+
+
+def kv_setting(name: str) -> tuple[dict, dict]:
+    """(LLM keyword arguments, record fields) of a setting name."""
+    if name in KV_SETTINGS:
+        return KV_SETTINGS[name], kv_fields(name)
+    if not name.startswith("kivi"):
+        raise SystemExit(f"unknown --kv setting {name!r}: use one of {sorted(KV_SETTINGS)} "
+                         "or kivi<bits>-g<group>-r<residual>[:option=value,...]")
+    from benchmarks.quality import parse_kv
+    from kivi_vllm.config import KiviConfig, KiviConfigError
+
+    kivi = parse_kv(name)["kivi"]
+    try:
+        cfg = KiviConfig.from_dict(kivi)
+    except KiviConfigError as e:
+        raise SystemExit(f"--kv {name!r}: {e}") from None
+    fields = {"kv": f"kivi{cfg.bits}", "setting": name, "group_size": cfg.group_size,
+              "residual": cfg.residual, **cfg.levers}
+    return {"additional_config": {"kivi": kivi}}, fields
+
+
 def run_one(kv: str, workloads: list[tuple[int, int, int]], args) -> list[dict]:
     """Build one engine for ``kv`` and time every workload (runs in a subprocess)."""
     import numpy as np
@@ -34,11 +68,12 @@ def run_one(kv: str, workloads: list[tuple[int, int, int]], args) -> list[dict]:
     from vllm import LLM, SamplingParams
 
     max_len = max(i + o for _, i, o in workloads) + 16
+    engine_kwargs, fields = kv_setting(kv)
     llm = LLM(
         model=dummy_llama8b_dir(), load_format="dummy", skip_tokenizer_init=True,
         dtype="bfloat16", gpu_memory_utilization=args.gpu_mem, max_num_seqs=args.max_num_seqs,
         max_model_len=max_len, enforce_eager=args.eager, seed=0,
-        tensor_parallel_size=args.tp, **KV_SETTINGS[kv],
+        tensor_parallel_size=args.tp, **engine_kwargs,
     )
     cache = llm.llm_engine.vllm_config.cache_config
     kv_tokens = cache.num_gpu_blocks * cache.block_size
@@ -55,7 +90,7 @@ def run_one(kv: str, workloads: list[tuple[int, int, int]], args) -> list[dict]:
         elapsed = time.perf_counter() - start
         out_tokens = sum(len(o.outputs[0].token_ids) for o in outs)
         records.append({
-            **kv_fields(kv), "num_requests": num, "input_len": in_len, "output_len": out_len,
+            **fields, "num_requests": num, "input_len": in_len, "output_len": out_len,
             "kv_cache_tokens": kv_tokens,
             "max_concurrency": round(min(args.max_num_seqs, kv_tokens / (in_len + out_len)), 1),
             "output_tokens_per_s": round(out_tokens / elapsed, 1),
@@ -78,7 +113,8 @@ def print_table(records: list[dict]) -> None:
         b = base.get((r["input_len"], r["output_len"]))
         ratio = f"{r['output_tokens_per_s'] / b['output_tokens_per_s']:.2f}" if b else "-"
         wl = f"{r['num_requests']}x{r['input_len']}/{r['output_len']}"
-        print(f"{r['kv']:22} {wl:>16} {r['kv_cache_tokens']:>11,} {r['max_concurrency']:>7} "
+        name = r.get("setting", r["kv"])
+        print(f"{name:22} {wl:>16} {r['kv_cache_tokens']:>11,} {r['max_concurrency']:>7} "
               f"{r['output_tokens_per_s']:>10,.0f} {r['total_tokens_per_s']:>12,.0f} {ratio:>7}")
 
 
@@ -98,7 +134,7 @@ def main() -> None:
         run_one(args.one, workloads, args)
         return
     records: list[dict] = []
-    for kv in args.kv.split(","):
+    for kv in split_kv(args.kv):
         cmd = [sys.executable, __file__, "--one", kv, "--workloads", args.workloads,
                "--gpu-mem", str(args.gpu_mem), "--max-num-seqs", str(args.max_num_seqs),
                "--tp", str(args.tp)]

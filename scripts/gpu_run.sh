@@ -16,9 +16,11 @@ for step in "$@"; do
     kernels-test)
       KIVI_KERNEL_DEVICE=cuda python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py \
         2>&1 | tee "$OUT/kernels-test.log" | tail -15 ;;
-    engine-test)
-      python3 -m pytest -q -p no:cacheprovider tests/test_engine_gpu.py 2>&1 \
-        | tee "$OUT/engine-test.log" | grep -v "^INFO\|^WARNING\|^(EngineCore" | tail -15 ;;
+    engine-test)  # a fresh Triton cache: the JIT monitor must see no compile while serving
+      rm -rf ~/.triton/cache
+      python3 -m pytest -q -s -p no:cacheprovider tests/test_engine_gpu.py 2>&1 \
+        | tee "$OUT/engine-test.log" | grep -v "^INFO\|^WARNING\|^(EngineCore" \
+        | grep "^LEVERS\|passed\|failed\|Error\|^E " | tail -25 ;;
     kernels-bench)
       python3 benchmarks/kernels.py --out "$OUT/kernels-h100.json" 2>&1 \
         | grep -v "^INFO\|^WARNING" | tee "$OUT/kernels-bench.log" | tail -25 ;;
@@ -44,6 +46,11 @@ for step in "$@"; do
       python3 benchmarks/throughput.py --kv "$kvs" --workloads "$wls" \
         --out "$OUT/throughput-${kvs//,/-}-${wls//,/-}.json" 2>&1 \
         | tee "$OUT/throughput-${kvs//,/-}-${wls//,/-}.log" | grep -v "^INFO\|^WARNING\|^(EngineCore" | tail -8 ;;
+    tpk:*)  # tpk:WORKLOAD,WORKLOAD:KV,KV (KV names may hold ':' and ',': kivi2-g32-r96:sink_groups=1,...)
+      IFS=: read -r _ wls kvs <<< "$step"
+      tag=$(echo "${kvs}-${wls}" | tr -c 'A-Za-z0-9_.\n-' '-')
+      python3 benchmarks/throughput.py --kv "$kvs" --workloads "$wls" --out "$OUT/throughput-$tag.json" \
+        2>&1 | tee "$OUT/throughput-$tag.log" | grep -v "^INFO\|^WARNING\|^(EngineCore" | tail -8 ;;
     prof:*)  # prof:KV:WORKLOAD[:eager]
       IFS=: read -r _ kv wl eager <<< "$step"
       python3 benchmarks/profile_engine.py --kv "$kv" --workload "$wl" ${eager:+--eager} 2>&1 \
