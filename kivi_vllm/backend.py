@@ -30,7 +30,7 @@ from vllm.v1.attention.backend import (
 from vllm.v1.attention.backends.utils import split_decodes_and_prefills
 
 from kivi_vllm import reference, state
-from kivi_vllm.config import ALLOWED_GROUP_SIZES, KiviConfig
+from kivi_vllm.config import ALLOWED_GROUP_SIZES, KiviConfig, KiviConfigError
 from kivi_vllm.memory import num_ring_slots, num_tail_slots
 from kivi_vllm.page_format import PageFormat
 from kivi_vllm.spec import KiviAttentionSpec
@@ -86,7 +86,8 @@ class KiviAttentionBackend(AttentionBackend):
         cache_dtype_str: str = "auto",
     ) -> tuple[int, ...]:
         cfg = state.active_config()
-        fmt = PageFormat(cfg.bits, cfg.group_size, head_size, num_kv_heads)
+        heads = 1 if cfg.fastgen is not None else num_kv_heads  # FastGen: head-pages
+        fmt = PageFormat(cfg.bits, cfg.group_size, head_size, heads)
         assert block_size == fmt.block_size, (block_size, fmt.block_size)
         return (num_blocks, fmt.page_bytes)
 
@@ -188,12 +189,16 @@ class KiviMetadataBuilder(AttentionMetadataBuilder[KiviMetadata]):
             from transformers import AutoTokenizer
 
             from kivi_vllm.fastgen.engine import WORKER
+            from kivi_vllm.fastgen.manager import FastGenAttentionSpec
 
+            if not isinstance(kv_cache_spec, FastGenAttentionSpec):
+                raise KiviConfigError("kivi.fastgen needs the head-page KV cache spec")
             mc = vllm_config.model_config
             tok = AutoTokenizer.from_pretrained(
                 mc.tokenizer, trust_remote_code=mc.trust_remote_code
             )
-            WORKER.enable(self.cfg.fastgen, tok)
+            layers = kv_cache_spec.fastgen_heads // kv_cache_spec.num_kv_heads
+            WORKER.enable(self.cfg, tok, layers)
 
     def build(
         self,
@@ -352,21 +357,16 @@ class KiviAttentionImpl(AttentionImpl[KiviMetadata]):
         out: torch.Tensor,
         layer_name: str = "",
     ) -> None:
-        views = self.fmt.views(kv_cache)
         steps, bounds = md.seq_steps
-        fastgen = None
-        if self.cfg.fastgen is not None and not state.STEP.in_dummy:
-            from kivi_vllm.fastgen.engine import WORKER as fastgen
+        if self.cfg.fastgen is not None:
+            self._forward_fastgen(q, k, v, kv_cache, steps, bounds, out, layer_name)
+            return
+        views = self.fmt.views(kv_cache)
         for i, seq in enumerate(steps):
             lo, hi = bounds[i], bounds[i + 1]
             ck, cv = reference.context_kv(
                 views, tail, seq, self.fmt, self.cfg.residual, self.cfg.sink_tokens
             )
-            if fastgen is not None and i < len(fastgen.rows):
-                out[lo:hi] = fastgen.attend(
-                    layer_name, i, q[lo:hi], k[lo:hi], v[lo:hi], ck, cv, seq.ctx_len, self.scale
-                )
-                continue
             out[lo:hi] = reference.attend(q[lo:hi], k[lo:hi], v[lo:hi], ck, cv, self.scale)
         for i, seq in enumerate(steps):
             lo, hi = bounds[i], bounds[i + 1]
@@ -375,3 +375,30 @@ class KiviAttentionImpl(AttentionImpl[KiviMetadata]):
                 self.cfg.sink_tokens,
             )
 
+    def _forward_fastgen(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        kv_cache: torch.Tensor,
+        steps: list[reference.SeqStep],
+        bounds: list[int],
+        out: torch.Tensor,
+        layer_name: str,
+    ) -> None:
+        """kivi.fastgen: per-head kept sets in head-pages (:mod:`kivi_vllm.fastgen.engine`).
+        vLLM's warm-up (dummy) steps attend within the step and store nothing."""
+        from vllm.model_executor.models.utils import extract_layer_index
+
+        from kivi_vllm.fastgen.engine import WORKER
+
+        layer = extract_layer_index(layer_name)
+        for i, seq in enumerate(steps):
+            lo, hi = bounds[i], bounds[i + 1]
+            if state.STEP.in_dummy:
+                empty = k[lo:lo]
+                out[lo:hi] = reference.attend(q[lo:hi], k[lo:hi], v[lo:hi], empty, empty,
+                                              self.scale)
+                continue
+            out[lo:hi] = WORKER.forward(layer, i, q[lo:hi], k[lo:hi], v[lo:hi], seq, kv_cache,
+                                        self.scale)

@@ -380,16 +380,17 @@ def test_profile_from_the_last_chunk_of_queries() -> None:
 
 # --- engine (CPU reference path): profiling inside the backend, per-request state ----
 
-FASTGEN_KIVI = {"bits": 4, "group_size": 32, "residual": 32, "fastgen": {"recovery": 0.95}}
-SMALL_BLOCKS = 12  # 384 KV tokens: six requests of ~100 tokens must preempt
+FASTGEN_KIVI = {"bits": 4, "group_size": 32, "residual": 32, "fastgen": {"recovery": 0.9}}
+HEADS = 30 * 3  # SmolLM2: layers x KV heads; a vLLM block is one head-page
+POOL = 12 * HEADS  # 12 unprofiled token-blocks: two ~150-token prompts fill the pool
 
 
 @pytest.fixture(scope="module")
 def fastgen_llm(default_model_path: str):
     from conftest import make_llm, shutdown_llm
 
-    llm = make_llm(default_model_path, FASTGEN_KIVI, 1, num_gpu_blocks_override=SMALL_BLOCKS,
-                   max_model_len=SMALL_BLOCKS * 32, max_num_seqs=6)
+    llm = make_llm(default_model_path, FASTGEN_KIVI, 1, num_gpu_blocks_override=POOL,
+                   max_model_len=384, max_num_seqs=8)
     try:
         yield llm
     finally:
@@ -397,10 +398,12 @@ def fastgen_llm(default_model_path: str):
 
 
 @pytest.mark.slow
-def test_engine_profiles_every_layer_and_leaves_nothing(fastgen_llm) -> None:
-    """Six requests through a 384-token cache: each prompt is profiled in all 30 layers
-    inside the backend, generated tokens are classified as they arrive, preempted and
-    finished requests leave no FastGen state, and prefix caching is off."""
+def test_engine_returns_evicted_pages_and_admits_more(fastgen_llm) -> None:
+    """Eight ~150-token requests through a pool where only two unprofiled prompts fit
+    (each holds 90 heads x 5 head-pages): after each prompt is profiled in all 30 layers
+    the worker compacts its kept tokens and the scheduler frees the rest, so more
+    requests run at once than the pool could hold uncompressed; finished and preempted
+    requests leave no FastGen state or pages, and prefix caching is off."""
     from conftest import metric, wait_tail_slots_free
     from vllm import SamplingParams
 
@@ -409,8 +412,8 @@ def test_engine_profiles_every_layer_and_leaves_nothing(fastgen_llm) -> None:
     llm = fastgen_llm
     assert llm.llm_engine.vllm_config.cache_config.enable_prefix_caching is False
     tok = llm.get_tokenizer()
-    base = "The river flows north, past the old mill; then it turns east. "
-    prompts = [f"{i}: " + base * (3 + i % 3) for i in range(6)]
+    base = "The river flows north, past the old mill; then it turns east, and the town. "
+    prompts = [f"{i}: " + base * (8 + i % 3) for i in range(8)]
     params = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
     before = metric(llm, "vllm:num_preemptions")
     outs = llm.generate(prompts, params)
@@ -419,76 +422,193 @@ def test_engine_profiles_every_layer_and_leaves_nothing(fastgen_llm) -> None:
     classes = TokenClasses.from_tokenizer(tok)
     assert stats["enabled"] and stats["requests"] == 0
     assert wait_tail_slots_free(llm)["tail_slots_in_use"] == 0
-    assert preemptions > 0
-    # the worker sees vLLM's internal ids: the user's id plus a random suffix
     history = {k.rsplit("-", 1)[0]: v for k, v in stats["history"].items()}
     for out in outs:
+        n = len(out.prompt_token_ids)
         ids = list(out.prompt_token_ids) + list(out.outputs[0].token_ids)[:-1]
         summary = history[out.request_id]
         special, punct = classes.masks(ids)
-        assert summary["tokens"] == len(ids) and summary["prompt_len"] == len(out.prompt_token_ids)
+        assert summary["tokens"] == len(ids) and summary["prompt_len"] == n
         assert summary["punct"] == int(punct.sum()) and summary["special"] == int(special.sum())
-        assert summary["layers_profiled"] == 30 and sum(summary["policy_counts"]) == 30 * 3
+        assert summary["layers_profiled"] == 30 and sum(summary["policy_counts"]) == HEADS
+        assert 0 < summary["pages_after_profile"] < HEADS * (n // 32)
         assert len(out.outputs[0].token_ids) == 40
-    print(f"\npreemptions {preemptions:.0f}; policy counts "
+    assert 2 * HEADS * 5 <= POOL < 3 * HEADS * 5 and stats["peak_rows"] > 2
+    assert metric(llm, "vllm:kv_cache_usage_perc") == 0
+    kept = [history[o.request_id]["pages_after_profile"]
+            / (HEADS * (len(o.prompt_token_ids) // 32)) for o in outs]
+    print(f"\npreemptions {preemptions:.0f}; peak batch {stats['peak_rows']}; kept pages "
+          f"{[round(x, 2) for x in kept]}; policy counts "
           f"{[history[o.request_id]['policy_counts'] for o in outs]}")
 
 
-def test_worker_attend_prompt_profile_and_kept_rows() -> None:
-    """FastGenWorker.attend (what the backend calls): prompt rows are plain attention, the
-    chunk that completes the prompt profiles the layer, later rows (also inside one chunk,
-    as after a preemption's recompute) read their kept sets; all-full equals reference."""
-    import numpy as np
+class _BlockTable:
+    def __init__(self, held: int) -> None:
+        import numpy as np
 
+        self.num_blocks_per_row = np.array([held], dtype=np.int32)
+
+
+def _worker(residual: int, recovery: float, layers: int = 2):
     from kivi_vllm.fastgen.engine import FastGenWorker
 
-    g = torch.Generator().manual_seed(4)
-    n, prompt, hq, hk, d = 48, 40, 4, 2, 16
-    q = torch.randn(n, hq, d, generator=g) * 2
-    k, v = torch.randn(2, n, hk, d, generator=g)
-    ids = torch.randint(10, 50, (n,), generator=g)
-    ids[[0, 7, 19, 33, 44]] = 1  # "punctuation"
     worker = FastGenWorker()
-    worker.cfg = FastGenConfig(recovery=0.9)
-    worker.classes = TokenClasses(frozenset(), frozenset({1}))
+    kivi = KiviConfig.from_dict({"bits": 4, "group_size": 32, "residual": residual,
+                                 "fastgen": {"recovery": recovery}})
+    worker.cfg, worker.kivi, worker.num_layers = kivi.fastgen, kivi, layers
+    worker.classes = TokenClasses(frozenset({0}), frozenset({1}))
+    return worker
 
-    def step(req: str, ctx: int, q_len: int) -> torch.Tensor:
-        worker.begin_step(set(), [req], np.array([ctx]), {req: q_len}, np.array([prompt]),
-                          ids[None].numpy())
+
+class _Run:
+    """Drives FastGenWorker like the backend and runner: a pool, one request's row."""
+
+    def __init__(self, worker, n: int, prompt: int, seed: int, layers: int = 2) -> None:
+        from kivi_vllm.page_format import PageFormat
+
+        g = torch.Generator().manual_seed(seed)
+        self.worker, self.prompt, self.layers = worker, prompt, layers
+        self.hq, self.hk, self.d = 4, 2, 32
+        self.q = torch.randn(layers, n, self.hq, self.d, generator=g) * 2
+        self.k, self.v = torch.randn(2, layers, n, self.hk, self.d, generator=g)
+        self.ids = torch.randint(10, 50, (n,), generator=g)
+        self.ids[0] = 0  # BOS-like special token
+        self.ids[torch.randperm(n, generator=g)[: n // 8]] = 1  # punctuation
+        fmt = PageFormat(4, 32, self.d, 1)
+        self.pool = torch.zeros(400, fmt.page_bytes, dtype=torch.uint8)
+        self.row = torch.randperm(400, generator=g).to(torch.int32)  # the request's list
+        self.held = layers * self.hk * -(-n // 32)
+        self.table = _BlockTable(self.held)
+
+    def step(self, req: str, ctx: int, q_len: int) -> list[torch.Tensor]:
+        import numpy as np
+
+        w = self.worker
+        w.begin_step(set(), [req], np.array([ctx]), {req: q_len}, np.array([self.prompt]),
+                     self.ids[None].numpy(), np.array([self.held]))
+        seq = reference.SeqStep(ctx, q_len, self.row, 0, 0)
         sl = slice(ctx, ctx + q_len)
-        return worker.attend("layer0", 0, q[sl], k[sl], v[sl], k[:ctx], v[:ctx], ctx, 0.25)
+        outs = [w.forward(layer, 0, self.q[layer, sl], self.k[layer, sl], self.v[layer, sl],
+                          seq, self.pool, 0.25) for layer in range(self.layers)]
+        w.end_step(self.table, {req: 0})
+        self.held = int(self.table.num_blocks_per_row[0])
+        report = w.reports.get(req)
+        if report is not None:  # the scheduler frees past keep and allocates for need
+            self.held = report.need
+            self.table.num_blocks_per_row[0] = self.held
+        return outs
 
-    first = step("a", 0, 32)  # a prompt chunk: no profile yet
-    torch.testing.assert_close(first, reference.attend(q[:32], k[:32], v[:32], k[:0], v[:0], 0.25))
-    assert "layer0" not in worker.seqs["a"].profiles
-    step("a", 32, 8)  # completes the prompt: profiled on these 8 rows against 40 keys
-    prof = worker.seqs["a"].profiles["layer0"]
-    special, punct = TokenClasses(frozenset(), frozenset({1})).masks(ids.tolist())
-    expect = profile_heads(q[32:40], k[:40], special[:40], punct[:40], recovery=0.9,
-                           frequent_ratio=0.3, local_ratio=0.3, scale=0.25)
-    assert torch.equal(prof.policy, expect.policy) and torch.equal(prof.frequent, expect.frequent)
-    decoded = step("a", 40, 1)
-    kept = kept_indices(prof.policy, 40, special, punct, prof.frequent, prof.window)
-    torch.testing.assert_close(
-        decoded, attend_kept(q[40:41], k[40:41], v[40:41], k[:40], v[:40], kept, 0.25)
-    )
-    # a recompute chunk spanning the prompt end gives the same rows as step by step
-    worker.release(["a"])
-    assert not worker.seqs and "a" in worker.history
-    step("b", 0, 32)
-    span = step("b", 32, 16)
-    worker.seqs["b"].profiles["layer0"] = prof
-    for j in range(8, 16):
-        pos = 32 + j
+    def expected(self, layer: int, pos: int) -> torch.Tensor:
+        """Exact FastGen attention at ``pos`` (full-precision kept sets)."""
+        prof = self.worker.rows[0].profiles[layer]
+        special, punct = self.worker.classes.masks(self.ids.tolist())
         kept = kept_indices(prof.policy, pos, special, punct, prof.frequent, prof.window)
-        row = attend_kept(q[pos : pos + 1], k[pos : pos + 1], v[pos : pos + 1], k[:pos],
-                          v[:pos], kept, 0.25)
-        torch.testing.assert_close(span[j : j + 1], row)
-    # all heads full: the kept-set path equals plain attention
-    full = type(prof)(prof.recovery, prof.frequent, torch.full_like(prof.policy, Policy.FULL),
-                      prof.window, prof.rows)
-    worker.seqs["b"].profiles["layer0"] = full
-    out = worker.attend("layer0", 0, q[44:46], k[44:46], v[44:46], k[:44], v[:44], 44, 0.25)
-    torch.testing.assert_close(
-        out, reference.attend(q[44:46], k[44:46], v[44:46], k[:44], v[:44], 0.25)
-    )
+        sl = slice(pos, pos + 1)
+        k, v = self.k[layer], self.v[layer]
+        return attend_kept(self.q[layer, sl], k[sl], v[sl], k[:pos], v[:pos], kept, 0.25)
+
+
+def test_worker_kept_sets_compaction_and_reports() -> None:
+    """Exact (full-precision reads, residual 256): chunked prompt in token-major
+    head-pages, profile + compaction at the prompt's end, then decode rows read exactly
+    FastGen's kept sets; the report frees pages and the row shrinks to them."""
+    run = _Run(_worker(residual=256, recovery=0.6), n=120, prompt=96, seed=4)
+    first = run.step("a", 0, 64)  # a prompt chunk: plain attention, no profile
+    for layer in range(2):
+        sl = slice(0, 64)
+        k, v = run.k[layer, sl], run.v[layer, sl]
+        torch.testing.assert_close(first[layer],
+                                   reference.attend(run.q[layer, sl], k, v, k[:0], v[:0], 0.25))
+    assert "a" not in run.worker.reports
+    run.step("a", 64, 32)  # completes the prompt: profiled, compacted, reported
+    seq = run.worker.seqs["a"]
+    report = run.worker.reports["a"]
+    policies = torch.cat([seq.profiles[la].policy for la in range(2)])
+    assert (policies < Policy.FULL).any(), policies  # something to evict at this recovery
+    streams = [s for la in range(2) for hs in seq.stores[la] for s in hs.streams]
+    assert report.keep == seq.used == sum(len(s) // 32 for s in streams)
+    assert report.keep < 2 * 2 * 3  # unprofiled: layers x heads x cdiv(96, 32)
+    assert sorted(e for s in streams for e in s.pages) == list(range(report.keep))
+    for pos in range(96, 120):
+        outs = run.step("a", pos, 1)
+        for layer in range(2):
+            torch.testing.assert_close(outs[layer], run.expected(layer, pos))
+    # a recompute chunk spanning the prompt's end equals step-by-step decoding
+    run.worker.release(["a"])
+    assert not run.worker.seqs and "a" in run.worker.history
+    run.step("b", 0, 64)
+    span = run.step("b", 64, 56)
+    for pos in range(96, 120):
+        for layer in range(2):
+            torch.testing.assert_close(span[layer][pos - 64 : pos - 63], run.expected(layer, pos))
+
+
+def test_worker_pages_hold_kivi_kept_tokens_and_windows_recycle(monkeypatch) -> None:
+    """Quantized (residual 32): after compaction and relocation every stream reads back
+    exactly KIVI of its own kept tokens in kept order, from vLLM's pool; local-window
+    pages whose tokens all left the window are recycled; outputs stay near exact.
+    (Random maps rarely pick ``local``: the policies are set, the profile is real.)"""
+    from dataclasses import replace
+
+    from kivi_vllm.fastgen import engine
+
+    chosen = iter([[Policy.LOCAL, Policy.FULL], [Policy.FREQUENT, Policy.LOCAL]])
+
+    def profile(*args, **kwargs):
+        return replace(profile_heads(*args, **kwargs), policy=torch.tensor(next(chosen)))
+
+    monkeypatch.setattr(engine, "profile_heads", profile)
+    run = _Run(_worker(residual=32, recovery=0.5), n=260, prompt=160, seed=7)
+    run.step("a", 0, 160)
+    seq = run.worker.seqs["a"]
+    peak = run.worker.reports["a"].keep
+    errs = []
+    for pos in range(160, 260):
+        outs = run.step("a", pos, 1)
+        errs += [float((o - run.expected(la, pos)).norm() / run.expected(la, pos).norm())
+                 for la, o in enumerate(outs)]
+    # sanity only (4-bit Gaussian keys, sharp scores); the exact check is below
+    assert max(errs) < 0.4 and sum(errs) / len(errs) < 0.2, (max(errs), sum(errs) / len(errs))
+    from kivi_vllm.fastgen.streams import PageSpace
+
+    space = PageSpace(_head_fmt(run), run.pool, run.row)
+    special, punct = run.worker.classes.masks(run.ids.tolist())
+    for layer in range(2):
+        for h, hs in enumerate(seq.stores[layer]):
+            for s in hs.streams:
+                pos, k, v = s.read(space)
+                history = pos if s is hs.permanent else _local_history(hs, seq, special, punct,
+                                                                      run.prompt, int(pos[-1]))
+                ek, ev, _ = kivi_kept_kv(run.k[layer, history, h], run.v[layer, history, h],
+                                         4, 32, 32)
+                drop = len(history) - len(pos)
+                assert torch.equal(pos, history[drop:])
+                assert torch.equal(k, ek[drop:]) and torch.equal(v, ev[drop:])
+    recycled = sum(1 for la in range(2) for hs in seq.stores[la]
+                   if hs.local is not None and hs.local.positions[0] > 160 - hs.window)
+    assert recycled, "no local window dropped a page"
+    assert run.worker.reports["a"].keep <= peak + 2 * 2 * 2 * 4  # growth stays bounded
+
+
+def _head_fmt(run: _Run):
+    from kivi_vllm.page_format import PageFormat
+
+    return PageFormat(4, 32, run.d, 1)
+
+
+def _local_history(hs, seq, special, punct, prompt: int, last: int) -> torch.Tensor:
+    """Positions that ever entered a local stream: not permanent, inside the prompt's
+    window at profiling or generated later."""
+    n = last + 1
+    pos = torch.arange(n)
+    perm = special[:n] | punct[:n]
+    perm[:prompt] |= hs_frequent(seq, hs)[:prompt]
+    return pos[~perm & (pos > prompt - hs.window)]
+
+
+def hs_frequent(seq, hs) -> torch.Tensor:
+    for layer, stores in seq.stores.items():
+        for h, other in enumerate(stores):
+            if other is hs:
+                return seq.profiles[layer].frequent[h]
+    raise AssertionError("head store not found")

@@ -33,6 +33,35 @@ def kept_indices(
     return out
 
 
+def attend_heads(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    contexts: list[tuple[torch.Tensor, torch.Tensor]],
+    scale: float,
+) -> torch.Tensor:
+    """Causal GQA attention in which KV head ``h`` reads its own context ``contexts[h]``
+    (keys, values ``[c_h, D]``), then the step's tokens.
+
+    query ``[q, Hq, D]``; key/value ``[q, Hk, D]`` (the step's tokens, always read).
+    Returns float32 ``[q, Hq, D]``.
+    """
+    q_len, hq, d = query.shape
+    hk = key.shape[1]
+    g = hq // hk
+    out = torch.empty(q_len, hq, d, dtype=torch.float32)
+    causal = torch.arange(q_len)[None, :] <= torch.arange(q_len)[:, None]
+    for h, (ctx_k, ctx_v) in enumerate(contexts):
+        ks = torch.cat([ctx_k.float(), key[:, h].float()])  # [c + q, D]
+        vs = torch.cat([ctx_v.float(), value[:, h].float()])
+        qh = query[:, h * g : (h + 1) * g].float()  # [q, g, D]
+        scores = torch.einsum("qgd,kd->gqk", qh, ks) * scale
+        allowed = torch.cat([causal.new_ones(q_len, ctx_k.shape[0]), causal], dim=1)
+        probs = torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1)
+        out[:, h * g : (h + 1) * g] = torch.einsum("gqk,kd->qgd", probs, vs)
+    return out
+
+
 def attend_kept(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -42,27 +71,10 @@ def attend_kept(
     kept: list[torch.Tensor],
     scale: float,
 ) -> torch.Tensor:
-    """Causal GQA attention in which KV head ``h`` reads only context rows ``kept[h]``.
-
-    query ``[q, Hq, D]``; key/value ``[q, Hk, D]`` (the step's tokens, always read);
-    ctx_k/ctx_v ``[c, Hk, D]``. Each head gathers its own (differently sized) kept set,
-    as a per-head page list would give it. Returns float32 ``[q, Hq, D]``.
-    """
-    q_len, hq, d = query.shape
-    hk = key.shape[1]
-    g = hq // hk
-    out = torch.empty(q_len, hq, d, dtype=torch.float32)
-    causal = torch.arange(q_len)[None, :] <= torch.arange(q_len)[:, None]
-    for h in range(hk):
-        idx = kept[h]
-        ks = torch.cat([ctx_k[idx, h].float(), key[:, h].float()])  # [m + q, D]
-        vs = torch.cat([ctx_v[idx, h].float(), value[:, h].float()])
-        qh = query[:, h * g : (h + 1) * g].float()  # [q, g, D]
-        scores = torch.einsum("qgd,kd->gqk", qh, ks) * scale
-        allowed = torch.cat([causal.new_ones(q_len, idx.numel()), causal], dim=1)
-        probs = torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1)
-        out[:, h * g : (h + 1) * g] = torch.einsum("gqk,kd->qgd", probs, vs)
-    return out
+    """:func:`attend_heads` where KV head ``h`` reads context rows ``kept[h]`` of
+    ``ctx_k``/``ctx_v`` (``[c, Hk, D]``)."""
+    contexts = [(ctx_k[idx, h], ctx_v[idx, h]) for h, idx in enumerate(kept)]
+    return attend_heads(query, key, value, contexts, scale)
 
 
 def kivi_kept_kv(

