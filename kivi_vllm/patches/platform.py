@@ -72,11 +72,8 @@ def check_engine_config(vllm_config: Any, cfg: KiviConfig) -> None:
         raise KiviConfigError(
             f"KIVI runs on vLLM's V1 model runner; unset {_V2_RUNNER_ENV} or set it to 0"
         )
-    if cfg.fastgen is not None and not current_platform.is_cpu():
-        raise KiviConfigError(
-            "kivi.fastgen runs on the CPU reference path only (the GPU kernels do not "
-            "read per-head kept sets yet); remove kivi.fastgen on GPU"
-        )
+    if cfg.fastgen is not None:
+        check_fastgen_supported(cfg, vllm_config)
     if not current_platform.is_cpu():
         check_gpu_kernel_shape(cfg, head_size, model_config.get_total_num_kv_heads())
         backend = vllm_config.attention_config.backend
@@ -122,6 +119,25 @@ def check_levers_supported(cfg: KiviConfig, on_cpu: bool | None = None) -> None:
         )
 
 
+def check_fastgen_supported(cfg: KiviConfig, vllm_config: Any) -> None:
+    """FastGen's head-pages: CPU reference path, no sinks, no speculative decoding."""
+    if not current_platform.is_cpu():
+        raise KiviConfigError(
+            "kivi.fastgen runs on the CPU reference path only (the GPU kernels do not "
+            "read per-head page lists yet); remove kivi.fastgen on GPU"
+        )
+    if cfg.sink_groups:
+        raise KiviConfigError(
+            f"kivi.fastgen does not combine with kivi.sink_groups={cfg.sink_groups} "
+            "(FastGen keeps special tokens itself); use kivi.sink_groups=0"
+        )
+    if vllm_config.speculative_config is not None:
+        raise KiviConfigError(
+            "kivi.fastgen does not serve speculative decoding (the worker reports each "
+            "request's head-pages for one new token per step); remove --speculative-config"
+        )
+
+
 def configure_engine(vllm_config: Any, cfg: KiviConfig) -> None:
     """Tie the block size to the group and select the KIVI backend and V1 runner."""
     cache_config = vllm_config.cache_config
@@ -134,10 +150,11 @@ def configure_engine(vllm_config: Any, cfg: KiviConfig) -> None:
     logger.info("KIVI KV cache: %s (block size %d)", cfg.name, cfg.group_size)
     if cfg.fastgen is not None:
         cache_config.enable_prefix_caching = False
+        vllm_config.scheduler_config.async_scheduling = False
         logger.warning(
-            "KIVI FastGen (recovery %s): prefix caching off; attention reads per-head kept "
-            "sets, but evicted tokens' KV memory is not returned to vLLM yet "
-            "(docs/fastgen.md)", cfg.fastgen.recovery,
+            "KIVI FastGen (recovery %s): blocks are head-pages; prefix caching and async "
+            "scheduling off (the scheduler frees evicted heads' pages from each step's "
+            "report before it schedules the next; docs/fastgen.md)", cfg.fastgen.recovery,
         )
 
 
