@@ -136,6 +136,15 @@ def hadamard(n: int) -> torch.Tensor:
     return h / n**0.5
 
 
+def random_hadamard(n: int, seed: int) -> torch.Tensor:
+    """Randomized Hadamard rotation ``diag(s) @ hadamard(n)`` in float32, ``s`` a fixed
+    +-1 vector drawn from ``torch.Generator().manual_seed(seed)`` (QuaRot style): still
+    orthogonal, and ``x @ R`` flips the signs of x's channels before the Hadamard mix."""
+    gen = torch.Generator().manual_seed(seed)
+    signs = torch.randint(0, 2, (n,), generator=gen).to(torch.float32) * 2 - 1
+    return signs[:, None] * hadamard(n)
+
+
 def rotate(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
     """``x @ rotation`` over the last dim, computed in float32, returned in x's dtype.
 

@@ -154,7 +154,27 @@ def test_rotate_keys_config_and_gpu_refusal() -> None:
                                               "size .* 96"):
         cfg.check_head_size(96)
     check_levers_supported(cfg, on_cpu=True)
-    with pytest.raises(KiviConfigError, match="rotate_keys=True .* has not been run on a GPU"):
-        check_levers_supported(KiviConfig(rotate_keys=True), on_cpu=False)
+    check_levers_supported(KiviConfig(rotate_keys=True), on_cpu=False)  # served on GPU
     with pytest.raises(ValueError, match="power-of-two"):
         reference.hadamard(96)
+
+
+def test_random_hadamard_is_a_fixed_signed_hadamard() -> None:
+    """diag(s) @ H with s in {-1, +1} drawn from the seed: orthogonal, reproducible
+    (pinned signs: every process must build the same matrix), different per seed."""
+    h = reference.hadamard(D)
+    r0 = reference.random_hadamard(D, 0)
+    assert r0.dtype == torch.float32
+    assert torch.allclose(r0 @ r0.T, torch.eye(D), atol=1e-6)
+    signs = r0[:, 0] * D**0.5  # hadamard's first column is all +1/sqrt(D)
+    assert torch.equal(signs.abs(), torch.ones(D))
+    assert torch.equal(r0, signs[:, None] * h)
+    assert torch.equal(r0, reference.random_hadamard(D, 0))
+    assert not torch.equal(r0, reference.random_hadamard(D, 1))
+    pinned = [1, 1, -1, -1, 1, 1, 1, 1]  # torch.Generator().manual_seed(1), n = 8
+    assert (reference.random_hadamard(8, 1)[:, 0] * 8**0.5).round().int().tolist() == pinned
+    q, k = torch.randn(5, D), torch.randn(7, D)
+    assert torch.allclose(reference.rotate(q, r0) @ reference.rotate(k, r0).T, q @ k.T,
+                          atol=1e-5)
+    with pytest.raises(ValueError, match="power-of-two"):
+        reference.random_hadamard(96, 0)
