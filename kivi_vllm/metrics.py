@@ -87,11 +87,14 @@ def static_figures(vllm_config: Any) -> dict[str, float] | None:
     layers = num_attention_layers(vllm_config)
     cache = vllm_config.cache_config
     dtype_size = vllm_config.model_config.dtype.itemsize
+    blocks = int(cache.num_gpu_blocks or 0)
+    if cfg.fastgen is not None:  # a block is one head-page: tokens before any eviction
+        blocks //= layers * fmt.num_kv_heads
     return {
         "bits": cfg.bits,
         "group_size": cfg.group_size,
         "residual": cfg.residual,
-        "kv_cache_tokens": int(cache.num_gpu_blocks or 0) * int(cache.block_size),
+        "kv_cache_tokens": blocks * int(cache.block_size),
         "bytes_per_token": fmt.bytes_per_token * layers,
         "unquantized_bytes_per_token": bf16_bytes_per_token(
             fmt.num_kv_heads, fmt.head_dim, dtype_size

@@ -63,6 +63,7 @@ class SeqState:
     free: list[int] = field(default_factory=list)  # recycled entries below ``used``
     tokens: int = 0  # tokens stored after this step
     peak_pages: int = 0
+    layer_pages: list[int] = field(default_factory=list)  # per layer, after profiling
 
     def summary(self) -> dict[str, Any]:
         counts = [0] * NUM_POLICIES
@@ -77,6 +78,7 @@ class SeqState:
             "layers_profiled": len(self.profiles),
             "policy_counts": counts,
             "pages_after_profile": self.peak_pages,
+            "layer_pages": self.layer_pages,
             "pages": self.used - len(self.free),
         }
 
@@ -313,11 +315,13 @@ class FastGenWorker:
         pool = PageSpace(seq.scratch.fmt, self.pool, seq.block_ids)
         seq.used, seq.free = 0, []
         for layer in sorted(seq.stores):
+            first = seq.used
             for hs in seq.stores[layer]:
                 for s in hs.streams:
                     entries = [seq.new_entry() for _ in s.pages]
                     pool.copy_rows(seq.scratch, s.pages, entries)
                     s.pages = entries
+            seq.layer_pages.append(seq.used - first)
         seq.scratch = None
         seq.peak_pages = seq.used
 
