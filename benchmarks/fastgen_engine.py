@@ -1,11 +1,18 @@
-"""FastGen through the engine (CPU): passkey accuracy and the head-pages requests keep.
+"""FastGen through the engine (CPU): perplexity, passkey and the head-pages requests keep.
 
-For each setting (``kivi<b>-g<G>-r<R>`` with optional ``:fastgen=<T>``) one engine runs the
-passkey trials of the quality harness (one request at a time, each prompt prefilled in
-one chunk so the profile sees every prompt row). With FastGen the worker's summary of
-each finished request gives the head-pages it kept after profiling and per layer,
-against the ``layers x KV heads x (prompt // G)`` pages of the prompt's complete groups
-without FastGen (what KIVI holds). Prints a table and writes JSON.
+Settings: ``bf16``, ``kivi<b>-g<G>-r<R>``, optionally ``:fastgen=<T>`` and ``:rows=<N>``
+(``kivi.fastgen.profile_rows``). Per setting one engine scores Wikipedia windows and runs
+the passkey trials of the quality harness (one request at a time).
+
+* Perplexity: each window's first ``--profile-at`` tokens are the "prompt" and the rest
+  are scored teacher-forced (``prompt_logprobs``). With FastGen the request is profiled at
+  that position (``extra_args`` :data:`PROFILE_AT`) and every later token reads only its
+  heads' kept sets, in KIVI head-pages. Without FastGen prompts are prefilled in chunks of
+  one group, so every scored token reads its context from the quantized pages.
+* With FastGen, prompts go in one chunk (the profile sees every prompt row); the worker's
+  summary of each finished passkey request gives the head-pages it kept after profiling,
+  overall and per layer, against the ``layers x KV heads x (prompt // G)`` pages of the
+  prompt's complete groups (what KIVI alone holds).
 
     .venv/bin/python benchmarks/fastgen_engine.py --settings kivi4-g32-r32:fastgen=0.95
 """
@@ -21,13 +28,22 @@ from pathlib import Path
 from typing import Any
 
 
-def parse(setting: str) -> dict[str, Any]:
-    base, _, extra = setting.partition(":fastgen=")
+def parse(setting: str) -> dict[str, Any] | None:
+    """Setting name -> the KIVI config (None for bf16)."""
+    if setting == "bf16":
+        return None
+    base, *options = setting.split(":")
     bits, group, residual = base.removeprefix("kivi").split("-")
     kivi: dict[str, Any] = {"bits": int(bits), "group_size": int(group[1:]),
                             "residual": int(residual[1:])}
-    if extra:
-        kivi["fastgen"] = {"recovery": float(extra)}
+    for option in options:
+        key, _, value = option.partition("=")
+        if key == "fastgen":
+            kivi["fastgen"] = {"recovery": float(value)}
+        elif key == "rows":
+            kivi["fastgen"]["profile_rows"] = int(value)
+        else:
+            raise SystemExit(f"bad option {option!r} in {setting!r}: fastgen=T or rows=N")
     return kivi
 
 
@@ -36,19 +52,31 @@ def run(model: str, setting: str, args: argparse.Namespace) -> dict[str, Any]:
     from vllm import LLM
 
     from kivi_vllm import quality
-    from kivi_vllm.fastgen.engine import fastgen_stats
+    from kivi_vllm.fastgen.engine import PROFILE_AT, fastgen_stats
 
     kivi = parse(setting)
+    fastgen = kivi is not None and "fastgen" in kivi
     tok = AutoTokenizer.from_pretrained(model)
     trials = quality.passkey_trials(tok, args.lengths, args.depths)
-    llm = LLM(model=model, enforce_eager=True, seed=0, max_model_len=args.max_model_len,
-              max_num_batched_tokens=args.max_model_len, max_num_seqs=4,
-              additional_config={"kivi": kivi})
+    windows = quality.ppl_windows(tok, args.windows, args.window_len)
+    if kivi is None or fastgen:
+        kwargs = dict(max_num_batched_tokens=args.max_model_len, max_num_seqs=4,
+                      max_model_len=args.max_model_len)
+    else:
+        kwargs = quality.engine_kwargs(kivi["group_size"], args.max_model_len)
+    if kivi is not None:
+        kwargs["additional_config"] = {"kivi": kivi}
+    llm = LLM(model=model, enforce_eager=True, seed=0, **kwargs)
     try:
         start = time.perf_counter()
-        rec: dict[str, Any] = {"setting": setting, **quality.passkey_accuracy(llm, tok, trials)}
+        extra = {PROFILE_AT: args.profile_at} if fastgen else None
+        ppl = quality.perplexity(llm, windows, args.window_len - args.profile_at, extra)
+        rec: dict[str, Any] = {"setting": setting, "ppl": ppl.ppl, "ppl_tokens": ppl.tokens,
+                               "ppl_s": round(time.perf_counter() - start, 1)}
+        start = time.perf_counter()
+        rec.update(quality.passkey_accuracy(llm, tok, trials))
         rec["passkey_s"] = round(time.perf_counter() - start, 1)
-        if "fastgen" in kivi:
+        if fastgen:
             stats = llm.collective_rpc(fastgen_stats)[0]
             rec.update(kept_pages(stats["history"].values(), kivi["group_size"], args.heads))
     finally:
@@ -77,11 +105,15 @@ def kept_pages(summaries: Any, group: int, heads: tuple[int, int]) -> dict[str, 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--settings", default="kivi4-g32-r32,kivi4-g32-r32:fastgen=0.9,"
-                   "kivi4-g32-r32:fastgen=0.95,kivi4-g32-r32:fastgen=0.99,kivi2-g32-r32,"
-                   "kivi2-g32-r32:fastgen=0.95")
+    p.add_argument("--settings", default="bf16,kivi4-g32-r32,kivi4-g32-r32:fastgen=0.9,"
+                   "kivi4-g32-r32:fastgen=0.95,kivi4-g32-r32:fastgen=0.99,"
+                   "kivi4-g32-r32:fastgen=0.95:rows=64,kivi2-g32-r32,"
+                   "kivi2-g32-r32:fastgen=0.95,kivi2-g32-r32:fastgen=0.99")
     p.add_argument("--lengths", default="512,1024")
     p.add_argument("--depths", default="0.2,0.5,0.8")
+    p.add_argument("--windows", type=int, default=4, help="perplexity windows")
+    p.add_argument("--window-len", type=int, default=768)
+    p.add_argument("--profile-at", type=int, default=512, help="scored: the tokens after")
     p.add_argument("--max-model-len", type=int, default=1152)
     p.add_argument("--out", default="benchmarks/results/fastgen-engine-smollm2.json")
     args = p.parse_args()
@@ -103,12 +135,14 @@ def main() -> None:
         rec.update(model="SmolLM2-135M-Instruct", date=str(date.today()))
         records.append(rec)
         Path(args.out).write_text(json.dumps(records, indent=1))
-    print("| setting | passkey | kept head-pages | policy mix special/punct/frequent/local/full |")
-    print("|---|---|---|---|")
+    print("| setting | PPL | passkey | kept head-pages | policy mix special/punct/frequent/"
+          "local/full |")
+    print("|---|---|---|---|---|")
     for r in records:
         kept = f"{r['kept_pages']:.3f}" if "kept_pages" in r else "1 (no FastGen)"
         mix = " / ".join(f"{x:.0%}" for x in r.get("policy_mix", [])) or "-"
-        print(f"| {r['setting']} | {r['passkey_hits']}/{r['passkey_trials']} | {kept} | {mix} |")
+        print(f"| {r['setting']} | {r['ppl']:.3f} | {r['passkey_hits']}/{r['passkey_trials']} "
+              f"| {kept} | {mix} |")
 
 
 if __name__ == "__main__":

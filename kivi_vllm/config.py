@@ -41,13 +41,24 @@ class FastGenConfig:
     recovery: attention mass a head's kept tokens must recover (0 < T <= 1).
     frequent_ratio / local_ratio: heavy hitters kept and local window, as fractions of
     the prompt (0 < r <= 1).
+    profile_rows: profile on the last ``profile_rows`` prompt positions only (SnapKV
+    style: the end of the prompt, e.g. a question, ranks the heavy hitters); 0 = every
+    query row of the step that completes the prompt.
     """
 
     recovery: float = 0.97
     frequent_ratio: float = FASTGEN_DEFAULT_RATIO
     local_ratio: float = FASTGEN_DEFAULT_RATIO
+    profile_rows: int = 0
 
     def __post_init__(self) -> None:
+        if isinstance(self.profile_rows, bool) or not isinstance(self.profile_rows, int) or (
+            self.profile_rows < 0
+        ):
+            raise KiviConfigError(
+                f"kivi.fastgen.profile_rows={self.profile_rows!r} must be an integer >= 0 "
+                "(0 = all prompt rows of the completing step)"
+            )
         for name in ("recovery", "frequent_ratio", "local_ratio"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)):

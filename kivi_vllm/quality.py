@@ -91,11 +91,14 @@ class Perplexity:
     nll: list[float]  # per scored token
 
 
-def perplexity(llm: Any, windows: list[list[int]], scored: int) -> Perplexity:
-    """PPL of the last ``scored`` tokens of every window (``prompt_logprobs``)."""
+def perplexity(
+    llm: Any, windows: list[list[int]], scored: int, extra_args: dict[str, Any] | None = None
+) -> Perplexity:
+    """PPL of the last ``scored`` tokens of every window (``prompt_logprobs``);
+    ``extra_args`` go to the requests' sampling parameters."""
     outs = llm.generate(
         [{"prompt_token_ids": w} for w in windows],
-        _greedy(1, prompt_logprobs=0),
+        _greedy(1, prompt_logprobs=0, extra_args=extra_args),
         use_tqdm=False,
     )
     nll: list[float] = []

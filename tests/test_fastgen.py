@@ -257,7 +257,10 @@ def test_fastgen_config_validation() -> None:
         ({"recovery": 1.2}, "0 < value <= 1"),
         ({"local_ratio": True}, "must be a number"),
         ({"recovery": "high"}, "must be a number"),
-        ({"window": 4}, "allowed options: ['frequent_ratio', 'local_ratio', 'recovery']"),
+        ({"profile_rows": -1}, "integer >= 0"),
+        ({"profile_rows": 1.5}, "integer >= 0"),
+        ({"window": 4}, "allowed options: ['frequent_ratio', 'local_ratio', 'profile_rows', "
+                        "'recovery']"),
         (0.97, "must be a JSON object"),
     ]
     for raw, message in bad:

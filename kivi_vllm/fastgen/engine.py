@@ -43,6 +43,7 @@ from kivi_vllm.fastgen.streams import HeadStore, PageSpace, Stream
 from kivi_vllm.page_format import PageFormat
 
 PROFILE_CHUNK = 256
+PROFILE_AT = "kivi_fastgen_profile_at"  # SamplingParams.extra_args key (quality harness)
 _HISTORY = 64  # finished requests whose summary stays readable (tests, metrics)
 
 
@@ -142,7 +143,10 @@ class FastGenWorker:
     ) -> None:
         """Bind this step's rows to their requests; classify the tokens they add.
 
-        ``held``: each row's number of blocks (head-pages) in the worker's block table."""
+        ``held``: each row's number of blocks (head-pages) in the worker's block table.
+        ``prompt_lens``: where each request is profiled (its prompt, or an earlier
+        :data:`PROFILE_AT` position: later prompt tokens are then read like generated
+        ones, which scores teacher-forced tokens through the kept sets)."""
         assert self.classes is not None
         self.release(ended)
         self.rows, self.row_ids = [], list(req_ids)
@@ -199,6 +203,7 @@ class FastGenWorker:
                 seq.special[: seq.prompt_len], seq.punct[: seq.prompt_len],
                 recovery=self.cfg.recovery, frequent_ratio=self.cfg.frequent_ratio,
                 local_ratio=self.cfg.local_ratio, scale=scale, chunk=PROFILE_CHUNK,
+                rows=self.cfg.profile_rows or None,
             )
             if seq.scratch is None:
                 seq.scratch = PageSpace.scratch(fmt)

@@ -6,9 +6,21 @@ import functools
 
 from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
+from kivi_vllm.fastgen.engine import PROFILE_AT, attach_reports
 from kivi_vllm.fastgen.engine import WORKER as FASTGEN
-from kivi_vllm.fastgen.engine import attach_reports
 from kivi_vllm.state import STEP
+
+
+def _profile_at(runner: GPUModelRunner, batch, n: int):
+    """Each row's FastGen profiling position: the prompt's end, or the request's
+    ``extra_args[PROFILE_AT]`` when earlier."""
+    out = batch.num_prompt_tokens[:n].copy()
+    for row, req_id in enumerate(batch.req_ids[:n]):
+        params = runner.requests[req_id].sampling_params
+        at = (params.extra_args or {}).get(PROFILE_AT) if params is not None else None
+        if at is not None:
+            out[row] = min(out[row], int(at))
+    return out
 
 
 def apply() -> None:
@@ -30,7 +42,7 @@ def apply() -> None:
                 batch = self.input_batch
                 FASTGEN.begin_step(
                     ended, batch.req_ids[:n], batch.num_computed_tokens_cpu[:n],
-                    scheduler_output.num_scheduled_tokens, batch.num_prompt_tokens[:n],
+                    scheduler_output.num_scheduled_tokens, _profile_at(self, batch, n),
                     batch.token_ids_cpu, batch.block_table.block_tables[0].num_blocks_per_row[:n],
                 )
         return result
