@@ -209,8 +209,9 @@ def test_sink_groups_read_exact_and_the_rest_as_plain_kivi(chunk: int) -> None:
             assert not torch.equal(pk[:sinks], keys[:sinks])
 
 
-def test_sink_groups_config_errors_and_gpu_refusal() -> None:
+def test_sink_groups_config_errors_and_gpu_refusal(monkeypatch: pytest.MonkeyPatch) -> None:
     from kivi_vllm.config import KiviConfig, KiviConfigError
+    from kivi_vllm.patches import platform
     from kivi_vllm.patches.platform import check_levers_supported
 
     cfg = KiviConfig.from_dict({"bits": 2, "residual": 64, "sink_groups": 1})
@@ -222,5 +223,11 @@ def test_sink_groups_config_errors_and_gpu_refusal() -> None:
         KiviConfig(sink_groups=-1)
     check_levers_supported(cfg, on_cpu=True)
     check_levers_supported(KiviConfig(), on_cpu=False)
-    with pytest.raises(KiviConfigError, match="kivi.sink_groups=1 .* CPU reference path only"):
-        check_levers_supported(cfg, on_cpu=False)
+    check_levers_supported(cfg, on_cpu=False)  # the GPU kernels serve sinks
+    # a lever the GPU does not serve (here: as before the sink kernels) is refused there
+    monkeypatch.setattr(platform, "GPU_LEVERS", ("rotate_keys",))
+    both = KiviConfig(bits=2, residual=64, sink_groups=1, rotate_keys=True)
+    with pytest.raises(KiviConfigError, match=r"^kivi.sink_groups=1 is implemented in the "
+                                              r"CPU reference path only.*rotate_keys\)$"):
+        check_levers_supported(both, on_cpu=False)
+    check_levers_supported(both, on_cpu=True)
