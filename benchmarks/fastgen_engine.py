@@ -59,8 +59,8 @@ def run(model: str, setting: str, args: argparse.Namespace) -> dict[str, Any]:
     tok = AutoTokenizer.from_pretrained(model)
     trials = quality.passkey_trials(tok, args.lengths, args.depths)
     windows = quality.ppl_windows(tok, args.windows, args.window_len)
-    if kivi is None or fastgen:
-        kwargs = dict(max_num_batched_tokens=args.max_model_len, max_num_seqs=4,
+    if kivi is None or fastgen:  # one request at a time, each prompt in one chunk
+        kwargs = dict(max_num_batched_tokens=args.max_model_len, max_num_seqs=1,
                       max_model_len=args.max_model_len)
     else:
         kwargs = quality.engine_kwargs(kivi["group_size"], args.max_model_len)
@@ -115,7 +115,9 @@ def main() -> None:
     p.add_argument("--window-len", type=int, default=768)
     p.add_argument("--profile-at", type=int, default=512, help="scored: the tokens after")
     p.add_argument("--max-model-len", type=int, default=1152)
-    p.add_argument("--out", default="benchmarks/results/fastgen-engine-smollm2.json")
+    p.add_argument("--model", default="smollm2", help="smollm2 or gemma3 (kivi_vllm.models)")
+    p.add_argument("--out", default=None, help="default: benchmarks/results/"
+                   "fastgen-engine-<model>.json")
     args = p.parse_args()
     args.lengths = [int(x) for x in args.lengths.split(",")]
     args.depths = [float(x) for x in args.depths.split(",")]
@@ -124,15 +126,16 @@ def main() -> None:
 
     from transformers import AutoConfig
 
-    from kivi_vllm.models import ensure_default_model
+    from kivi_vllm.models import ensure_model
 
-    model = ensure_default_model()
+    model = ensure_model(args.model)
+    args.out = args.out or f"benchmarks/results/fastgen-engine-{args.model}.json"
     hf = AutoConfig.from_pretrained(model)
     args.heads = (hf.num_hidden_layers, hf.num_key_value_heads)
     records = []
     for setting in args.settings.split(","):
         rec = run(model, setting, args)
-        rec.update(model="SmolLM2-135M-Instruct", date=str(date.today()))
+        rec.update(model=Path(model).name, date=str(date.today()))
         records.append(rec)
         Path(args.out).write_text(json.dumps(records, indent=1))
     print("| setting | PPL | passkey | kept head-pages | policy mix special/punct/frequent/"

@@ -26,6 +26,7 @@ class TailSlots:
         self._free = list(range(num_slots - 1, -1, -1))
         self._owner: dict[str, tuple[int, int]] = {}
         self.quantized_groups = 0  # groups packed by this worker (for metrics)
+        self.peak_in_use = 0  # most requests holding a slot at once
 
     @property
     def in_use(self) -> int:
@@ -54,6 +55,7 @@ class TailSlots:
                 entry = (self._free.pop(), int(num_computed[row]))
                 self._owner[req_id] = entry
             slots[row], valid_from[row] = entry
+        self.peak_in_use = max(self.peak_in_use, len(self._owner))
         return slots, valid_from
 
 

@@ -189,6 +189,9 @@ class FastGenWorker:
         n_pre = min(max(seq.prompt_len - ctx, 0), q_len)  # rows inside the prompt
         out = torch.empty(q_len, q.shape[1], q.shape[2], dtype=torch.float32)
         if layer not in seq.stores:
+            if n_pre == 0:
+                raise RuntimeError(f"FastGen: layer {layer} has no profile for a row past "
+                                   f"position {seq.prompt_len}")
             streams = seq.prefill.setdefault(layer, [self._stream() for _ in range(k.shape[1])])
             reads = [s.read(space) for s in streams]
             ck = torch.stack([r[1] for r in reads], dim=1)  # [ctx, H, D]
