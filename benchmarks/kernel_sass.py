@@ -26,7 +26,7 @@ POINTERS = {
     "valid_from": "*i32", "tile_req": "*i32", "tile_tok": "*i32", "mid_o": "*fp32",
     "mid_lse": "*fp32",
 }
-SCALARS = {"sm_scale": "fp32", "tok_base": "i32", "S": "i32"}
+SCALARS = {"sm_scale": "fp32", "tok_base": "i32", "S": "i32", "sinks": "i32"}
 ALIGNED_STRIDES = ("stride_bt", "stride_tail_kv", "stride_tail_slot", "stride_tail_pos",
                    "stride_qt", "stride_kt", "stride_vt", "stride_ot", "stride_oh", "stride_os")
 
