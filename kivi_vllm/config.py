@@ -88,10 +88,10 @@ class KiviConfig:
     window in tokens (a multiple of group_size). fastgen: optional FastGen settings.
     sink_groups: the first groups of every sequence kept in full precision for its
     lifetime (attention sinks); they take ``sink_groups * group_size`` of the residual's
-    rows, the rest stays the sliding window (CPU reference path only for now).
+    rows, the rest stays the sliding window.
     rotate_keys: multiply queries and keys by a normalized Hadamard matrix before
     attention and before storing (q . k unchanged; keys quantized in the rotated basis;
-    needs a power-of-two head size; CPU only for now).
+    needs a power-of-two head size).
     """
 
     bits: int = 4
@@ -185,7 +185,7 @@ class KiviConfig:
 
     @property
     def levers(self) -> dict[str, int | bool]:
-        """Options beyond plain KIVI that are switched on (CPU reference path only)."""
+        """Options beyond plain KIVI that are switched on (served on CPU and GPU; see patches.platform.GPU_LEVERS)."""
         out: dict[str, int | bool] = {"sink_groups": self.sink_groups} if self.sink_groups else {}
         if self.rotate_keys:
             out["rotate_keys"] = True
