@@ -185,7 +185,7 @@ class KiviConfig:
 
     @property
     def levers(self) -> dict[str, int | bool]:
-        """Options beyond plain KIVI that are switched on (served on CPU and GPU; see patches.platform.GPU_LEVERS)."""
+        """Options beyond plain KIVI that are switched on (CPU and GPU: ``GPU_LEVERS``)."""
         out: dict[str, int | bool] = {"sink_groups": self.sink_groups} if self.sink_groups else {}
         if self.rotate_keys:
             out["rotate_keys"] = True
