@@ -11,8 +11,12 @@ scored tokens are the harness's (``kivi_vllm.quality.ppl_windows``). Levers:
 * ``outliers``: per page and head, the ``outliers`` key channels with the largest range
   in the group stay exact (fp16 values + a channel index byte each)
 * ``hi_layers``: the first and last ``hi_layers`` layers at 4 bits
+* ``hi_list``: these layers (negative: from the end) at 4 bits; ``hi_keys``: 4-bit keys
+  only (values stay 2-bit) in the ``hi_layers``/``hi_list`` layers
 * ``rotate``: keys multiplied by a normalized Hadamard matrix before quantization (and
   back after), an orthogonal rotation that spreads outlier channels
+* ``rotate_seed``: with ``rotate``, the randomized Hadamard ``diag(+-1) @ H`` of
+  ``reference.random_hadamard`` (signs from this seed) instead of the plain one
 * ``rotate_values``: the same for values (per-token groups of G channels)
 
     nice -n 10 .venv/bin/python benchmarks/quality_levers.py --model smollm2
@@ -44,8 +48,11 @@ class Lever:
     sink: int = 0  # groups
     outliers: int = 0  # key channels per page and head
     hi_layers: int = 0  # first and last layers at 4 bits
+    hi_list: tuple[int, ...] = ()  # these layers at 4 bits (negative: from the end)
+    hi_keys: bool = False  # the 4-bit layers raise keys only
     rotate: bool = False
     rotate_values: bool = False
+    rotate_seed: int | None = None  # randomized Hadamard (with rotate)
     exact: bool = False  # no quantization at all (the fp32 reference)
 
     @property
@@ -56,30 +63,41 @@ class Lever:
         for key in ("sink", "outliers", "hi_layers"):
             if getattr(self, key):
                 s += f"+{key}{getattr(self, key)}"
-        return s + ("+rotate" if self.rotate else "") + ("+rotv" if self.rotate_values else "")
+        if self.hi_list:
+            s += "+hi" + ".".join(str(i) for i in self.hi_list)
+        s += "k" if self.hi_keys and (self.hi_list or self.hi_layers) else ""
+        if self.rotate:
+            s += "+rotate" if self.rotate_seed is None else f"+rotate_s{self.rotate_seed}"
+        return s + ("+rotv" if self.rotate_values else "")
+
+    def is_hi(self, layer: int, layers: int) -> bool:
+        """Whether ``layer`` (of ``layers``) is one of the 4-bit layers."""
+        if layer < self.hi_layers or layer >= layers - self.hi_layers:
+            return True
+        return any(i % layers == layer for i in self.hi_list)
+
+    def key_rotation(self, d: int) -> torch.Tensor | None:
+        from kivi_vllm import reference
+
+        if not self.rotate:
+            return None
+        if self.rotate_seed is None:
+            return reference.hadamard(d)
+        return reference.random_hadamard(d, self.rotate_seed)
 
 
-def hadamard(n: int) -> torch.Tensor:
-    h = torch.ones(1, 1)
-    while h.shape[0] < n:
-        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)])
-    if h.shape[0] != n:
-        raise ValueError(f"Hadamard rotation needs a power-of-two head size, got {n}")
-    return h / math.sqrt(n)
-
-
-def fake_kv(k: torch.Tensor, v: torch.Tensor, lv: Lever, bits: int) -> tuple:
+def fake_kv(k: torch.Tensor, v: torch.Tensor, lv: Lever, kbits: int, vbits: int) -> tuple:
     """KIVI reconstruction of complete groups of k, v [b, h, t, d] (fp32)."""
     from kivi_vllm import reference
 
     g, d = lv.group, k.shape[-1]
     kh, vh = k.clone(), v.clone()
-    rot = hadamard(d) if lv.rotate else None
-    rot_v = hadamard(d) if lv.rotate_values else None
+    rot = lv.key_rotation(d)
+    rot_v = reference.hadamard(d) if lv.rotate_values else None
     for j in range(k.shape[2] // g):
         sl = slice(j * g, (j + 1) * g)
         kg = k[:, :, sl] @ rot if rot is not None else k[:, :, sl]
-        codes, scale, mn = reference.quantize(kg, dim=2, bits=bits)
+        codes, scale, mn = reference.quantize(kg, dim=2, bits=kbits)
         kq = reference.dequantize(codes, scale, mn)
         if lv.outliers:
             rng = kg.amax(2, keepdim=True) - kg.amin(2, keepdim=True)
@@ -87,7 +105,7 @@ def fake_kv(k: torch.Tensor, v: torch.Tensor, lv: Lever, bits: int) -> tuple:
             kq.scatter_(-1, top, kg.half().float().gather(-1, top))
         kh[:, :, sl] = kq @ rot.T if rot is not None else kq
         vg = v[:, :, sl] @ rot_v if rot_v is not None else v[:, :, sl]
-        codes, scale, mn = reference.quantize(vg.unflatten(-1, (d // g, g)), -1, bits)
+        codes, scale, mn = reference.quantize(vg.unflatten(-1, (d // g, g)), -1, vbits)
         vq = reference.dequantize(codes, scale, mn).flatten(-2)
         vh[:, :, sl] = vq @ rot_v.T if rot_v is not None else vq
     return kh, vh
@@ -108,8 +126,9 @@ def sim_attention(module, query, key, value, attention_mask, scaling=None, **kwa
         kh, vh = k, v
     else:
         layer, layers = module.layer_idx, _STATE["layers"]
-        hi = lv.hi_layers and (layer < lv.hi_layers or layer >= layers - lv.hi_layers)
-        kh, vh = fake_kv(k, v, lv, 4 if hi else lv.bits)
+        hi = lv.is_hi(layer, layers)
+        kh, vh = fake_kv(k, v, lv, 4 if hi else lv.bits,
+                         4 if hi and not lv.hi_keys else lv.bits)
         g = lv.group
         bound = torch.clamp(pos // g * g - (lv.residual - g), min=0)
         use_hat = (pos[None, :] < bound[:, None]) & (pos[None, :] >= lv.sink * g)
@@ -117,6 +136,13 @@ def sim_attention(module, query, key, value, attention_mask, scaling=None, **kwa
     scores = torch.where(use_hat, q @ kh.transpose(-1, -2), q @ k.transpose(-1, -2))
     probs = torch.softmax((scores * scaling).masked_fill(causal, float("-inf")), -1)
     out = (probs * use_hat) @ vh + (probs * ~use_hat) @ v
+    errors = _STATE.get("errors")
+    if errors is not None and not lv.exact:  # this layer's error on the scored positions
+        exact = torch.softmax((q @ k.transpose(-1, -2) * scaling).masked_fill(causal, -torch.inf),
+                              -1) @ v
+        sl = slice(-_STATE["scored"], None)
+        err = (out[:, :, sl] - exact[:, :, sl]).norm() / exact[:, :, sl].norm()
+        errors.setdefault(module.layer_idx, []).append(err.item())
     return out.to(query.dtype).transpose(1, 2).contiguous(), None
 
 
@@ -132,9 +158,10 @@ def cost(lv: Lever, hf: Any) -> dict[str, float]:
         return {"bytes_per_token": bf16, "capacity_vs_bf16": 1.0}
     lo = PageFormat(lv.bits, lv.group, d, heads).bytes_per_token
     hi = PageFormat(4, lv.group, d, heads).bytes_per_token
-    n_hi = min(layers, 2 * lv.hi_layers)
+    n_hi = sum(lv.is_hi(i, layers) for i in range(layers))
+    extra_hi = (hi - lo) / 2 if lv.hi_keys else hi - lo  # key and value codes: same size
     per_layer_extra = heads * lv.outliers * (2 + 1 / lv.group)  # fp16 values + index byte
-    pages = lo * (layers - n_hi) + hi * n_hi + per_layer_extra * layers
+    pages = lo * layers + extra_hi * n_hi + per_layer_extra * layers
     tail_tokens = lv.residual + lv.sink * lv.group
     tails = (MAX_SEQS + 1) * tail_tokens * bf16
     return {
@@ -165,6 +192,18 @@ LEVERS = [
     Lever(sink=1, outliers=1, rotate=True),
     Lever(sink=1, outliers=4),
     Lever(sink=1, residual=64, rotate=True, rotate_values=True),
+    # randomized Hadamard (seeds 0-4) and 4-bit first/last layers with sink + rotation
+    *(Lever(sink=1, residual=64, rotate=True, rotate_seed=s) for s in range(5)),
+    Lever(sink=1, residual=64, rotate=True, hi_layers=1),
+    Lever(sink=1, residual=64, rotate=True, hi_layers=2),
+    Lever(sink=1, rotate=True, hi_layers=1),
+    Lever(sink=1, residual=96, rotate=True, rotate_seed=0),
+    # 4-bit for the layers with the largest attention-output error (--layer-errors)
+    Lever(sink=1, residual=64, rotate=True, hi_list=(18,)),
+    Lever(sink=1, residual=64, rotate=True, hi_list=(18, 20), hi_keys=True),
+    Lever(sink=1, residual=64, rotate=True, hi_list=(7, 8, 18, 20)),
+    Lever(sink=1, residual=64, rotate=True, hi_list=(0,)),
+    Lever(sink=1, residual=64, rotate=True, hi_list=(0, 18), hi_keys=True),
 ]
 
 
@@ -174,6 +213,11 @@ def main() -> None:
     p.add_argument("--windows", type=int, default=3)
     p.add_argument("--window-len", type=int, default=1152)
     p.add_argument("--scored", type=int, default=64)
+    p.add_argument("--first-window", type=int, default=0,
+                   help="skip this many windows (a held-out set: the next --windows)")
+    p.add_argument("--layer-errors", action="store_true",
+                   help="also record each layer's relative attention-output error on the "
+                        "scored positions (vs the same layer's inputs unquantized)")
     p.add_argument("--only", default=None, help="comma-separated lever names")
     p.add_argument("--out", default=None)
     args = p.parse_args()
@@ -193,7 +237,8 @@ def main() -> None:
         path, config=hf, dtype=torch.float32, attn_implementation="kivi_levers"
     ).eval()
     _STATE["layers"] = hf.num_hidden_layers
-    windows = quality.ppl_windows(tok, args.windows, args.window_len)
+    first = args.first_window
+    windows = quality.ppl_windows(tok, first + args.windows, args.window_len)[first:]
     out = Path(args.out) if args.out else RESULTS / f"quality-levers-{args.model}.json"
     doc = json.loads(out.read_text()) if out.exists() else {"records": []}
     records = {r["name"]: r for r in doc["records"]}
@@ -201,22 +246,29 @@ def main() -> None:
     for lv in LEVERS:
         if only and lv.name not in only:
             continue
-        _STATE["lever"] = lv
+        _STATE.update(lever=lv, scored=args.scored, errors={} if args.layer_errors else None)
         nll: list[float] = []
         with torch.inference_mode():
             for w in windows:
-                logits = model(torch.tensor([w])).logits[0].float()
-                lp = torch.log_softmax(logits[-args.scored - 1 : -1], -1)
+                # logits of the last scored + 1 positions only (the others are unused)
+                res = model(torch.tensor([w]), logits_to_keep=args.scored + 1)
+                lp = torch.log_softmax(res.logits[0, :-1].float(), -1)
                 tgt = torch.tensor(w[-args.scored :])
                 nll += (-lp.gather(1, tgt[:, None])[:, 0]).tolist()
         rec = {"name": lv.name, **asdict(lv), **cost(lv, hf),
                "ppl": math.exp(sum(nll) / len(nll)), "ppl_tokens": len(nll)}
+        if _STATE["errors"]:
+            errs = _STATE["errors"]
+            rec["layer_errors"] = [sum(errs[i]) / len(errs[i]) for i in sorted(errs)]
+            print("layer errors:", " ".join(f"{i}:{e:.3f}" for i, e in
+                                            enumerate(rec["layer_errors"])), flush=True)
         records[lv.name] = rec
         base = records.get("fp32")
         for r in records.values():
             r["ppl_vs_fp32"] = r["ppl"] / base["ppl"] - 1 if base else None
         doc.update(
-            model=args.model, windows=args.windows, window_len=args.window_len,
+            model=args.model, windows=args.windows, first_window=first,
+            window_len=args.window_len,
             scored=args.scored, records=list(records.values()),
             date=datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         )
