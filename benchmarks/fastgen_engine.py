@@ -58,7 +58,7 @@ def run(model: str, setting: str, args: argparse.Namespace) -> dict[str, Any]:
     fastgen = kivi is not None and "fastgen" in kivi
     tok = AutoTokenizer.from_pretrained(model)
     trials = quality.passkey_trials(tok, args.lengths, args.depths)
-    windows = quality.ppl_windows(tok, args.windows, args.window_len)
+    windows = quality.ppl_windows(tok, args.windows, args.window_len) if args.windows else []
     if kivi is None or fastgen:  # one request at a time, each prompt in one chunk
         kwargs = dict(max_num_batched_tokens=args.max_model_len, max_num_seqs=1,
                       max_model_len=args.max_model_len)
@@ -68,17 +68,21 @@ def run(model: str, setting: str, args: argparse.Namespace) -> dict[str, Any]:
         kwargs["additional_config"] = {"kivi": kivi}
     llm = LLM(model=model, enforce_eager=True, seed=0, **kwargs)
     try:
-        start = time.perf_counter()
-        extra = {PROFILE_AT: args.profile_at} if fastgen else None
-        ppl = quality.perplexity(llm, windows, args.window_len - args.profile_at, extra)
-        rec: dict[str, Any] = {"setting": setting, "ppl": ppl.ppl, "ppl_tokens": ppl.tokens,
-                               "ppl_s": round(time.perf_counter() - start, 1)}
+        rec: dict[str, Any] = {"setting": setting}
+        if windows:
+            start = time.perf_counter()
+            extra = {PROFILE_AT: args.profile_at} if fastgen else None
+            ppl = quality.perplexity(llm, windows, args.window_len - args.profile_at, extra)
+            rec.update(ppl=ppl.ppl, ppl_tokens=ppl.tokens,
+                       ppl_s=round(time.perf_counter() - start, 1))
+        scored = set(llm.collective_rpc(fastgen_stats)[0]["history"]) if fastgen else set()
         start = time.perf_counter()
         rec.update(quality.passkey_accuracy(llm, tok, trials))
         rec["passkey_s"] = round(time.perf_counter() - start, 1)
-        if fastgen:
-            stats = llm.collective_rpc(fastgen_stats)[0]
-            rec.update(kept_pages(stats["history"].values(), kivi["group_size"], args.heads))
+        if fastgen:  # the passkey requests (profiled at their prompt's end)
+            history = llm.collective_rpc(fastgen_stats)[0]["history"]
+            passkey = [v for k, v in history.items() if k not in scored]
+            rec.update(kept_pages(passkey, kivi["group_size"], args.heads))
     finally:
         llm.llm_engine.engine_core.shutdown()
     return rec
@@ -144,7 +148,8 @@ def main() -> None:
     for r in records:
         kept = f"{r['kept_pages']:.3f}" if "kept_pages" in r else "1 (no FastGen)"
         mix = " / ".join(f"{x:.0%}" for x in r.get("policy_mix", [])) or "-"
-        print(f"| {r['setting']} | {r['ppl']:.3f} | {r['passkey_hits']}/{r['passkey_trials']} "
+        ppl = r.get("ppl", float("nan"))
+        print(f"| {r['setting']} | {ppl:.3f} | {r['passkey_hits']}/{r['passkey_trials']} "
               f"| {kept} | {mix} |")
 
 
