@@ -335,8 +335,8 @@ class KiviAttentionImpl(AttentionImpl[KiviMetadata]):
         v = value[:n].view(n, self.num_kv_heads, self.head_size)
         out = output[:n].view(n, self.num_heads, self.head_size)
         if self.rotation is not None:  # before both paths: attention and storage
-            if self.rotation.device != q.device:
-                self.rotation = self.rotation.to(q.device)
+            if self.rotation.device != q.device or self.rotation.dtype != q.dtype:
+                self.rotation = self.rotation.to(q.device, q.dtype)
             q, k = reference.rotate(q, self.rotation), reference.rotate(k, self.rotation)
         if kv_cache.is_cuda:
             from kivi_vllm.kernels import ops
