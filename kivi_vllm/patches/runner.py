@@ -1,4 +1,5 @@
-"""Tell the KIVI tail allocator which request owns each batch row, and when it ends."""
+"""Runner hooks: tell the KIVI tail allocator (and FastGen) which request owns each batch
+row and when it ends; after each forward, FastGen moves compacted pages and reports them."""
 
 from __future__ import annotations
 
