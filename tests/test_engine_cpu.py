@@ -255,7 +255,8 @@ def test_plain_vllm_is_untouched(bf16) -> None:
     assert page_elems * 2 == 128 * bf16_bytes_per_token(SMOLLM2_KV_HEADS, SMOLLM2_HEAD_DIM)
     assert probe["num_caches"] == SMOLLM2_LAYERS
     assert bf16["stats_start"] == {
-        "tail_slots_in_use": 0, "tail_slots": 0, "quantized_groups": 0, "tail_bytes": 0,
+        "tail_slots_in_use": 0, "tail_slots": 0, "tail_slots_peak": 0, "quantized_groups": 0,
+        "tail_bytes": 0,
     }
     # the bf16 budget holds exactly what 4 GiB of 768-byte-per-layer tokens allow
     per_block = SMOLLM2_LAYERS * bf16_bytes_per_token(SMOLLM2_KV_HEADS, SMOLLM2_HEAD_DIM) * 128
