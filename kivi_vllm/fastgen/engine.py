@@ -267,18 +267,14 @@ class FastGenWorker:
         out = []
         for h, old in enumerate(streams):
             policy = int(prof.policy[h])
-            hs = HeadStore(policy, prof.window, self._stream(), None)
             if policy == Policy.FULL:
+                hs = HeadStore(policy, prof.window, old.copy_to(space, scratch), None)
                 n_old = len(old)
-                hs.permanent.positions = list(old.positions)
-                hs.permanent.pages = [scratch.new_scratch_row() for _ in old.pages]
-                scratch.copy_rows(space, old.pages, hs.permanent.pages)
-                hs.permanent.fp_k, hs.permanent.fp_v = old.fp_k, old.fp_v
-                hs.permanent.fp_from = old.fp_from
-                rest = list(range(n_old, n))
-                hs.permanent.append(rest, keys[n_old:, h], values[n_old:, h], scratch, new_page)
+                hs.permanent.append(list(range(n_old, n)), keys[n_old:, h], values[n_old:, h],
+                                    scratch, new_page)
                 out.append(hs)
                 continue
+            hs = HeadStore(policy, prof.window, self._stream(), None)
             keep = seq.special[:n].clone()
             if policy >= Policy.PUNCT:
                 keep |= seq.punct[:n]

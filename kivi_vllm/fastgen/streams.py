@@ -34,10 +34,11 @@ class PageSpace:
     fmt: PageFormat
     data: torch.Tensor
     rows_of: torch.Tensor | None = None
+    used: int = 0  # scratch rows handed out (``data`` grows geometrically past them)
 
     @classmethod
     def scratch(cls, fmt: PageFormat) -> PageSpace:
-        return cls(fmt, torch.empty(0, fmt.page_bytes, dtype=torch.uint8))
+        return cls(fmt, torch.zeros(16, fmt.page_bytes, dtype=torch.uint8))
 
     def _rows(self, handles: list[int]) -> torch.Tensor:
         idx = torch.tensor(handles, dtype=torch.long)
@@ -45,8 +46,10 @@ class PageSpace:
 
     def new_scratch_row(self) -> int:
         assert self.rows_of is None
-        self.data = torch.cat([self.data, self.data.new_zeros(1, self.fmt.page_bytes)])
-        return self.data.shape[0] - 1
+        if self.used == self.data.shape[0]:  # double: compaction adds pages one by one
+            self.data = torch.cat([self.data, torch.zeros_like(self.data)])
+        self.used += 1
+        return self.used - 1
 
     def write(self, handle: int, page: dict[str, torch.Tensor]) -> None:
         views = self.fmt.views(self.data)
@@ -125,6 +128,13 @@ class Stream:
         if self.fp_k is not None:
             k, v = torch.cat([k, self.fp_k.float()]), torch.cat([v, self.fp_v.float()])
         return pos, k, v
+
+    def copy_to(self, src: PageSpace, dst: PageSpace) -> Stream:
+        """This stream with its pages byte-copied into new scratch rows of ``dst``."""
+        pages = [dst.new_scratch_row() for _ in self.pages]
+        dst.copy_rows(src, self.pages, pages)
+        return Stream(self.group, self.residual, list(self.positions), pages, self.fp_k,
+                      self.fp_v, self.fp_from)
 
     def drop_front_page(self) -> int:
         """Forget the oldest page and its tokens; returns its handle for reuse."""
