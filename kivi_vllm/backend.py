@@ -32,7 +32,7 @@ from vllm.v1.attention.backends.utils import split_decodes_and_prefills
 from kivi_vllm import reference, state
 from kivi_vllm.config import ALLOWED_GROUP_SIZES, KiviConfig, KiviConfigError
 from kivi_vllm.memory import num_ring_slots, num_tail_slots
-from kivi_vllm.page_format import PageFormat
+from kivi_vllm.page_format import PageFormat, layer_page_format
 from kivi_vllm.spec import KiviAttentionSpec
 
 logger = init_logger("vllm.kivi")
@@ -89,6 +89,8 @@ class KiviAttentionBackend(AttentionBackend):
         heads = 1 if cfg.fastgen is not None else num_kv_heads  # FastGen: head-pages
         fmt = PageFormat(cfg.bits, cfg.group_size, head_size, heads)
         assert block_size == fmt.block_size, (block_size, fmt.block_size)
+        if cfg.layer_key_bits:  # pages differ by layer; each layer's tensor holds its own
+            return (num_blocks, -1)
         return (num_blocks, fmt.page_bytes)
 
     @staticmethod
@@ -307,7 +309,10 @@ class KiviAttentionImpl(AttentionImpl[KiviMetadata]):
         self.num_kv_heads = num_kv_heads or num_heads
         self.cfg: KiviConfig = state.active_config()
         self.cfg.check_head_size(head_size)
+        # the layer's own format (kivi.layer_key_bits) is resolved from its name on the
+        # first forward: vLLM builds the impl without the layer's name
         self.fmt = PageFormat(self.cfg.bits, self.cfg.group_size, head_size, self.num_kv_heads)
+        self._layer_resolved = not self.cfg.layer_key_bits
         # kivi.rotate_keys: one orthogonal matrix for queries and keys (moved on first use)
         self.rotation = reference.hadamard(head_size) if self.cfg.rotate_keys else None
 
@@ -328,6 +333,8 @@ class KiviAttentionImpl(AttentionImpl[KiviMetadata]):
             raise NotImplementedError("KIVI attention does not fuse output quantization")
         if attn_metadata is None:  # profiling run
             return output.fill_(0)
+        if not self._layer_resolved:
+            self._resolve_layer_format(layer.layer_name, kv_cache)
         tail = state.tail_for(layer.layer_name)
         n = attn_metadata.num_actual_tokens
         q = query[:n].view(n, self.num_heads, self.head_size)
@@ -345,6 +352,21 @@ class KiviAttentionImpl(AttentionImpl[KiviMetadata]):
         else:
             self._forward_reference(q, k, v, kv_cache, tail, attn_metadata, out, layer.layer_name)
         return output
+
+    def _resolve_layer_format(self, layer_name: str, kv_cache: torch.Tensor) -> None:
+        """This layer's page format under ``kivi.layer_key_bits`` (checked against the
+        bytes per page vLLM allocated for it from the layer's spec)."""
+        from vllm.model_executor.models.utils import extract_layer_index
+
+        layer = extract_layer_index(layer_name)
+        self.fmt = layer_page_format(self.cfg, layer, self.head_size, self.num_kv_heads)
+        if kv_cache.dim() != 2 or kv_cache.shape[1] != self.fmt.page_bytes:
+            raise KiviConfigError(
+                f"layer {layer_name}: KV cache pages of shape {tuple(kv_cache.shape)} do not "
+                f"match its KIVI format ({self.fmt.page_bytes} bytes per page, key bits "
+                f"{self.fmt.k_bits}); every process must get the same --additional-config"
+            )
+        self._layer_resolved = True
 
     def _forward_reference(
         self,

@@ -92,6 +92,9 @@ class KiviConfig:
     rotate_keys: multiply queries and keys by a normalized Hadamard matrix before
     attention and before storing (q . k unchanged; keys quantized in the rotated basis;
     needs a power-of-two head size).
+    layer_key_bits: key code width per decoder layer index, e.g. ``{"0": 4, "18": 4}``
+    (the other layers' keys, and every layer's values, use ``bits``); kept as sorted
+    ``(layer, bits)`` pairs.
     """
 
     bits: int = 4
@@ -100,10 +103,12 @@ class KiviConfig:
     fastgen: FastGenConfig | None = None
     sink_groups: int = 0
     rotate_keys: bool = False
+    layer_key_bits: tuple[tuple[int, int], ...] = ()
 
     def __post_init__(self) -> None:
         if self.fastgen is not None and not isinstance(self.fastgen, FastGenConfig):
             object.__setattr__(self, "fastgen", FastGenConfig.from_dict(self.fastgen))
+        object.__setattr__(self, "layer_key_bits", _parse_layer_key_bits(self.layer_key_bits))
         for name in ("bits", "group_size", "residual", "sink_groups"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
@@ -133,6 +138,11 @@ class KiviConfig:
         if self.sink_groups < 0:
             raise KiviConfigError(
                 f"kivi.sink_groups={self.sink_groups} must be >= 0 (0 = no sinks)"
+            )
+        if self.layer_key_bits and self.fastgen is not None:
+            raise KiviConfigError(
+                "kivi.layer_key_bits cannot be combined with kivi.fastgen yet (FastGen's "
+                "head-pages share one format across layers); remove one of them"
             )
         if self.residual < (self.sink_groups + 1) * self.group_size:
             raise KiviConfigError(
@@ -176,7 +186,24 @@ class KiviConfig:
             del out["sink_groups"]
         if not self.rotate_keys:
             del out["rotate_keys"]
+        if self.layer_key_bits:
+            out["layer_key_bits"] = {str(layer): b for layer, b in self.layer_key_bits}
+        else:
+            del out["layer_key_bits"]
         return out
+
+    def key_bits_of(self, layer: int) -> int:
+        """Key code width of decoder layer ``layer``."""
+        return dict(self.layer_key_bits).get(layer, self.bits)
+
+    def check_num_layers(self, num_layers: int) -> None:
+        """Fail if ``layer_key_bits`` names a layer the model does not have."""
+        bad = [layer for layer, _ in self.layer_key_bits if layer >= num_layers]
+        if bad:
+            raise KiviConfigError(
+                f"kivi.layer_key_bits names layer(s) {bad}, but the model has "
+                f"{num_layers} attention layers; allowed layer indices: 0 to {num_layers - 1}"
+            )
 
     @property
     def sink_tokens(self) -> int:
@@ -184,11 +211,15 @@ class KiviConfig:
         return self.sink_groups * self.group_size
 
     @property
-    def levers(self) -> dict[str, int | bool]:
+    def levers(self) -> dict[str, int | bool | str]:
         """Options beyond plain KIVI that are switched on (CPU and GPU: ``GPU_LEVERS``)."""
-        out: dict[str, int | bool] = {"sink_groups": self.sink_groups} if self.sink_groups else {}
+        out: dict[str, int | bool | str] = {}
+        if self.sink_groups:
+            out["sink_groups"] = self.sink_groups
         if self.rotate_keys:
             out["rotate_keys"] = True
+        if self.layer_key_bits:
+            out["layer_key_bits"] = _layer_bits_name(self.layer_key_bits)
         return out
 
     @property
@@ -198,7 +229,45 @@ class KiviConfig:
             name += f"-s{self.sink_groups}"
         if self.rotate_keys:
             name += "-rot"
+        if self.layer_key_bits:
+            name += f"-k{_layer_bits_name(self.layer_key_bits)}"
         return name if self.fastgen is None else f"{name}-fastgen{self.fastgen.recovery}"
+
+
+def _layer_bits_name(pairs: tuple[tuple[int, int], ...]) -> str:
+    """``((0, 4), (18, 4))`` -> ``"0:4.18:4"`` (for names and records)."""
+    return ".".join(f"{layer}:{b}" for layer, b in pairs)
+
+
+def _parse_layer_key_bits(raw: Any) -> tuple[tuple[int, int], ...]:
+    """``{"0": 4, "18": 4}`` (or already-parsed pairs) -> sorted ``((0, 4), (18, 4))``."""
+    allowed = (
+        f'an object mapping decoder layer indices to key bits in {ALLOWED_BITS}, e.g. '
+        '{"0": 4, "18": 4}'
+    )
+    if isinstance(raw, dict):
+        items = list(raw.items())
+    elif isinstance(raw, (tuple, list)) and all(
+        isinstance(p, (tuple, list)) and len(p) == 2 for p in raw
+    ):
+        items = [tuple(p) for p in raw]
+    else:
+        raise KiviConfigError(f"kivi.layer_key_bits={raw!r} is not valid; allowed: {allowed}")
+    out: dict[int, int] = {}
+    for layer, bits in items:
+        text = str(layer)
+        if isinstance(layer, bool) or not text.isdigit():
+            raise KiviConfigError(
+                f"kivi.layer_key_bits has layer {layer!r}; allowed: layer indices >= 0 "
+                f"({allowed})"
+            )
+        if isinstance(bits, bool) or bits not in ALLOWED_BITS:
+            raise KiviConfigError(
+                f"kivi.layer_key_bits[{text}]={bits!r} is not supported; allowed key bits: "
+                f"{ALLOWED_BITS}"
+            )
+        out[int(text)] = bits
+    return tuple(sorted(out.items()))
 
 
 def kivi_config_from_vllm(vllm_config: Any) -> KiviConfig | None:

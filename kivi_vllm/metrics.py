@@ -80,7 +80,7 @@ def static_figures(vllm_config: Any) -> dict[str, float] | None:
     cfg = kivi_config_from_vllm(vllm_config)
     if cfg is None:
         return None
-    from kivi_vllm.memory import layer_format, num_attention_layers
+    from kivi_vllm.memory import layer_format, model_bytes_per_token, num_attention_layers
     from kivi_vllm.page_format import bf16_bytes_per_token
 
     fmt = layer_format(vllm_config, cfg)
@@ -95,7 +95,7 @@ def static_figures(vllm_config: Any) -> dict[str, float] | None:
         "group_size": cfg.group_size,
         "residual": cfg.residual,
         "kv_cache_tokens": blocks * int(cache.block_size),
-        "bytes_per_token": fmt.bytes_per_token * layers,
+        "bytes_per_token": model_bytes_per_token(vllm_config, cfg),
         "unquantized_bytes_per_token": bf16_bytes_per_token(
             fmt.num_kv_heads, fmt.head_dim, dtype_size
         ) * layers,

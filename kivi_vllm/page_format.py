@@ -5,17 +5,19 @@ One page (one vLLM block) holds ``group_size`` tokens of every KV head of a laye
 ====================  ==================================  =========
 section               logical shape                       dtype
 ====================  ==================================  =========
-key codes             [kv_heads, group, head_dim / cpb]   uint8
-value codes           [kv_heads, head_dim / cpb, group]   uint8
+key codes             [kv_heads, group, head_dim / kcpb]  uint8
+value codes           [kv_heads, head_dim / vcpb, group]  uint8
 key scale             [kv_heads, head_dim]                float16
 key min               [kv_heads, head_dim]                float16
 value scale           [kv_heads, head_dim / group, group] float16
 value min             [kv_heads, head_dim / group, group] float16
 ====================  ==================================  =========
 
-``cpb`` = codes per byte (8 // bits). Codes are packed *planar* along channels:
-channel ``c`` lives in byte ``c % (head_dim // cpb)`` at bit ``(c // (head_dim // cpb))
-* bits``, so unpacking is a shift and a mask per plane, with no interleaving.
+``kcpb`` / ``vcpb`` = codes per byte of keys / values (8 // bits). Keys take ``key_bits``
+(``kivi.layer_key_bits``; by default ``bits``), values ``bits``. Codes are packed
+*planar* along channels: channel ``c`` lives in byte ``c % P`` at bit ``(c // P) * bits``
+(``P = head_dim // cpb``), so unpacking is a shift and a mask per plane, with no
+interleaving.
 Keys are quantized per channel over the group's tokens, values per token over
 groups of ``group_size`` channels. Scales and mins are float16. Value sections are
 token-minor (a byte column or a channel group's scales hold the group's tokens
@@ -32,21 +34,27 @@ import torch
 
 @dataclass(frozen=True)
 class PageFormat:
-    """Byte layout of one KIVI page for (bits, group_size, head_dim, num_kv_heads)."""
+    """Byte layout of one KIVI page for (bits, group_size, head_dim, num_kv_heads).
+
+    ``bits`` is the value code width and, unless ``key_bits`` is set (non-zero), the
+    key code width too.
+    """
 
     bits: int
     group_size: int
     head_dim: int
     num_kv_heads: int
+    key_bits: int = 0
 
     def __post_init__(self) -> None:
-        if self.bits not in (2, 4):
-            raise ValueError(f"bits must be 2 or 4, got {self.bits}")
+        for name, value in (("bits", self.bits), ("key_bits", self.k_bits)):
+            if value not in (2, 4):
+                raise ValueError(f"{name} must be 2 or 4, got {value}")
         if self.head_dim % self.group_size:
             raise ValueError(
                 f"group_size {self.group_size} must divide head_dim {self.head_dim}"
             )
-        if self.head_dim % self.codes_per_byte:
+        if self.head_dim % 8:
             raise ValueError(f"head_dim {self.head_dim} must be a multiple of 8")
 
     @property
@@ -55,13 +63,24 @@ class PageFormat:
         return self.group_size
 
     @property
-    def codes_per_byte(self) -> int:
-        return 8 // self.bits
+    def k_bits(self) -> int:
+        """Key code width."""
+        return self.key_bits or self.bits
 
     @property
-    def packed_dim(self) -> int:
-        """Bytes of codes per token per head (= channels per bit plane)."""
-        return self.head_dim // self.codes_per_byte
+    def v_bits(self) -> int:
+        """Value code width."""
+        return self.bits
+
+    @property
+    def k_packed_dim(self) -> int:
+        """Bytes of key codes per token per head (= channels per key bit plane)."""
+        return self.head_dim * self.k_bits // 8
+
+    @property
+    def v_packed_dim(self) -> int:
+        """Bytes of value codes per token per head (= channels per value bit plane)."""
+        return self.head_dim * self.v_bits // 8
 
     @property
     def value_groups(self) -> int:
@@ -73,8 +92,8 @@ class PageFormat:
         """Name -> (byte offset, logical shape, dtype), in page order."""
         h, g, d = self.num_kv_heads, self.group_size, self.head_dim
         layout = [
-            ("k_codes", (h, g, self.packed_dim), torch.uint8),
-            ("v_codes", (h, self.packed_dim, g), torch.uint8),
+            ("k_codes", (h, g, self.k_packed_dim), torch.uint8),
+            ("v_codes", (h, self.v_packed_dim, g), torch.uint8),
             ("k_scale", (h, d), torch.float16),
             ("k_min", (h, d), torch.float16),
             ("v_scale", (h, self.value_groups, g), torch.float16),
@@ -135,7 +154,14 @@ def _numel(shape: tuple[int, ...]) -> int:
     return n
 
 
+def layer_page_format(cfg, layer: int, head_dim: int, num_kv_heads: int) -> PageFormat:
+    """The page format of decoder layer ``layer`` under a ``KiviConfig``."""
+    key_bits = cfg.key_bits_of(layer)
+    return PageFormat(cfg.bits, cfg.group_size, head_dim, num_kv_heads,
+                      key_bits=0 if key_bits == cfg.bits else key_bits)
+
+
 def kivi_bytes_per_token(cfg, head_dim: int, num_kv_heads: int, num_layers: int) -> float:
     """KV bytes per token of a whole model in KIVI pages (a ``KiviConfig``; no tails)."""
-    fmt = PageFormat(cfg.bits, cfg.group_size, head_dim, num_kv_heads)
-    return fmt.bytes_per_token * num_layers
+    return sum(layer_page_format(cfg, layer, head_dim, num_kv_heads).bytes_per_token
+               for layer in range(num_layers))

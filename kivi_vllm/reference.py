@@ -89,12 +89,12 @@ def quantize_page(
     g, h, d = keys.shape
     assert (g, h, d) == (fmt.group_size, fmt.num_kv_heads, fmt.head_dim)
     k = keys.float().permute(1, 0, 2)  # [h, g, d]: per-channel groups over tokens
-    k_codes, k_scale, k_min = quantize(k, dim=1, bits=fmt.bits)
+    k_codes, k_scale, k_min = quantize(k, dim=1, bits=fmt.k_bits)
     v = values.float().permute(1, 0, 2).unflatten(-1, (fmt.value_groups, g))
-    v_codes, v_scale, v_min = quantize(v, dim=-1, bits=fmt.bits)  # [h, g, vg, G]
+    v_codes, v_scale, v_min = quantize(v, dim=-1, bits=fmt.v_bits)  # [h, g, vg, G]
     return {
-        "k_codes": pack_planar(k_codes, fmt.bits),
-        "v_codes": pack_planar(v_codes.flatten(-2), fmt.bits).transpose(-1, -2),  # [h, P, g]
+        "k_codes": pack_planar(k_codes, fmt.k_bits),
+        "v_codes": pack_planar(v_codes.flatten(-2), fmt.v_bits).transpose(-1, -2),  # [h, P, g]
         "k_scale": k_scale.squeeze(1),
         "k_min": k_min.squeeze(1),
         "v_scale": v_scale.squeeze(-1).transpose(-1, -2),  # [h, vg, g]
@@ -107,13 +107,13 @@ def dequantize_pages(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """float32 keys and values [len(block_ids) * group, kv_heads, head_dim]."""
     n, g = block_ids.numel(), fmt.group_size
-    k_codes = unpack_planar(views["k_codes"][block_ids], fmt.bits)  # [n, h, g, d]
+    k_codes = unpack_planar(views["k_codes"][block_ids], fmt.k_bits)  # [n, h, g, d]
     k = dequantize(
         k_codes,
         views["k_scale"][block_ids].unsqueeze(2),
         views["k_min"][block_ids].unsqueeze(2),
     )
-    v_codes = unpack_planar(views["v_codes"][block_ids].transpose(-1, -2), fmt.bits)
+    v_codes = unpack_planar(views["v_codes"][block_ids].transpose(-1, -2), fmt.v_bits)
     v_codes = v_codes.unflatten(-1, (fmt.value_groups, g))  # [n, h, g, vg, G]
     v = dequantize(
         v_codes,

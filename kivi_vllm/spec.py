@@ -17,15 +17,21 @@ class KiviAttentionSpec(FullAttentionSpec):
 
     ``kivi_config`` is the fingerprint (:func:`config_fingerprint`) of the whole KIVI
     config the pages were sized for; the worker checks it where the cache is bound.
+    ``kivi_key_bits``: this layer's key width where ``kivi.layer_key_bits`` sets one (0 =
+    ``kivi_bits``). Layers whose widths differ do not merge: vLLM then keeps one KV cache
+    group of per-layer specs (``UniformTypeKVCacheSpecs``: one block table, one tensor
+    per layer sized by its own page).
     """
 
     kivi_bits: int = 2
     kivi_group: int = 32
     kivi_config: str = ""
+    kivi_key_bits: int = 0
 
     @property
     def page_format(self) -> PageFormat:
-        return PageFormat(self.kivi_bits, self.kivi_group, self.head_size, self.num_kv_heads)
+        return PageFormat(self.kivi_bits, self.kivi_group, self.head_size, self.num_kv_heads,
+                          key_bits=self.kivi_key_bits)
 
     @property
     def real_page_size_bytes(self) -> int:
@@ -43,8 +49,11 @@ class KiviAttentionSpec(FullAttentionSpec):
                 f"the KIVI layers of one KV cache group were built for different KIVI "
                 f"configs {configs}; every layer must share one config"
             )
+        # vLLM's signal (as FullAttentionSpec.merge gives it) that the layers' pages differ
+        assert len({s.kivi_key_bits for s in specs}) == 1, (
+            "KIVI layers with different key bits have different page sizes")
         return replace(merged, kivi_bits=first.kivi_bits, kivi_group=first.kivi_group,
-                       kivi_config=first.kivi_config)
+                       kivi_config=first.kivi_config, kivi_key_bits=first.kivi_key_bits)
 
     def check_config(self, cfg: KiviConfig | None, who: str) -> None:
         """Fail unless ``cfg`` (the KIVI config ``who`` reads pages with) is the one

@@ -8,6 +8,8 @@ engine down and hand the results to the tests.
   ``long_prefill_token_threshold=32``: prompts are prefilled in group-aligned chunks
   of 32 tokens, so prompt tokens also read quantized pages (as decode tokens do)
   instead of seeing the whole prompt in full precision within one chunk.
+* ``kivi2_keys4``: as ``kivi2`` with ``kivi.layer_key_bits`` (4-bit keys in layers 0
+  and 18): per-layer page sizes in one KV cache group.
 * ``stress_reference`` / ``small``: KIVI-2 in fp32 with 4 GiB and with a 40-block KV
   cache (which forces preemption), for the stress and abort tests.
 """
@@ -41,6 +43,7 @@ pytestmark = pytest.mark.skipif(
 )
 
 KV_SPACE_GIB = 4
+KIVI2_KEYS4 = {**KIVI2, "layer_key_bits": {"0": 4, "18": 4}}  # kivi.layer_key_bits
 SMOLLM2_LAYERS, SMOLLM2_KV_HEADS, SMOLLM2_HEAD_DIM = 30, 3, 64
 CHUNK = 32  # long_prefill_token_threshold: prefill chunks of one KIVI group
 GEN_TOKENS = 32
@@ -140,6 +143,7 @@ def _worker_probe(worker: Any) -> dict[str, Any]:
         "names": names,
         "num_caches": len(caches),
         "cache_shape": tuple(caches[0].shape),
+        "page_bytes": [int(c.shape[1]) for c in caches],  # per layer (layer order)
         "cache_dtype": str(caches[0].dtype),
     }
 
@@ -180,6 +184,13 @@ def kivi4(default_model_path: str, bf16: dict[str, Any]) -> dict[str, Any]:
 @pytest.fixture(scope="module")
 def kivi2(default_model_path: str, bf16: dict[str, Any]) -> dict[str, Any]:
     with engine(default_model_path, KIVI2, KV_SPACE_GIB, long_prefill_token_threshold=CHUNK) as llm:
+        return _serve_all(llm, bf16)
+
+
+@pytest.fixture(scope="module")
+def kivi2_keys4(default_model_path: str, bf16: dict[str, Any]) -> dict[str, Any]:
+    with engine(default_model_path, KIVI2_KEYS4, KV_SPACE_GIB,
+                long_prefill_token_threshold=CHUNK) as llm:
         return _serve_all(llm, bf16)
 
 
@@ -429,10 +440,11 @@ def _kivi_sim_attention(module, query, key, value, attention_mask, scaling=None,
     q, k, v = query.float(), key.float(), value.float()
     pos = torch.arange(t)
     bits, g, r = _SIM["cfg"]
+    key_bits = _SIM["key_bits"].get(module.layer_idx, bits)  # kivi.layer_key_bits
     kh, vh = k.clone(), v.clone()
     for j in range(t // g):  # complete groups: keys per channel, values per token
         sl = slice(j * g, (j + 1) * g)
-        codes, scale, mn = reference.quantize(k[:, :, sl], dim=2, bits=bits)
+        codes, scale, mn = reference.quantize(k[:, :, sl], dim=2, bits=key_bits)
         kh[:, :, sl] = reference.dequantize(codes, scale, mn)
         codes, scale, mn = reference.quantize(v[:, :, sl].unflatten(-1, (d // g, g)), -1, bits)
         vh[:, :, sl] = reference.dequantize(codes, scale, mn).flatten(-2)
@@ -445,7 +457,8 @@ def _kivi_sim_attention(module, query, key, value, attention_mask, scaling=None,
     return out.to(query.dtype).transpose(1, 2).contiguous(), None
 
 
-def _simulate_scores(model_path: str, prompts, continuations, cfg) -> list[list[float]]:
+def _simulate_scores(model_path: str, prompts, continuations, cfg,
+                     key_bits: dict[int, int] | None = None) -> list[list[float]]:
     import torch
     from transformers import AttentionInterface, AutoModelForCausalLM
 
@@ -453,7 +466,7 @@ def _simulate_scores(model_path: str, prompts, continuations, cfg) -> list[list[
     model = AutoModelForCausalLM.from_pretrained(
         model_path, dtype=torch.float32, attn_implementation="kivi_sim"
     ).eval()
-    _SIM["cfg"] = cfg
+    _SIM["cfg"], _SIM["key_bits"] = cfg, key_bits or {}
     scores = []
     with torch.inference_mode():
         for p, c in zip(prompts, continuations, strict=True):
@@ -486,6 +499,32 @@ def test_engine_matches_offline_kivi(default_model_path, bf16, kivi2, kivi4) -> 
         assert engine_vs_sim <= SIM_MAX_MEAN_DIFF[bits], line
         if bits == 2:  # the effect is well above the noise: the engine's loss is KIVI's
             assert 0.7 <= engine_vs_bf16 / sim_vs_bf16 <= 1.4, line
+
+
+def test_layer_key_bits_engine(default_model_path, bf16, kivi2, kivi2_keys4) -> None:
+    """kivi.layer_key_bits: layers 0 and 18 get pages with 4-bit keys (one KV cache group,
+    one tensor per layer sized by its own page); the engine matches the offline simulation
+    with the same per-layer widths."""
+    res = kivi2_keys4
+    plain = PageFormat(2, 32, SMOLLM2_HEAD_DIM, SMOLLM2_KV_HEADS)
+    wide = PageFormat(2, 32, SMOLLM2_HEAD_DIM, SMOLLM2_KV_HEADS, key_bits=4)
+    assert wide.page_bytes > plain.page_bytes
+    assert res["probe"]["page_bytes"] == [
+        wide.page_bytes if layer in (0, 18) else plain.page_bytes
+        for layer in range(SMOLLM2_LAYERS)]
+    tails = res["stats_start"]["tail_bytes"]
+    assert tails == kivi2["stats_start"]["tail_bytes"]  # the tails do not depend on key bits
+    per_block = (SMOLLM2_LAYERS - 2) * plain.page_bytes + 2 * wide.page_bytes
+    assert res["num_blocks"] == (KV_SPACE_GIB * 2**30 - tails) // per_block
+    prompts, cont = bf16["prompts"], bf16["greedy"]
+    sim = _simulate_scores(default_model_path, prompts, cont, (2, 32, 32), {0: 4, 18: 4})
+    engine_vs_sim = _logprob_diff(res["scores"], sim)[0]
+    line = (f"kivi2 + 4-bit keys in layers 0, 18: mean |dlogp| engine vs simulation "
+            f"{engine_vs_sim:.4f}, vs bf16 {_logprob_diff(res['scores'], bf16['scores'])[0]:.4f}"
+            f" (plain kivi2 vs bf16 {_logprob_diff(kivi2['scores'], bf16['scores'])[0]:.4f})")
+    print(line)
+    assert engine_vs_sim <= SIM_MAX_MEAN_DIFF[2], line
+    assert res["stats_end"]["tail_slots_in_use"] == 0 and res["usage_end"] == 0
 
 
 def test_tails_released_after_generation(kivi2, kivi4) -> None:

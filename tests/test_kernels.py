@@ -33,26 +33,31 @@ SMALL = [  # (bits, group, head_dim, kv_heads, q_heads, residual)
     (2, 64, 128, 1, 8, 64),
     (4, 32, 128, 2, 2, 32),
 ]
+KEY_BITS = [  # kivi.layer_key_bits: (bits, group, head_dim, kv_heads, q_heads, residual, key bits)
+    (2, 32, 64, 2, 4, 32, 4),
+    (2, 32, 128, 1, 8, 64, 4),
+    (4, 32, 64, 1, 2, 32, 2),
+]
 SINKS = [  # (case, sink tokens): kivi.sink_groups, sink rows read instead of pages
     ((2, 32, 64, 2, 4, 96), 32),
     ((4, 32, 128, 1, 4, 96), 64),
 ]
 
 
-def _decode_case(bits, group, d, hk, hq, residual, dtype, seed, ctx, sinks=0):
-    fmt = PageFormat(bits, group, d, hk)
-    return make_scenario(fmt, residual, hq, ctx, [1] * len(ctx), dtype=dtype, seed=seed,
-                         sinks=sinks)
+def _format(case: tuple) -> PageFormat:
+    bits, group, d, hk, _hq, _residual, *key_bits = case
+    return PageFormat(bits, group, d, hk, key_bits=key_bits[0] if key_bits else 0)
 
 
 @pytest.mark.parametrize("splits", [1, 3])
-@pytest.mark.parametrize(("case", "sinks"), [(c, 0) for c in SMALL] + SINKS)
+@pytest.mark.parametrize(("case", "sinks"), [(c, 0) for c in SMALL + KEY_BITS] + SINKS)
 def test_decode_attention_matches_reference(case, sinks, splits):
-    bits, group, d, hk, hq, residual = case
+    _, group, _, _, hq, residual, *_ = case
     ctx = [0, 5, group, 3 * group + 7, 5 * group - 1, 2 * residual + 3]
     if sinks:  # inside the sink groups, just past them, and far past with a prefix hit
         ctx += [sinks - 3, sinks + 1, 4 * residual + 5]
-    sc = _decode_case(bits, group, d, hk, hq, residual, torch.float32, sum(case), ctx, sinks)
+    sc = make_scenario(_format(case), residual, hq, ctx, [1] * len(ctx), seed=sum(case),
+                       sinks=sinks)
     ref = reference_context_attention(sc, include_self=True)
     dev = sc.to(DEVICE)
     out = torch.full_like(dev.query, float("nan"))
@@ -64,10 +69,11 @@ def test_decode_attention_matches_reference(case, sinks, splits):
     assert rel_err(out.cpu(), ref) < 5e-3  # fp16 dot operands
 
 
-@pytest.mark.parametrize(("case", "sinks"), [(c, 0) for c in SMALL[:2]] + SINKS[:1])
+@pytest.mark.parametrize(("case", "sinks"),
+                         [(c, 0) for c in SMALL[:2] + KEY_BITS[:1]] + SINKS[:1])
 def test_prefill_context_attention_matches_reference(case, sinks):
-    bits, group, d, hk, hq, residual = case
-    fmt = PageFormat(bits, group, d, hk)
+    _, group, _, _, hq, residual, *_ = case
+    fmt = _format(case)
     ctx, qlen = [2 * group + 5, group, 4 * group], [7, group + 3, 1]
     if sinks:
         ctx, qlen = ctx + [2 * residual + 5, sinks - 2], qlen + [3, 5]
@@ -98,10 +104,10 @@ def test_prefill_context_attention_matches_reference(case, sinks):
     assert torch.allclose(results[1], results[2], rtol=1e-4, atol=1e-4)  # both natural log
 
 
-@pytest.mark.parametrize(("case", "sinks"), [(c, 0) for c in SMALL] + SINKS[:1])
+@pytest.mark.parametrize(("case", "sinks"), [(c, 0) for c in SMALL + KEY_BITS] + SINKS[:1])
 def test_store_matches_reference(case, sinks):
-    bits, group, d, hk, hq, residual = case
-    fmt = PageFormat(bits, group, d, hk)
+    _, group, _, _, hq, residual, *_ = case
+    fmt = _format(case)
     ctx = [group - 1, 3, 2 * group + 5, group]
     qlen = [1, 2 * group + 9, group - 5, 3 * residual + 2]
     if sinks:  # a sink group completed by a decode, a prefill across the sinks, a group

@@ -1,10 +1,12 @@
-"""Lever ``kivi.rotate_keys``: KiviAttentionImpl.forward driven directly (no engine).
+"""Levers ``kivi.rotate_keys`` and ``kivi.layer_key_bits``: KiviAttentionImpl.forward
+driven directly (no engine).
 
 The backend multiplies queries and keys by a normalized Hadamard matrix before both the
-attention and the store. Checked here: with an exact (unquantized) context the attention
-output is unchanged up to rounding; stored pages and tail rows hold the rotated keys
-(values untouched); the output equals an independent fp32 computation over the rotated,
-KIVI-reconstructed keys; start-up validation and the GPU refusal.
+attention and the store; a layer named in ``layer_key_bits`` stores its keys with that
+many bits. Checked here: with an exact (unquantized) context the attention output is
+unchanged up to rounding; stored pages and tail rows hold the rotated keys (values
+untouched) at the layer's key width; the output equals an independent fp32 computation
+over the rotated, KIVI-reconstructed keys; start-up validation and the GPU refusal.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import torch
 from kivi_vllm import reference, state
 from kivi_vllm.backend import KiviAttentionImpl, KiviMetadata
 from kivi_vllm.config import KiviConfig, KiviConfigError
+from kivi_vllm.page_format import PageFormat, layer_page_format
 
 LAYER = "model.layers.0.self_attn.attn"
 HEADS, KV_HEADS, D, G = 4, 2, 64, 32
@@ -58,7 +61,8 @@ def _run(cfg: KiviConfig, q, k, v, chunk: int, dtype: torch.dtype):
     state.allocate_tails([LAYER], 2, cfg.residual, KV_HEADS, D, dtype, torch.device("cpu"))
     n = q.shape[0]
     blocks = torch.arange(n // G + 1, dtype=torch.int32)
-    kv_cache = torch.zeros(len(blocks), impl.fmt.page_bytes, dtype=torch.uint8)
+    fmt = layer_page_format(cfg, 0, D, KV_HEADS)  # LAYER is layer 0
+    kv_cache = torch.zeros(len(blocks), fmt.page_bytes, dtype=torch.uint8)
     outs = []
     for start in range(0, n, chunk):
         sl = slice(start, min(start + chunk, n))
@@ -107,21 +111,33 @@ def test_rotation_leaves_exact_attention_unchanged(fresh_state, dtype, atol) -> 
         assert torch.equal(tail[1, 0, :96], v)  # values untouched
 
 
+LEVER_CASES = {  # name -> (config options, key bits of LAYER)
+    "rotate": ({"rotate_keys": True}, 2),
+    "key4": ({"layer_key_bits": {"0": 4}}, 4),
+    "rotate+key4": ({"rotate_keys": True, "layer_key_bits": {"0": 4, "5": 4}}, 4),
+    "other-layer": ({"layer_key_bits": {"1": 4}}, 2),
+}
+
+
+@pytest.mark.parametrize("case", list(LEVER_CASES))
 @pytest.mark.parametrize("chunk", [32, 13, 1])
-def test_rotated_keys_are_stored_and_read_consistently(fresh_state, chunk) -> None:
-    """Pages hold KIVI(k @ H), values as without rotation; the output equals fp32
-    attention of q @ H over the keys the cache must return."""
-    n, cfg = 160, KiviConfig(bits=2, residual=32, rotate_keys=True)
+def test_levers_store_and_read_consistently(fresh_state, chunk, case) -> None:
+    """Pages hold KIVI(k @ H) with the layer's key bits, values at 2 bits (and unrotated);
+    the output equals fp32 attention of q @ H over the keys the cache must return."""
+    options, key_bits = LEVER_CASES[case]
+    n, cfg = 160, KiviConfig(bits=2, residual=32, **options)
     q, k, v = _qkv(n, seed=1)
     out, impl, kv_cache, _ = _run(cfg, q, k, v, chunk, torch.float32)
-    h = reference.hadamard(D)
+    assert (impl.fmt.k_bits, impl.fmt.v_bits) == (key_bits, 2)
+    assert kv_cache.shape[1] == PageFormat(2, G, D, KV_HEADS, key_bits=key_bits).page_bytes
+    h = reference.hadamard(D) if cfg.rotate_keys else torch.eye(D)
     kr = k @ h
     views = impl.fmt.views(kv_cache)
     pk, pv = reference.dequantize_pages(views, torch.arange(n // G), impl.fmt)
     want_k, want_v = kr.clone(), v.clone()
     for j in range(n // G):  # the pages: independent (de)quantization of each group
         sl = slice(j * G, (j + 1) * G)
-        c, s, m = reference.quantize(kr[sl], dim=0, bits=2)
+        c, s, m = reference.quantize(kr[sl], dim=0, bits=key_bits)
         want_k[sl] = reference.dequantize(c, s, m)
         c, s, m = reference.quantize(v[sl].unflatten(-1, (D // G, G)), dim=-1, bits=2)
         want_v[sl] = reference.dequantize(c, s, m).flatten(-2)
@@ -136,8 +152,12 @@ def test_rotated_keys_are_stored_and_read_consistently(fresh_state, chunk) -> No
         vv = torch.cat([want_v[:bound], v[bound : p + 1]])
         expected[p] = _attention((q @ h)[: p + 1], kk, vv)[p]
     assert (out - expected).abs().max().item() <= 1e-4
-    unrotated, *_ = _run(KiviConfig(bits=2, residual=32), q, k, v, chunk, torch.float32)
-    assert (out - unrotated).abs().max().item() > 1e-3  # the rotation changes what is lost
+    plain, *_ = _run(KiviConfig(bits=2, residual=32), q, k, v, chunk, torch.float32)
+    changed = (out - plain).abs().max().item()
+    if case == "other-layer":  # another layer's key width leaves this one unchanged
+        assert changed == 0.0
+    else:
+        assert changed > 1e-3  # the lever changes what is lost
 
 
 def test_rotate_keys_config_and_gpu_refusal() -> None:
@@ -178,3 +198,27 @@ def test_random_hadamard_is_a_fixed_signed_hadamard() -> None:
                           atol=1e-5)
     with pytest.raises(ValueError, match="power-of-two"):
         reference.random_hadamard(96, 0)
+
+
+def test_layer_key_bits_config() -> None:
+    from kivi_vllm.patches.platform import check_levers_supported
+
+    cfg = KiviConfig.from_dict({"bits": 2, "layer_key_bits": {"18": 4, "0": 4}})
+    assert cfg.layer_key_bits == ((0, 4), (18, 4))
+    assert (cfg.key_bits_of(0), cfg.key_bits_of(18), cfg.key_bits_of(1)) == (4, 4, 2)
+    assert cfg.name == "kivi2-g32-r32-k0:4.18:4"
+    assert cfg.to_dict()["layer_key_bits"] == {"0": 4, "18": 4}
+    assert KiviConfig.from_dict(cfg.to_dict()) == cfg
+    assert "layer_key_bits" not in KiviConfig().to_dict()
+    cfg.check_num_layers(19)
+    with pytest.raises(KiviConfigError, match=r"layer\(s\) \[18\].* 0 to 17"):
+        cfg.check_num_layers(18)
+    for bad, fragment in [({"0": 3}, r"kivi.layer_key_bits\[0\]=3 .* \(2, 4\)"),
+                          ({"x": 4}, "layer indices >= 0"), ([0, 18], "mapping decoder layer"),
+                          ({"0": True}, "allowed key bits")]:
+        with pytest.raises(KiviConfigError, match=fragment):
+            KiviConfig(bits=2, layer_key_bits=bad)
+    with pytest.raises(KiviConfigError, match="layer_key_bits cannot be combined with "
+                                              "kivi.fastgen"):
+        KiviConfig(bits=2, layer_key_bits={"0": 4}, fastgen={"recovery": 0.95})
+    check_levers_supported(cfg, on_cpu=False)  # served by the GPU kernels

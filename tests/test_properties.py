@@ -146,7 +146,7 @@ def page_formats(draw) -> PageFormat:
     head_dim = group * draw(st.integers(1, 4))
     if head_dim % 8:
         head_dim *= 8
-    return PageFormat(bits, group, head_dim, draw(st.integers(1, 8)))
+    return PageFormat(bits, group, head_dim, draw(st.integers(1, 8)), key_bits=draw(bits_st))
 
 
 @SETTINGS
@@ -183,7 +183,7 @@ def test_page_round_trip_bound(fmt: PageFormat, seed: int, magnitude: float) -> 
         views[name][1] = data
     k_hat, v_hat = reference.dequantize_pages(views, torch.tensor([1]), fmt)
     # per-element bound: half the largest step any slice may use, + fp16 min rounding
-    qmax = (1 << fmt.bits) - 1
-    for x, xh in ((k, k_hat), (v, v_hat)):
+    for x, xh, bits in ((k, k_hat, fmt.k_bits), (v, v_hat, fmt.v_bits)):
+        qmax = (1 << bits) - 1
         step = 2 * magnitude / qmax * (1 + 2**-10) + 6e-8
         assert ((x - xh).abs() <= step / 2 + REL_SLACK * magnitude + 2 * magnitude * 2**-11).all()

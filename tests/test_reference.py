@@ -10,7 +10,13 @@ import pytest
 import torch
 
 from kivi_vllm import reference
-from kivi_vllm.page_format import PageFormat, bf16_bytes_per_token
+from kivi_vllm.config import KiviConfig
+from kivi_vllm.page_format import (
+    PageFormat,
+    bf16_bytes_per_token,
+    kivi_bytes_per_token,
+    layer_page_format,
+)
 
 REL_SLACK = 1e-6  # fp32 arithmetic slack, relative to the magnitudes involved
 
@@ -172,19 +178,21 @@ def _formats() -> list[PageFormat]:
         for group, head_dim in [(32, 64), (64, 64), (32, 128), (64, 128), (128, 128), (32, 96)]:
             for heads in (1, 3, 8):
                 out.append(PageFormat(bits, group, head_dim, heads))
+    # kivi.layer_key_bits: keys wider (or narrower) than the values
+    out += [PageFormat(2, 32, 64, 3, key_bits=4), PageFormat(4, 64, 128, 2, key_bits=2)]
     return out
 
 
 def _fmt_id(f: PageFormat) -> str:
-    return f"b{f.bits}g{f.group_size}d{f.head_dim}h{f.num_kv_heads}"
+    return f"k{f.k_bits}v{f.v_bits}g{f.group_size}d{f.head_dim}h{f.num_kv_heads}"
 
 
 @pytest.mark.parametrize("fmt", _formats(), ids=_fmt_id)
 def test_page_format_sections(fmt: PageFormat) -> None:
-    h, g, d, bits = fmt.num_kv_heads, fmt.group_size, fmt.head_dim, fmt.bits
+    h, g, d = fmt.num_kv_heads, fmt.group_size, fmt.head_dim
     expected_sizes = {
-        "k_codes": h * g * d * bits // 8,
-        "v_codes": h * g * d * bits // 8,
+        "k_codes": h * g * d * fmt.k_bits // 8,
+        "v_codes": h * g * d * fmt.v_bits // 8,
         "k_scale": h * d * 2,
         "k_min": h * d * 2,
         "v_scale": h * g * (d // g) * 2,
@@ -210,7 +218,7 @@ def test_page_format_sections(fmt: PageFormat) -> None:
     assert fmt.bytes_per_token == fmt.page_bytes / g
     # per token per head: codes for K and V, fp16 scale+min for K (per channel,
     # shared by the group) and for V (per channel group of this token)
-    per_head = 2 * d * bits / 8 + 2 * 2 * d / g + 2 * 2 * d / g
+    per_head = d * (fmt.k_bits + fmt.v_bits) / 8 + 2 * 2 * d / g + 2 * 2 * d / g
     assert fmt.bytes_per_token == pytest.approx(per_head * h, abs=16 / g)
 
 
@@ -222,11 +230,23 @@ def test_page_format_smollm2_bytes_per_token() -> None:
     assert bf16_bytes_per_token(3, 64) == 256 * 3
     assert kivi2.page_bytes == 48 * 3 * 32
     assert kivi2.tail_bytes_per_slot(32, 2) == 2 * 32 * 3 * 64 * 2
+    assert PageFormat(2, 32, 64, 3, key_bits=4).bytes_per_token == 64 * 3  # +16 B/head
+
+
+def test_layer_page_format_and_model_bytes() -> None:
+    cfg = KiviConfig(bits=2, layer_key_bits={"0": 4, "18": 4})
+    assert layer_page_format(cfg, 0, 64, 3) == PageFormat(2, 32, 64, 3, key_bits=4)
+    assert layer_page_format(cfg, 1, 64, 3) == PageFormat(2, 32, 64, 3)
+    plain = KiviConfig(bits=2)
+    assert kivi_bytes_per_token(plain, 64, 3, 30) == 144 * 30
+    assert kivi_bytes_per_token(cfg, 64, 3, 30) == 144 * 28 + 192 * 2
 
 
 def test_page_format_rejects_bad_shapes() -> None:
     with pytest.raises(ValueError):
         PageFormat(3, 32, 64, 3)
+    with pytest.raises(ValueError, match="key_bits"):
+        PageFormat(2, 32, 64, 3, key_bits=8)
     with pytest.raises(ValueError):
         PageFormat(2, 128, 64, 3)
     with pytest.raises(ValueError):
@@ -235,7 +255,8 @@ def test_page_format_rejects_bad_shapes() -> None:
         PageFormat(2, 32, 64, 3).views(torch.zeros(4, 4608, dtype=torch.float16))
 
 
-@pytest.mark.parametrize("fmt", [PageFormat(2, 32, 64, 3), PageFormat(4, 64, 128, 2)], ids=str)
+@pytest.mark.parametrize("fmt", [PageFormat(2, 32, 64, 3), PageFormat(4, 64, 128, 2),
+                                 PageFormat(2, 32, 64, 3, key_bits=4)], ids=str)
 def test_views_address_their_own_bytes(fmt: PageFormat) -> None:
     cache = torch.zeros(5, fmt.page_bytes, dtype=torch.uint8)
     views = fmt.views(cache)
@@ -265,13 +286,15 @@ def _unpack_expected(packed: torch.Tensor, bits: int) -> torch.Tensor:
     return out
 
 
-@pytest.mark.parametrize("bits", [2, 4])
+@pytest.mark.parametrize("bits,key_bits", [(2, 2), (4, 4), (2, 4)])
 @pytest.mark.parametrize(
     "group,head_dim,heads", [(32, 64, 3), (64, 64, 2), (32, 128, 1), (128, 128, 4)]
 )
-def test_quantize_page_round_trip(bits: int, group: int, head_dim: int, heads: int) -> None:
-    fmt = PageFormat(bits, group, head_dim, heads)
-    g = _gen(bits * 100 + group + head_dim + heads)
+def test_quantize_page_round_trip(
+    bits: int, key_bits: int, group: int, head_dim: int, heads: int
+) -> None:
+    fmt = PageFormat(bits, group, head_dim, heads, key_bits=key_bits)
+    g = _gen(bits * 100 + key_bits * 7 + group + head_dim + heads)
     num_blocks = 6
     cache = torch.randint(0, 256, (num_blocks, fmt.page_bytes), generator=g, dtype=torch.uint8)
     views = fmt.views(cache)
@@ -298,8 +321,8 @@ def test_quantize_page_round_trip(bits: int, group: int, head_dim: int, heads: i
         vm = page["v_min"].permute(2, 0, 1).repeat_interleave(group, dim=-1)
         _assert_within_bound(v, vh, vs, vm)
         # the codes in the page are the quantizer's codes, at the documented bit positions
-        kc, ks, km = reference.quantize(k.permute(1, 0, 2), dim=1, bits=bits)
-        assert torch.equal(_unpack_expected(page["k_codes"], bits), kc)
+        kc, ks, km = reference.quantize(k.permute(1, 0, 2), dim=1, bits=key_bits)
+        assert torch.equal(_unpack_expected(page["k_codes"], key_bits), kc)
         assert torch.equal(ks.squeeze(1), page["k_scale"])
         assert torch.equal(km.squeeze(1), page["k_min"])
         vq = v.permute(1, 0, 2).unflatten(-1, (head_dim // group, group))

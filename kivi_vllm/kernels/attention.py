@@ -151,8 +151,8 @@ def _attend_page(page, q0, q1, q2, q3, m_i, l_i, acc0, acc1, acc2, acc3, kvh, t,
                  v_off, w, W: tl.constexpr, NCH: tl.constexpr, OFF_KC: tl.constexpr,
                  OFF_VC: tl.constexpr, OFF_KS: tl.constexpr, OFF_KM: tl.constexpr,
                  OFF_VS: tl.constexpr, OFF_VM: tl.constexpr, G: tl.constexpr,
-                 D: tl.constexpr, P: tl.constexpr, VG: tl.constexpr, BITS: tl.constexpr,
-                 USE_ASM: tl.constexpr):
+                 D: tl.constexpr, VG: tl.constexpr, KP: tl.constexpr, VP: tl.constexpr,
+                 KBITS: tl.constexpr, VBITS: tl.constexpr, USE_ASM: tl.constexpr):
     """Online-softmax update of the running (m, l, acc) with one page of one KV head.
 
     Keys and values are dequantized straight into the dot's B operand (float16
@@ -164,7 +164,7 @@ def _attend_page(page, q0, q1, q2, q3, m_i, l_i, acc0, acc1, acc2, acc3, kvh, t,
     s0, s1, s2, s3 = _key_params(ks, w, W, NCH)
     m0, m1, m2, m3 = _key_params(km, w, W, NCH)
     k0, k1, k2, k3 = _page_chunks(page + OFF_KC + k_off, W, s0, m0, s1, m1, s2, m2, s3, m3,
-                                  W, P, BITS, USE_ASM)
+                                  W, KP, KBITS, USE_ASM)
     s = tl.dot(q0, tl.trans(k0))
     s = tl.dot(q1, tl.trans(k1), s)
     if NCH == 4:
@@ -189,7 +189,7 @@ def _attend_page(page, q0, q1, q2, q3, m_i, l_i, acc0, acc1, acc2, acc3, kvh, t,
     s0, s1, s2, s3 = _value_params(vs, t, W, NCH, G)
     m0, m1, m2, m3 = _value_params(vm, t, W, NCH, G)
     v0, v1, v2, v3 = _page_chunks(page + OFF_VC + v_off, W * G, s0, m0, s1, m1, s2, m2, s3,
-                                  m3, W, P, BITS, USE_ASM)
+                                  m3, W, VP, VBITS, USE_ASM)
     acc0 = tl.dot(p16, v0, acc0)
     acc1 = tl.dot(p16, v1, acc1)
     if NCH == 4:
@@ -243,7 +243,7 @@ def _kivi_attend_context(
     BLOCK_H: tl.constexpr,
     BLOCK_Q: tl.constexpr,
     DECODE: tl.constexpr,
-    W: tl.constexpr,  # channels per chunk: min(P, G), one value group and one bit plane
+    W: tl.constexpr,  # channels per chunk: min(KP, VP, G), within one value group and plane
     NCH: tl.constexpr,  # chunks per head (2 or 4)
     USE_ASM: tl.constexpr,  # magic-number unpack in PTX (False under the interpreter)
     SINGLE: tl.constexpr,  # S == 1: write the final output and natural-log LSE directly
@@ -257,10 +257,11 @@ def _kivi_attend_context(
     OFF_VM: tl.constexpr,
     G: tl.constexpr,
     D: tl.constexpr,
-    P: tl.constexpr,
     VG: tl.constexpr,
-    BITS: tl.constexpr,
-    CPB: tl.constexpr,
+    KP: tl.constexpr,
+    VP: tl.constexpr,
+    KBITS: tl.constexpr,
+    VBITS: tl.constexpr,
     HK: tl.constexpr,
 ):
     tile = tl.program_id(0)
@@ -308,15 +309,15 @@ def _kivi_attend_context(
     acc2 = tl.zeros([BLOCK_M, W], dtype=tl.float32)
     acc3 = tl.zeros([BLOCK_M, W], dtype=tl.float32)
 
-    k_off = kvh * G * P + t[:, None] * P + w[None, :]  # key bytes [G tokens, W]
-    v_off = kvh * P * G + w[None, :] * G + t[:, None]  # value bytes, token-minor
+    k_off = kvh * G * KP + t[:, None] * KP + w[None, :]  # key bytes [G tokens, W]
+    v_off = kvh * VP * G + w[None, :] * G + t[:, None]  # value bytes, token-minor
     bt_row = block_table + req.to(tl.int64) * stride_bt
     for p in range(p_lo, p_hi):
         page = cache + tl.load(bt_row + p).to(tl.int64) * PAGE_BYTES
         m_i, l_i, acc0, acc1, acc2, acc3 = _attend_page(
             page, q0, q1, q2, q3, m_i, l_i, acc0, acc1, acc2, acc3, kvh, t, k_off, v_off, w,
-            W, NCH, OFF_KC, OFF_VC, OFF_KS, OFF_KM, OFF_VS, OFF_VM, G, D, P, VG, BITS,
-            USE_ASM)
+            W, NCH, OFF_KC, OFF_VC, OFF_KS, OFF_KM, OFF_VS, OFF_VM, G, D, VG, KP, VP, KBITS,
+            VBITS, USE_ASM)
 
     if split == S - 1:
         # full-precision tail ring: sink positions [0, pinned), then [tstart, ctx) (at
@@ -441,17 +442,20 @@ def num_splits_for(num_rows: int, num_kv_heads: int, max_splits: int = MAX_SPLIT
 
 
 def chunking(fmt: PageFormat) -> tuple[int, int]:
-    """(W, NCH): channels per chunk (one bit plane, one value group) and chunks per head."""
-    width = min(fmt.packed_dim, fmt.group_size)
+    """(W, NCH): channels per chunk (within one key plane, one value plane and one value
+    group) and chunks per head."""
+    width = min(fmt.k_packed_dim, fmt.v_packed_dim, fmt.group_size)
     return width, fmt.head_dim // width
 
 
 def kernel_supports(fmt: PageFormat) -> bool:
-    """Whether the GPU read kernel serves this (bits, group, head_dim): 2 or 4 chunks of a
-    power-of-two width >= 16, each byte tile holding one or two chunks per plane."""
+    """Whether the GPU read kernel serves this (key/value bits, group, head_dim): 2 or 4
+    chunks of a power-of-two width >= 16, each byte tile holding one chunk per plane or
+    (4-bit codes, 4 chunks) two."""
     width, nch = chunking(fmt)
     return (nch in (2, 4) and width >= 16 and width & (width - 1) == 0
-            and fmt.packed_dim in (width, 2 * width))
+            and fmt.k_packed_dim in (width, 2 * width)
+            and fmt.v_packed_dim in (width, 2 * width))
 
 
 def attend_context(

@@ -22,10 +22,11 @@ def format_constants(fmt: PageFormat) -> dict[str, int]:
         "OFF_VM": fmt.offset("v_min"),
         "G": fmt.group_size,
         "D": fmt.head_dim,
-        "P": fmt.packed_dim,
         "VG": fmt.value_groups,
-        "BITS": fmt.bits,
-        "CPB": fmt.codes_per_byte,
+        "KP": fmt.k_packed_dim,  # key code bytes per token and head
+        "VP": fmt.v_packed_dim,
+        "KBITS": fmt.k_bits,
+        "VBITS": fmt.v_bits,
         "HK": fmt.num_kv_heads,
     }
 

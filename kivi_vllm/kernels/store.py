@@ -95,10 +95,11 @@ def _kivi_pack_groups(
     OFF_VM: tl.constexpr,
     G: tl.constexpr,
     D: tl.constexpr,
-    P: tl.constexpr,
     VG: tl.constexpr,
-    BITS: tl.constexpr,
-    CPB: tl.constexpr,
+    KP: tl.constexpr,
+    VP: tl.constexpr,
+    KBITS: tl.constexpr,
+    VBITS: tl.constexpr,
     HK: tl.constexpr,
     LOG2: tl.constexpr,
 ):
@@ -143,34 +144,39 @@ def _kivi_pack_groups(
     ).to(tl.float32)
     v = tl.where(from_step[:, None], v_step, v_ring)
 
-    QMAX: tl.constexpr = (1 << BITS) - 1
+    KMAX: tl.constexpr = (1 << KBITS) - 1
+    VMAX: tl.constexpr = (1 << VBITS) - 1
     page = cache + block.to(tl.int64) * PAGE_BYTES
     # keys: per channel over the group's tokens
-    k_mn16, k_sc16, k_safe, k_sc = _quantize(k, tl.min(k, axis=0), tl.max(k, axis=0), QMAX)
+    k_mn16, k_sc16, k_safe, k_sc = _quantize(k, tl.min(k, axis=0), tl.max(k, axis=0), KMAX)
     k_codes = tl.floor(tl.div_rn(k - k_mn16.to(tl.float32)[None, :], k_safe[None, :]) + 0.5)
-    k_codes = tl.minimum(tl.maximum(k_codes, 0.0), QMAX * 1.0)
+    k_codes = tl.minimum(tl.maximum(k_codes, 0.0), KMAX * 1.0)
     k_codes = tl.where(k_sc[None, :] > 0, k_codes, 0.0).to(tl.int32)
     tl.store((page + OFF_KS).to(tl.pointer_type(tl.float16)) + h * D + d, k_sc16)
     tl.store((page + OFF_KM).to(tl.pointer_type(tl.float16)) + h * D + d, k_mn16)
     # values: per token over groups of G channels
     v3 = tl.reshape(v, (G, VG, G))
-    v_mn16, v_sc16, v_safe, v_sc = _quantize(v3, tl.min(v3, axis=2), tl.max(v3, axis=2), QMAX)
+    v_mn16, v_sc16, v_safe, v_sc = _quantize(v3, tl.min(v3, axis=2), tl.max(v3, axis=2), VMAX)
     v_codes = tl.floor(
         tl.div_rn(v3 - v_mn16.to(tl.float32)[:, :, None], v_safe[:, :, None]) + 0.5
     )
-    v_codes = tl.minimum(tl.maximum(v_codes, 0.0), QMAX * 1.0)
+    v_codes = tl.minimum(tl.maximum(v_codes, 0.0), VMAX * 1.0)
     v_codes = tl.where(v_sc[:, :, None] > 0, v_codes, 0.0).to(tl.int32)
     vg = tl.arange(0, VG)
     vs_off = h * VG * G + vg[None, :] * G + t[:, None]  # token-minor (page_format)
     tl.store((page + OFF_VS).to(tl.pointer_type(tl.float16)) + vs_off, v_sc16)
     tl.store((page + OFF_VM).to(tl.pointer_type(tl.float16)) + vs_off, v_mn16)
-    # planar packing: channel c -> byte c % P, bits (c // P) * BITS
-    shifts = (tl.arange(0, CPB) * BITS)[None, :, None]
-    k_bytes = tl.sum(tl.reshape(k_codes, (G, CPB, P)) << shifts, axis=1)
-    v_bytes = tl.sum(tl.reshape(tl.reshape(v_codes, (G, D)), (G, CPB, P)) << shifts, axis=1)
-    pp = tl.arange(0, P)
-    tl.store(page + OFF_KC + h * G * P + t[:, None] * P + pp[None, :], k_bytes.to(tl.uint8))
-    tl.store(page + OFF_VC + h * P * G + pp[None, :] * G + t[:, None], v_bytes.to(tl.uint8))
+    # planar packing: channel c -> byte c % P, bits (c // P) * bits (page_format)
+    KCPB: tl.constexpr = 8 // KBITS
+    VCPB: tl.constexpr = 8 // VBITS
+    k_shifts = (tl.arange(0, KCPB) * KBITS)[None, :, None]
+    v_shifts = (tl.arange(0, VCPB) * VBITS)[None, :, None]
+    k_bytes = tl.sum(tl.reshape(k_codes, (G, KCPB, KP)) << k_shifts, axis=1)
+    v_bytes = tl.sum(tl.reshape(tl.reshape(v_codes, (G, D)), (G, VCPB, VP)) << v_shifts, axis=1)
+    kp = tl.arange(0, KP)
+    vp = tl.arange(0, VP)
+    tl.store(page + OFF_KC + h * G * KP + t[:, None] * KP + kp[None, :], k_bytes.to(tl.uint8))
+    tl.store(page + OFF_VC + h * VP * G + vp[None, :] * G + t[:, None], v_bytes.to(tl.uint8))
 
 
 @triton.jit(do_not_specialize=["num_reqs", "sinks"])

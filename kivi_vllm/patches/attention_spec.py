@@ -13,7 +13,7 @@ from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 from kivi_vllm import state
 from kivi_vllm.config import KiviConfigError, config_fingerprint, kivi_config_from_vllm
 from kivi_vllm.fastgen.manager import FastGenAttentionSpec, register_fastgen_spec
-from kivi_vllm.memory import num_attention_layers
+from kivi_vllm.memory import layer_format, num_attention_layers
 from kivi_vllm.spec import KiviAttentionSpec, register_spec
 
 
@@ -56,6 +56,7 @@ def apply() -> None:
                 f"not {type(spec).__name__}"
             )
         state.activate(cfg)
+        fmt = layer_format(vllm_config, cfg, self.layer_name)
         fields = dict(
             block_size=spec.block_size,
             num_kv_heads=spec.num_kv_heads,
@@ -65,6 +66,7 @@ def apply() -> None:
             kivi_bits=cfg.bits,
             kivi_group=cfg.group_size,
             kivi_config=config_fingerprint(cfg),
+            kivi_key_bits=fmt.key_bits,
         )
         if cfg.fastgen is not None:  # a block is one head-page of one (layer, KV head)
             heads = num_attention_layers(vllm_config) * spec.num_kv_heads

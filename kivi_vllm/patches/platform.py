@@ -61,6 +61,8 @@ def check_engine_config(vllm_config: Any, cfg: KiviConfig) -> None:
             f"{KiviAttentionBackend.get_supported_head_sizes()}"
         )
     cfg.check_head_size(head_size)
+    cfg.check_num_layers(
+        model_config.get_num_layers_by_block_type(vllm_config.parallel_config, "attention"))
     if cache_config.user_specified_block_size and cache_config.block_size != cfg.group_size:
         raise KiviConfigError(
             f"--block-size {cache_config.block_size} conflicts with kivi.group_size="
@@ -90,11 +92,18 @@ def check_gpu_kernel_shape(cfg: KiviConfig, head_size: int, kv_heads: int) -> No
     from kivi_vllm.kernels.attention import kernel_supports
     from kivi_vllm.page_format import PageFormat
 
-    def ok(bits: int, group: int) -> bool:
+    def ok(bits: int, group: int, key_bits: int = 0) -> bool:
         return head_size % group == 0 and kernel_supports(
-            PageFormat(bits, group, head_size, kv_heads))
+            PageFormat(bits, group, head_size, kv_heads, key_bits=key_bits))
 
     if ok(cfg.bits, cfg.group_size):
+        for _layer, key_bits in cfg.layer_key_bits:
+            if not ok(cfg.bits, cfg.group_size, key_bits):
+                raise KiviConfigError(
+                    f"kivi.layer_key_bits: {key_bits}-bit keys with {cfg.bits}-bit values, "
+                    f"kivi.group_size={cfg.group_size} and head size {head_size} are not "
+                    "served by the GPU kernels; allowed: omit kivi.layer_key_bits on GPU "
+                    "for this model")
         return
     allowed = [f"bits={b}, group_size={g}" for b in ALLOWED_BITS for g in ALLOWED_GROUP_SIZES
                if ok(b, g)]
@@ -106,8 +115,9 @@ def check_gpu_kernel_shape(cfg: KiviConfig, head_size: int, kv_heads: int) -> No
 
 
 # Levers (KiviConfig.levers) the CUDA path serves: rotate_keys is applied before dispatch
-# (KiviAttentionImpl.forward), sink_groups is read and written by the Triton kernels.
-GPU_LEVERS = ("rotate_keys", "sink_groups")
+# (KiviAttentionImpl.forward), sink_groups and layer_key_bits (per-layer key widths of the
+# page format) are read and written by the Triton kernels.
+GPU_LEVERS = ("rotate_keys", "sink_groups", "layer_key_bits")
 
 
 def check_levers_supported(cfg: KiviConfig, on_cpu: bool | None = None) -> None:

@@ -7,7 +7,12 @@ import functools
 from vllm.logger import init_logger
 
 from kivi_vllm.config import kivi_config_from_vllm
-from kivi_vllm.memory import layer_format, num_attention_layers, tail_budget_bytes
+from kivi_vllm.memory import (
+    layer_format,
+    model_bytes_per_token,
+    num_attention_layers,
+    tail_budget_bytes,
+)
 from kivi_vllm.page_format import bf16_bytes_per_token
 
 logger = init_logger("vllm.kivi")
@@ -33,13 +38,14 @@ def _wrap(worker_cls: type) -> None:
         fmt = layer_format(self.vllm_config, cfg)
         layers = num_attention_layers(self.vllm_config)
         dtype_size = self.vllm_config.model_config.dtype.itemsize
-        kivi_tokens = (available - tails) // (fmt.page_bytes * layers) * fmt.block_size
+        per_token = model_bytes_per_token(self.vllm_config, cfg)
+        kivi_tokens = int((available - tails) // (per_token * fmt.block_size)) * fmt.block_size
         bf16_per_token = bf16_bytes_per_token(fmt.num_kv_heads, fmt.head_dim, dtype_size)
         dense_tokens = available // (bf16_per_token * layers)
         logger.info(
             "KIVI %s: %.1f bytes/token/layer (unquantized: %d); %.3f of %.3f GiB hold "
             "full-precision tails; ~%d KV cache tokens vs ~%d unquantized (%.2fx)",
-            cfg.name, fmt.bytes_per_token, bf16_per_token, tails / 2**30, available / 2**30,
+            cfg.name, per_token / layers, bf16_per_token, tails / 2**30, available / 2**30,
             kivi_tokens, dense_tokens, kivi_tokens / max(1, dense_tokens),
         )
         return available - tails
