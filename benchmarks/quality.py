@@ -50,7 +50,8 @@ def parse_kv(name: str) -> dict[str, Any]:
         "group_size": int(parts[1][1:]),
         "residual": int(parts[2][1:]),
     }
-    for item in filter(None, extra.split(",")):
+    # options split at a comma that starts ``name=`` (JSON values may hold commas)
+    for item in filter(None, re.split(r",(?=[a-z_]+=)", extra)):
         key, _, value = item.partition("=")
         kivi[key] = json.loads(value)
     return {"kv": name, "kivi": kivi, "kv_cache_dtype": "auto"}

@@ -36,10 +36,19 @@ SERVE_CONFIGS = [
     {"bits": 4, "group_size": 32, "residual": 32},
     # the best 2-bit lever setting (docs/benchmarks.md): attention sinks + rotated keys
     {"bits": 2, "group_size": 32, "residual": 96, "sink_groups": 1, "rotate_keys": True},
+    # ... with 4-bit keys in two layers: two page formats, two attention groups
+    {"bits": 2, "group_size": 32, "residual": 96, "sink_groups": 1, "rotate_keys": True,
+     "layer_key_bits": {"0": 4, "2": 4}},
 ]
 
 
-@pytest.mark.parametrize("kivi", SERVE_CONFIGS, ids=lambda c: "-".join(map(str, c.values())))
+def _config_id(kivi: dict) -> str:
+    from kivi_vllm.config import KiviConfig
+
+    return KiviConfig.from_dict(kivi).name
+
+
+@pytest.mark.parametrize("kivi", SERVE_CONFIGS, ids=_config_id)
 def test_no_kernel_compiles_while_serving(tmp_path, kivi):
     from vllm import LLM, SamplingParams
 
@@ -118,6 +127,7 @@ def _run_impl(cfg, qkv, device: torch.device) -> torch.Tensor:
     attention outputs of every position as float32 [seq, pos, HEADS, D]."""
     from kivi_vllm import state
     from kivi_vllm.backend import KiviAttentionImpl
+    from kivi_vllm.page_format import layer_page_format
 
     q, k, v = qkv
     state._ACTIVE, state._TAILS = None, {}
@@ -134,7 +144,8 @@ def _run_impl(cfg, qkv, device: torch.device) -> torch.Tensor:
     per_seq = -(-n // g)
     block_table = torch.randperm(len(SCHEDULE) * per_seq, generator=torch.Generator()
                                  .manual_seed(0)).view(len(SCHEDULE), per_seq).int()
-    kv_cache = torch.zeros(block_table.numel(), impl.fmt.page_bytes, dtype=torch.uint8,
+    fmt = layer_page_format(cfg, 0, D, KV_HEADS)  # LAYER is layer 0
+    kv_cache = torch.zeros(block_table.numel(), fmt.page_bytes, dtype=torch.uint8,
                            device=device)
     outs = torch.full((len(SCHEDULE), n, HEADS, D), float("nan"))
     done = [0] * len(SCHEDULE)
@@ -164,6 +175,7 @@ LEVER_CASES = [  # (config with the lever(s), the same without them)
     ({"bits": 2, "residual": 96, "sink_groups": 1, "rotate_keys": True},
      {"bits": 2, "residual": 96}),
     ({"bits": 4, "residual": 64, "sink_groups": 1}, {"bits": 4, "residual": 64}),
+    ({"bits": 2, "residual": 32, "layer_key_bits": {"0": 4}}, {"bits": 2, "residual": 32}),
 ]
 
 
