@@ -17,6 +17,7 @@ import argparse
 import datetime
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -28,14 +29,12 @@ DEFAULT_MAX_NUM_SEQS = 256  # vLLM's LLM-class default on CPU
 MODEL = "SmolLM2-135M-Instruct"
 LAYERS, KV_HEADS, HEAD_DIM, DTYPE_BYTES = 30, 3, 64, 2
 
-# name -> (kv, bits, group, residual); bf16 has no KIVI config
-SETTINGS = {
-    "bf16": ("bf16", None, None, None),
-    "kivi4-g32-r32": ("kivi4", 4, 32, 32),
-    "kivi2-g32-r32": ("kivi2", 2, 32, 32),
-    "kivi2-g32-r128": ("kivi2", 2, 32, 128),
-    "kivi2-g64-r64": ("kivi2", 2, 64, 64),
-}
+LEVER = "kivi2-g32-r96:sink_groups=1,rotate_keys=true"
+# setting names as benchmarks/quality.py writes them (options after ':')
+SETTINGS = (
+    "bf16", "kivi4-g32-r32", "kivi2-g32-r32", "kivi2-g32-r128", "kivi2-g64-r64",
+    LEVER, LEVER + ',layer_key_bits={"0":4,"18":4}',
+)
 # (setting, max_num_seqs) pairs started as engines
 DEFAULT_RUNS = (
     [(name, DEFAULT_MAX_NUM_SEQS) for name in SETTINGS]
@@ -43,32 +42,43 @@ DEFAULT_RUNS = (
 )
 
 
-def page_bytes_per_token(name: str) -> float:
-    """Bytes per token per layer of the pages (formula of kivi_vllm.page_format)."""
-    from kivi_vllm.page_format import PageFormat, bf16_bytes_per_token
+def kivi_config(name: str):
+    """The setting's ``KiviConfig``, or None for bf16."""
+    from benchmarks.quality import parse_kv
+    from kivi_vllm.config import KiviConfig
 
-    _, bits, group, _ = SETTINGS[name]
-    if bits is None:
+    kivi = parse_kv(name)["kivi"]
+    return None if kivi is None else KiviConfig.from_dict(kivi)
+
+
+def page_bytes_per_token(name: str) -> float:
+    """Bytes per token per layer of the pages, averaged over the layers (formula of
+    kivi_vllm.page_format; ``layer_key_bits`` widens some layers' pages)."""
+    from kivi_vllm.page_format import bf16_bytes_per_token, kivi_bytes_per_token
+
+    cfg = kivi_config(name)
+    if cfg is None:
         return bf16_bytes_per_token(KV_HEADS, HEAD_DIM, DTYPE_BYTES)
-    return PageFormat(bits, group, HEAD_DIM, KV_HEADS).bytes_per_token
+    return kivi_bytes_per_token(cfg, HEAD_DIM, KV_HEADS, LAYERS) / LAYERS
 
 
 def predicted(name: str, max_num_seqs: int) -> dict:
     """What the worker's budget arithmetic gives (kivi_vllm.memory / page_format)."""
-    from kivi_vllm.page_format import PageFormat
+    from kivi_vllm.page_format import layer_page_format
 
-    _, bits, group, residual = SETTINGS[name]
+    cfg = kivi_config(name)
     budget = KV_SPACE_GIB * 2**30
-    if bits is None:
+    if cfg is None:
         block = 128  # CPU_ATTN's block size
         page = LAYERS * block * page_bytes_per_token(name)
         return {"tail_bytes": 0, "kv_cache_tokens": int(budget // page) * block}
-    fmt = PageFormat(bits, group, HEAD_DIM, KV_HEADS)
-    tails = LAYERS * (max_num_seqs + 1) * fmt.tail_bytes_per_slot(residual, DTYPE_BYTES)
+    formats = [layer_page_format(cfg, layer, HEAD_DIM, KV_HEADS) for layer in range(LAYERS)]
+    tails = LAYERS * (max_num_seqs + 1) * formats[0].tail_bytes_per_slot(cfg.residual,
+                                                                           DTYPE_BYTES)
     if tails >= budget:
         return {"tail_bytes": tails, "kv_cache_tokens": 0}
-    blocks = (budget - tails) // (LAYERS * fmt.page_bytes)
-    return {"tail_bytes": tails, "kv_cache_tokens": int(blocks) * group}
+    blocks = (budget - tails) // sum(f.page_bytes for f in formats)
+    return {"tail_bytes": tails, "kv_cache_tokens": int(blocks) * cfg.group_size}
 
 
 def run_one(name: str, max_num_seqs: int) -> dict:
@@ -81,12 +91,10 @@ def run_one(name: str, max_num_seqs: int) -> dict:
     from kivi_vllm.introspect import kivi_stats
     from kivi_vllm.models import ensure_default_model
 
-    kv, bits, group, residual = SETTINGS[name]
+    cfg = kivi_config(name)
     kwargs = {}
-    if bits is not None:
-        kwargs["additional_config"] = {
-            "kivi": {"bits": bits, "group_size": group, "residual": residual}
-        }
+    if cfg is not None:
+        kwargs["additional_config"] = {"kivi": cfg.to_dict()}
     start = time.perf_counter()
     llm = LLM(model=ensure_default_model(), enforce_eager=True, max_num_seqs=max_num_seqs,
               seed=0, **kwargs)
@@ -101,10 +109,11 @@ def run_one(name: str, max_num_seqs: int) -> dict:
     return {
         "model": MODEL,
         "setting": name,
-        "kv": kv,
-        "bits": bits,
-        "group_size": group,
-        "residual": residual,
+        "kv": "bf16" if cfg is None else f"kivi{cfg.bits}",
+        "bits": None if cfg is None else cfg.bits,
+        "group_size": None if cfg is None else cfg.group_size,
+        "residual": None if cfg is None else cfg.residual,
+        **({} if cfg is None else cfg.levers),
         "max_num_seqs": max_num_seqs,
         "kv_space_gib": KV_SPACE_GIB,
         "block_size": cache.block_size,
@@ -135,20 +144,21 @@ def print_tables(records: list[dict]) -> None:
     rows = [r for r in records if r["max_num_seqs"] == DEFAULT_MAX_NUM_SEQS]
     print(f"\nKV cache capacity, {MODEL}, VLLM_CPU_KVCACHE_SPACE={KV_SPACE_GIB} GiB, "
           f"max_num_seqs={DEFAULT_MAX_NUM_SEQS} (engine-reported tokens)")
-    hdr = (f"{'setting':16} {'B/token/layer':>13} {'B/token':>8} {'tail MiB':>9} "
+    w = max(16, *(len(r["setting"]) for r in records))
+    hdr = (f"{'setting':{w}} {'B/token/layer':>13} {'B/token':>8} {'tail MiB':>9} "
            f"{'tail share':>10} {'KV tokens':>11} {'x bf16':>7} {'formula':>11}")
     print(hdr)
     print("-" * len(hdr))
     for r in rows:
         pred = predicted(r["setting"], r["max_num_seqs"])["kv_cache_tokens"]
-        print(f"{r['setting']:16} {r['bytes_per_token_per_layer']:>13g} "
+        print(f"{r['setting']:{w}} {r['bytes_per_token_per_layer']:>13g} "
               f"{r['bytes_per_token']:>8g} {r['tail_bytes'] / 2**20:>9.1f} "
               f"{r['tail_share']:>10.2%} {r['kv_cache_tokens']:>11,} "
               f"{r['ratio_vs_bf16']:>7.3f} {pred:>11,}")
     print(f"\nTail share of the {KV_SPACE_GIB} GiB budget vs max_num_seqs "
           "(E = engine-reported, F = worker formula; KV tokens / ratio to bf16)")
     seqs = sorted({r["max_num_seqs"] for r in records} | {64, 256, 1024})
-    print(f"{'setting':16} " + " ".join(f"{f'max_num_seqs={n}':>30}" for n in seqs))
+    print(f"{'setting':{w}} " + " ".join(f"{f'max_num_seqs={n}':>30}" for n in seqs))
     engine = {(r["setting"], r["max_num_seqs"]): r for r in records}
     bf16_tokens = predicted("bf16", DEFAULT_MAX_NUM_SEQS)["kv_cache_tokens"]
     for name in SETTINGS:
@@ -162,14 +172,15 @@ def print_tables(records: list[dict]) -> None:
                 share, tokens, tag = p["tail_bytes"] / (KV_SPACE_GIB * 2**30), \
                     p["kv_cache_tokens"], "F"
             cells.append(f"{tag} {share:6.1%} {tokens:>9,} {tokens / bf16_tokens:5.2f}x")
-        print(f"{name:16} " + " ".join(f"{c:>30}" for c in cells))
+        print(f"{name:{w}} " + " ".join(f"{c:>30}" for c in cells))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", default=None,
-                        help="comma list of SETTING@MAX_NUM_SEQS (default: all of them)")
+                        help="comma list of SETTING@MAX_NUM_SEQS (default: all of them; a "
+                             "comma inside a setting separates its options)")
     parser.add_argument("--out", default="benchmarks/results/capacity-cpu.json")
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -179,7 +190,8 @@ def main() -> None:
         return
     runs = DEFAULT_RUNS
     if args.runs:
-        runs = [(s.split("@")[0], int(s.split("@")[1])) for s in args.runs.split(",")]
+        runs = [(r.rsplit("@", 1)[0], int(r.rsplit("@", 1)[1]))
+                for r in re.split(r",(?=bf16|kivi)", args.runs)]
     records: list[dict] = []
     for name, n in runs:
         start = time.perf_counter()

