@@ -1,4 +1,5 @@
-"""``kivi-vllm serve [MODEL] [--kv-bits 2|4] [--kv-group G] [--kv-residual R] [vLLM flags]``.
+"""``kivi-vllm serve [MODEL] [--kv-bits 2|4] [--kv-group G] [--kv-residual R]
+[--kv-options JSON] [vLLM flags]``.
 
 Starts vLLM's own OpenAI-compatible server with the KIVI cache switched on; every flag
 that is not a KIVI flag passes through to ``vllm serve`` unchanged. Without a model it
@@ -23,6 +24,10 @@ def kivi_parser() -> argparse.ArgumentParser:
     parser.add_argument("--kv-bits", type=int, default=4, choices=ALLOWED_BITS)
     parser.add_argument("--kv-group", type=int, default=32, choices=ALLOWED_GROUP_SIZES)
     parser.add_argument("--kv-residual", type=int, default=32)
+    parser.add_argument(
+        "--kv-options", default=None, metavar="JSON",
+        help='further KIVI options as a JSON object, e.g. \'{"sink_groups": 1, '
+        '"rotate_keys": true, "layer_key_bits": {"0": 4, "18": 4}}\'')
     parser.add_argument("--no-kivi", action="store_true", help="serve the stock cache")
     return parser
 
@@ -39,18 +44,39 @@ def build_vllm_argv(argv: list[str]) -> list[str]:
     if not args.no_kivi:
         if any(a.startswith("--additional-config") for a in passthrough):
             raise KiviConfigError(
-                "use --kv-bits/--kv-group/--kv-residual instead of --additional-config"
+                "use --kv-bits/--kv-group/--kv-residual/--kv-options instead of "
+                "--additional-config"
             )
-        cfg = KiviConfig(args.kv_bits, args.kv_group, args.kv_residual)
+        raw = {"bits": args.kv_bits, "group_size": args.kv_group, "residual": args.kv_residual}
+        raw.update(_kv_options(args.kv_options))
+        cfg = KiviConfig.from_dict(raw)
         out += ["--additional-config", json.dumps({"kivi": cfg.to_dict()})]
     return out
+
+
+def _kv_options(text: str | None) -> dict:
+    """The ``--kv-options`` JSON object (options other than bits, group and residual)."""
+    if text is None:
+        return {}
+    try:
+        options = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise KiviConfigError(f"--kv-options is not valid JSON ({exc}): {text!r}") from None
+    if not isinstance(options, dict):
+        raise KiviConfigError(f"--kv-options must be a JSON object, got {text!r}")
+    clash = sorted(set(options) & {"bits", "group_size", "residual"})
+    if clash:
+        raise KiviConfigError(
+            f"--kv-options sets {clash}; use --kv-bits/--kv-group/--kv-residual for them")
+    return options
 
 
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] != "serve":
         print("usage: kivi-vllm serve [MODEL] [--kv-bits 2|4] [--kv-group G] "
-              "[--kv-residual R] [--no-kivi] [vLLM serve flags]", file=sys.stderr)
+              "[--kv-residual R] [--kv-options JSON] [--no-kivi] [vLLM serve flags]",
+              file=sys.stderr)
         raise SystemExit(2)
     if argv[1:2] in (["-h"], ["--help"]):
         print("usage: kivi-vllm serve [MODEL] [options]\n")

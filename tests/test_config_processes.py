@@ -13,6 +13,7 @@ resulting ``KVCacheConfig`` back to the workers, which check it in
 
 from __future__ import annotations
 
+import json
 import pickle
 from types import SimpleNamespace
 
@@ -75,6 +76,17 @@ def test_cli_corrupted_input(default_model_path, capsys) -> None:
     with pytest.raises(SystemExit):
         build_vllm_argv([default_model_path, "--kv-bits", "two"])
     assert "--kv-bits" in capsys.readouterr().err
+    for options, fragment in (("{oops", "--kv-options is not valid JSON"),
+                              ("[1]", "must be a JSON object"),
+                              ('{"bits": 2}', "use --kv-bits"),
+                              ('{"layer_key_bits": {"0": 3}}', "allowed key bits")):
+        with pytest.raises(KiviConfigError, match=fragment):
+            build_vllm_argv([default_model_path, "--kv-options", options])
+    argv = build_vllm_argv([default_model_path, "--kv-bits", "2", "--kv-residual", "96",
+                            "--kv-options", '{"sink_groups": 1, "layer_key_bits": {"0": 4}}'])
+    config = json.loads(argv[argv.index("--additional-config") + 1])["kivi"]
+    assert config == {"bits": 2, "group_size": 32, "residual": 96, "sink_groups": 1,
+                      "layer_key_bits": {"0": 4}}
     for bad, fragments in (("notjson", ["additional_config", "valid dictionary"]),
                            ({"kivi": None}, ["additional_config['kivi'] is null"])):
         with pytest.raises(ValueError) as info:

@@ -38,7 +38,7 @@ def test_serve_help_runs() -> None:
     ):
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
         assert out.returncode == 0, out.stderr
-        for flag in ("--kv-bits", "--kv-group", "--kv-residual", "--no-kivi"):
+        for flag in ("--kv-bits", "--kv-group", "--kv-residual", "--kv-options", "--no-kivi"):
             assert flag in out.stdout
 
 
