@@ -202,7 +202,7 @@ class KiviConfig:
         if bad:
             raise KiviConfigError(
                 f"kivi.layer_key_bits names layer(s) {bad}, but the model has "
-                f"{num_layers} attention layers; allowed layer indices: 0 to {num_layers - 1}"
+                f"{num_layers} decoder layers; allowed layer indices: 0 to {num_layers - 1}"
             )
 
     @property

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from kivi_vllm.config import KiviConfig
-from kivi_vllm.page_format import PageFormat, kivi_bytes_per_token, layer_page_format
+from kivi_vllm.page_format import PageFormat, layer_page_format
 
 
 def num_tail_slots(vllm_config: Any) -> int:
@@ -18,16 +18,9 @@ def num_ring_slots(vllm_config: Any) -> int:
     return num_tail_slots(vllm_config) + 1
 
 
-def layer_format(vllm_config: Any, cfg: KiviConfig, layer_name: str | None = None) -> PageFormat:
-    """The page format of layer ``layer_name`` (``kivi.layer_key_bits``), or of a layer
-    without a key-width override when ``layer_name`` is None."""
+def layer_format(vllm_config: Any, cfg: KiviConfig) -> PageFormat:
+    """The page format of a layer without a key-width override (``kivi.layer_key_bits``)."""
     model_config = vllm_config.model_config
-    if layer_name is not None and cfg.layer_key_bits:
-        from vllm.model_executor.models.utils import extract_layer_index
-
-        return layer_page_format(
-            cfg, extract_layer_index(layer_name), model_config.get_head_size(),
-            model_config.get_num_kv_heads(vllm_config.parallel_config))
     return PageFormat(
         bits=cfg.bits,
         group_size=cfg.group_size,
@@ -44,10 +37,13 @@ def num_attention_layers(vllm_config: Any) -> int:
 
 
 def model_bytes_per_token(vllm_config: Any, cfg: KiviConfig) -> float:
-    """KIVI page bytes per token of every attention layer together (no tails)."""
+    """KIVI page bytes per token of this worker's attention layers together (its
+    pipeline stage's layers, its tensor-parallel share of the KV heads; no tails)."""
     fmt = layer_format(vllm_config, cfg)
-    return kivi_bytes_per_token(cfg, fmt.head_dim, fmt.num_kv_heads,
-                                num_attention_layers(vllm_config))
+    start, end = vllm_config.model_config.get_layers_start_end_indices(
+        vllm_config.parallel_config)
+    return sum(layer_page_format(cfg, layer, fmt.head_dim, fmt.num_kv_heads).bytes_per_token
+               for layer in range(start, end))
 
 
 def tail_bytes_per_layer(vllm_config: Any, cfg: KiviConfig) -> int:

@@ -23,6 +23,7 @@ from conftest import KIVI2, KIVI4
 
 from kivi_vllm import state
 from kivi_vllm.config import KiviConfig, KiviConfigError, config_fingerprint, kivi_config_from_vllm
+from kivi_vllm.page_format import PageFormat
 
 CORRUPTED = [  # additional_config["kivi"], fragments the error must name
     ("two", ["additional_config['kivi']", "JSON object", "'two'", "true", "false"]),
@@ -156,6 +157,33 @@ def test_spec_carries_the_config(patched) -> None:
     assert '"bits":2' in spec.kivi_config and '"residual":32' in spec.kivi_config
     assert config_fingerprint(KiviConfig(**KIVI2)) != config_fingerprint(
         KiviConfig(**{**KIVI2, "residual": 64}))
+
+
+def test_layer_key_bits_specs_form_one_group(patched, engine_config) -> None:
+    """kivi.layer_key_bits: a wider layer's spec has larger pages, so the specs do not
+    merge; vLLM keeps one group of per-layer specs (one block table) and sizes each
+    layer's tensor by its own page."""
+    from vllm.v1.core.kv_cache_utils import get_kv_cache_configs
+    from vllm.v1.kv_cache_interface import UniformTypeKVCacheSpecs
+
+    from kivi_vllm.patches.attention_spec import check_bound_config
+
+    kivi = {**KIVI2, "layer_key_bits": {"1": 4}}
+    specs = _worker_specs(kivi)
+    names = list(specs)
+    assert [specs[n].kivi_key_bits for n in names] == [0, 4, 0, 0]
+    assert specs[names[1]].page_format == PageFormat(2, 32, 64, 3, key_bits=4)
+    plain, wide = specs[names[0]].page_size_bytes, specs[names[1]].page_size_bytes
+    assert wide > plain
+    with pytest.raises(AssertionError, match="different key bits"):
+        type(specs[names[0]]).merge(list(specs.values()))
+    (config,) = get_kv_cache_configs(engine_config, [specs], [64 * (3 * plain + wide)])
+    (group,) = config.kv_cache_groups
+    assert isinstance(group.kv_cache_spec, UniformTypeKVCacheSpecs)
+    assert config.num_blocks == 64
+    assert {t.shared_by[0]: t.size for t in config.kv_cache_tensors} == {
+        n: 64 * specs[n].page_size_bytes for n in names}
+    check_bound_config(config, _vllm_config(kivi))  # every layer's spec checked
 
 
 def test_matching_config_binds(patched, engine_config) -> None:

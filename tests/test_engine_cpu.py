@@ -200,8 +200,10 @@ BAD_OPTIONS = [
     ({"bits": 3}, {}, ["kivi.bits", "(2, 4)"]),
     ({"group_size": 16}, {}, ["kivi.group_size", "(32, 64, 128)"]),
     ({"residual": 48}, {}, ["kivi.residual", "multiple of kivi.group_size=32"]),
-    ({"bitz": 2}, {}, ["bitz", "['bits', 'fastgen', 'group_size', 'residual', 'rotate_keys', "
-                                "'sink_groups']"]),
+    ({"bitz": 2}, {}, ["bitz", "['bits', 'fastgen', 'group_size', 'layer_key_bits', "
+                                "'residual', 'rotate_keys', 'sink_groups']"]),
+    ({"bits": 2, "layer_key_bits": {"30": 4}}, {},
+     ["kivi.layer_key_bits", "[30]", "30 decoder layers", "0 to 29"]),
     ({"bits": "2"}, {}, ["kivi.bits", "integer"]),
     ({"bits": 2}, {"kv_cache_dtype": "fp8"}, ["kv_cache_dtype", "fp8", "'auto'"]),
     ({"bits": 2}, {"block_size": 64}, ["--block-size 64", "kivi.group_size=32", "set it to 32"]),

@@ -11,9 +11,15 @@ from vllm.v1.kv_cache_interface import FullAttentionSpec, UniformTypeKVCacheSpec
 from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
 from kivi_vllm import state
-from kivi_vllm.config import KiviConfigError, config_fingerprint, kivi_config_from_vllm
+from kivi_vllm.config import (
+    KiviConfig,
+    KiviConfigError,
+    config_fingerprint,
+    kivi_config_from_vllm,
+)
 from kivi_vllm.fastgen.manager import FastGenAttentionSpec, register_fastgen_spec
-from kivi_vllm.memory import layer_format, num_attention_layers
+from kivi_vllm.memory import num_attention_layers
+from kivi_vllm.page_format import layer_page_format
 from kivi_vllm.spec import KiviAttentionSpec, register_spec
 
 
@@ -41,6 +47,16 @@ def check_bound_config(kv_cache_config, vllm_config) -> None:
                 )
 
 
+def _layer_key_bits(cfg: KiviConfig, layer_name: str, spec: FullAttentionSpec) -> int:
+    """The layer's ``PageFormat.key_bits`` (0 = ``kivi.bits``) under ``kivi.layer_key_bits``."""
+    if not cfg.layer_key_bits:
+        return 0
+    from vllm.model_executor.models.utils import extract_layer_index
+
+    layer = extract_layer_index(layer_name)
+    return layer_page_format(cfg, layer, spec.head_size, spec.num_kv_heads).key_bits
+
+
 def apply() -> None:
     original_spec = Attention.get_kv_cache_spec
 
@@ -56,7 +72,6 @@ def apply() -> None:
                 f"not {type(spec).__name__}"
             )
         state.activate(cfg)
-        fmt = layer_format(vllm_config, cfg, self.layer_name)
         fields = dict(
             block_size=spec.block_size,
             num_kv_heads=spec.num_kv_heads,
@@ -66,7 +81,7 @@ def apply() -> None:
             kivi_bits=cfg.bits,
             kivi_group=cfg.group_size,
             kivi_config=config_fingerprint(cfg),
-            kivi_key_bits=fmt.key_bits,
+            kivi_key_bits=_layer_key_bits(cfg, self.layer_name, spec),
         )
         if cfg.fastgen is not None:  # a block is one head-page of one (layer, KV head)
             heads = num_attention_layers(vllm_config) * spec.num_kv_heads

@@ -61,8 +61,7 @@ def check_engine_config(vllm_config: Any, cfg: KiviConfig) -> None:
             f"{KiviAttentionBackend.get_supported_head_sizes()}"
         )
     cfg.check_head_size(head_size)
-    cfg.check_num_layers(
-        model_config.get_num_layers_by_block_type(vllm_config.parallel_config, "attention"))
+    cfg.check_num_layers(model_config.get_total_num_hidden_layers())
     if cache_config.user_specified_block_size and cache_config.block_size != cfg.group_size:
         raise KiviConfigError(
             f"--block-size {cache_config.block_size} conflicts with kivi.group_size="
