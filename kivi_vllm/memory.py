@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from kivi_vllm.config import KiviConfig
-from kivi_vllm.page_format import PageFormat, layer_page_format
+from kivi_vllm.page_format import PageFormat, kivi_bytes_per_token
 
 
 def num_tail_slots(vllm_config: Any) -> int:
@@ -42,8 +42,7 @@ def model_bytes_per_token(vllm_config: Any, cfg: KiviConfig) -> float:
     fmt = layer_format(vllm_config, cfg)
     start, end = vllm_config.model_config.get_layers_start_end_indices(
         vllm_config.parallel_config)
-    return sum(layer_page_format(cfg, layer, fmt.head_dim, fmt.num_kv_heads).bytes_per_token
-               for layer in range(start, end))
+    return kivi_bytes_per_token(cfg, fmt.head_dim, fmt.num_kv_heads, end - start, start)
 
 
 def tail_bytes_per_layer(vllm_config: Any, cfg: KiviConfig) -> int:

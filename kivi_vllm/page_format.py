@@ -161,7 +161,9 @@ def layer_page_format(cfg, layer: int, head_dim: int, num_kv_heads: int) -> Page
                       key_bits=0 if key_bits == cfg.bits else key_bits)
 
 
-def kivi_bytes_per_token(cfg, head_dim: int, num_kv_heads: int, num_layers: int) -> float:
-    """KV bytes per token of a whole model in KIVI pages (a ``KiviConfig``; no tails)."""
+def kivi_bytes_per_token(cfg, head_dim: int, num_kv_heads: int, num_layers: int,
+                         first_layer: int = 0) -> float:
+    """KV bytes per token of ``num_layers`` layers from ``first_layer`` (by default the
+    whole model) in KIVI pages (a ``KiviConfig``; no tails)."""
     return sum(layer_page_format(cfg, layer, head_dim, num_kv_heads).bytes_per_token
-               for layer in range(num_layers))
+               for layer in range(first_layer, first_layer + num_layers))
