@@ -12,12 +12,19 @@ scored tokens are the harness's (``kivi_vllm.quality.ppl_windows``). Levers:
   in the group stay exact (fp16 values + a channel index byte each)
 * ``hi_layers``: the first and last ``hi_layers`` layers at 4 bits
 * ``hi_list``: these layers (negative: from the end) at 4 bits; ``hi_keys``: 4-bit keys
-  only (values stay 2-bit) in the ``hi_layers``/``hi_list`` layers
+  only (values stay 2-bit) in the ``hi_layers``/``hi_list`` layers; ``hi_values``: 4-bit
+  values only
 * ``rotate``: keys multiplied by a normalized Hadamard matrix before quantization (and
   back after), an orthogonal rotation that spreads outlier channels
 * ``rotate_seed``: with ``rotate``, the randomized Hadamard ``diag(+-1) @ H`` of
   ``reference.random_hadamard`` (signs from this seed) instead of the plain one
 * ``rotate_values``: the same for values (per-token groups of G channels)
+
+With ``--passkey``, each lever also answers the harness's passkey trials
+(``kivi_vllm.quality.passkey_trials``) teacher-forced on the exact model's greedy answer:
+a trial is a hit when the exact answer contains the key and the lever's argmax equals it
+at every position up to the key's last token (its greedy answer would be the same), and
+``passkey_logp`` is the mean log-probability of those answer tokens over the exact hits.
 
     nice -n 10 .venv/bin/python benchmarks/quality_levers.py --model smollm2
 """
@@ -50,6 +57,7 @@ class Lever:
     hi_layers: int = 0  # first and last layers at 4 bits
     hi_list: tuple[int, ...] = ()  # these layers at 4 bits (negative: from the end)
     hi_keys: bool = False  # the 4-bit layers raise keys only
+    hi_values: bool = False  # the 4-bit layers raise values only
     rotate: bool = False
     rotate_values: bool = False
     rotate_seed: int | None = None  # randomized Hadamard (with rotate)
@@ -65,7 +73,8 @@ class Lever:
                 s += f"+{key}{getattr(self, key)}"
         if self.hi_list:
             s += "+hi" + ".".join(str(i) for i in self.hi_list)
-        s += "k" if self.hi_keys and (self.hi_list or self.hi_layers) else ""
+        if self.hi_list or self.hi_layers:
+            s += "k" if self.hi_keys else "v" if self.hi_values else ""
         if self.rotate:
             s += "+rotate" if self.rotate_seed is None else f"+rotate_s{self.rotate_seed}"
         return s + ("+rotv" if self.rotate_values else "")
@@ -127,7 +136,7 @@ def sim_attention(module, query, key, value, attention_mask, scaling=None, **kwa
     else:
         layer, layers = module.layer_idx, _STATE["layers"]
         hi = lv.is_hi(layer, layers)
-        kh, vh = fake_kv(k, v, lv, 4 if hi else lv.bits,
+        kh, vh = fake_kv(k, v, lv, 4 if hi and not lv.hi_values else lv.bits,
                          4 if hi and not lv.hi_keys else lv.bits)
         g = lv.group
         bound = torch.clamp(pos // g * g - (lv.residual - g), min=0)
@@ -159,7 +168,8 @@ def cost(lv: Lever, hf: Any) -> dict[str, float]:
     lo = PageFormat(lv.bits, lv.group, d, heads).bytes_per_token
     hi = PageFormat(4, lv.group, d, heads).bytes_per_token
     n_hi = sum(lv.is_hi(i, layers) for i in range(layers))
-    extra_hi = (hi - lo) / 2 if lv.hi_keys else hi - lo  # key and value codes: same size
+    # key and value codes have the same size
+    extra_hi = (hi - lo) / 2 if lv.hi_keys or lv.hi_values else hi - lo
     per_layer_extra = heads * lv.outliers * (2 + 1 / lv.group)  # fp16 values + index byte
     pages = lo * layers + extra_hi * n_hi + per_layer_extra * layers
     tail_tokens = lv.residual + lv.sink * lv.group
@@ -207,6 +217,44 @@ LEVERS = [
 ]
 
 
+def passkey_reference(path: str, tok: Any, trials: list) -> list[dict[str, Any]]:
+    """The exact (fp32, sdpa) model's greedy answers (8 tokens) and how many of their
+    tokens it takes to spell the key (0: the answer misses it)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
+                                                 attn_implementation="sdpa").eval()
+    refs = []
+    with torch.inference_mode():
+        for t in trials:
+            out = model.generate(torch.tensor([t.prompt]), max_new_tokens=8, do_sample=False)
+            ans = out[0, len(t.prompt):].tolist()
+            need = next((n for n in range(1, len(ans) + 1) if t.key in tok.decode(ans[:n])), 0)
+            refs.append({"answer": ans, "key_tokens": need})
+    return refs
+
+
+def passkey_scores(model: Any, trials: list, refs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Hits (the lever's argmax follows the exact answer through the key) and the mean
+    log-probability of those answer tokens, over the trials the exact model gets right."""
+    hits, logps = [], []
+    with torch.inference_mode():
+        for t, ref in zip(trials, refs, strict=True):
+            n = ref["key_tokens"]
+            if not n:
+                hits.append(False)
+                continue
+            ans = ref["answer"][:n]
+            res = model(torch.tensor([t.prompt + ans[:-1]]), logits_to_keep=n)
+            lp = torch.log_softmax(res.logits[0].float(), -1)
+            tgt = torch.tensor(ans)
+            hits.append(bool((lp.argmax(-1) == tgt).all()))
+            logps.append(lp.gather(1, tgt[:, None]).mean().item())
+    return {"passkey_hits": sum(hits), "passkey_trials": len(hits),
+            "passkey_logp": sum(logps) / max(len(logps), 1),
+            "passkey_miss": [i for i, h in enumerate(hits) if not h]}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="smollm2")
@@ -219,6 +267,14 @@ def main() -> None:
                    help="also record each layer's relative attention-output error on the "
                         "scored positions (vs the same layer's inputs unquantized)")
     p.add_argument("--only", default=None, help="comma-separated lever names")
+    p.add_argument("--levers", default=None,
+                   help='JSON list of Lever fields instead of the built-in list, e.g. '
+                        '\'[{"sink": 1, "residual": 96, "rotate": true, "hi_list": [0]}]\'')
+    p.add_argument("--passkey", action="store_true",
+                   help="also score the harness's passkey trials (see module doc)")
+    p.add_argument("--passkey-lengths", default="512,1024,1536,2048")
+    p.add_argument("--passkey-depths", default="0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9")
+    p.add_argument("--no-ppl", action="store_true", help="passkey only")
     p.add_argument("--out", default=None)
     args = p.parse_args()
     from transformers import AttentionInterface, AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -243,20 +299,38 @@ def main() -> None:
     doc = json.loads(out.read_text()) if out.exists() else {"records": []}
     records = {r["name"]: r for r in doc["records"]}
     only = set(args.only.split(",")) if args.only else None
-    for lv in LEVERS:
+    levers = LEVERS
+    if args.levers:
+        levers = [Lever(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+                  for d in json.loads(args.levers)]
+    trials: list = []
+    if args.passkey:
+        trials = quality.passkey_trials(
+            tok, [int(x) for x in args.passkey_lengths.split(",")],
+            [float(x) for x in args.passkey_depths.split(",")])
+        setup = [args.passkey_lengths, args.passkey_depths]
+        if doc.get("passkey_setup") != setup:
+            doc.update(passkey_setup=setup, passkey_reference=passkey_reference(path, tok, trials))
+            refs = doc["passkey_reference"]
+            print(f"exact passkey: {sum(bool(r['key_tokens']) for r in refs)}/{len(refs)}",
+                  flush=True)
+    for lv in levers:
         if only and lv.name not in only:
             continue
         _STATE.update(lever=lv, scored=args.scored, errors={} if args.layer_errors else None)
         nll: list[float] = []
         with torch.inference_mode():
-            for w in windows:
+            for w in [] if args.no_ppl else windows:
                 # logits of the last scored + 1 positions only (the others are unused)
                 res = model(torch.tensor([w]), logits_to_keep=args.scored + 1)
                 lp = torch.log_softmax(res.logits[0, :-1].float(), -1)
                 tgt = torch.tensor(w[-args.scored :])
                 nll += (-lp.gather(1, tgt[:, None])[:, 0]).tolist()
-        rec = {"name": lv.name, **asdict(lv), **cost(lv, hf),
-               "ppl": math.exp(sum(nll) / len(nll)), "ppl_tokens": len(nll)}
+        rec = {**records.get(lv.name, {}), "name": lv.name, **asdict(lv), **cost(lv, hf)}
+        if nll:
+            rec.update(ppl=math.exp(sum(nll) / len(nll)), ppl_tokens=len(nll))
+        if trials:
+            rec.update(passkey_scores(model, trials, doc["passkey_reference"]))
         if _STATE["errors"]:
             errs = _STATE["errors"]
             rec["layer_errors"] = [sum(errs[i]) / len(errs[i]) for i in sorted(errs)]
@@ -265,7 +339,7 @@ def main() -> None:
         records[lv.name] = rec
         base = records.get("fp32")
         for r in records.values():
-            r["ppl_vs_fp32"] = r["ppl"] / base["ppl"] - 1 if base else None
+            r["ppl_vs_fp32"] = r["ppl"] / base["ppl"] - 1 if base and "ppl" in r else None
         doc.update(
             model=args.model, windows=args.windows, first_window=first,
             window_len=args.window_len,
@@ -273,9 +347,12 @@ def main() -> None:
             date=datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         )
         out.write_text(json.dumps(doc, indent=1) + "\n")
-        print(f"{lv.name:40s} ppl {rec['ppl']:.3f} ({rec['ppl_vs_fp32']:+.1%} vs fp32) "
-              f"{rec['bytes_per_token']:.0f} B/tok, {rec['capacity_vs_bf16']:.2f}x bf16",
-              flush=True)
+        ppl = (f"ppl {rec['ppl']:.3f} ({rec['ppl_vs_fp32']:+.1%} vs fp32)"
+               if rec.get("ppl_vs_fp32") is not None else "")
+        pk = (f"passkey {rec['passkey_hits']}/{rec['passkey_trials']} "
+              f"logp {rec['passkey_logp']:.3f}" if "passkey_hits" in rec else "")
+        print(f"{lv.name:40s} {ppl} {pk} {rec['bytes_per_token']:.0f} B/tok, "
+              f"{rec['capacity_vs_bf16']:.2f}x bf16", flush=True)
 
 
 if __name__ == "__main__":

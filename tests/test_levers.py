@@ -222,3 +222,24 @@ def test_layer_key_bits_config() -> None:
                                               "kivi.fastgen"):
         KiviConfig(bits=2, layer_key_bits={"0": 4}, fastgen={"recovery": 0.95})
     check_levers_supported(cfg, on_cpu=False)  # served by the GPU kernels
+
+
+def test_offline_lever_raising_values_only() -> None:
+    """benchmarks/quality_levers.py: 4-bit values only (``hi_values``) reconstruct keys as
+    2-bit and values as 4-bit, and cost what 4-bit keys only cost."""
+    from types import SimpleNamespace
+
+    from benchmarks.quality_levers import Lever, cost, fake_kv
+
+    keys_only = Lever(hi_list=(0,), hi_keys=True)
+    values_only = Lever(hi_list=(0,), hi_values=True)
+    assert (keys_only.name, values_only.name) == ("kivi2-g32-r32+hi0k", "kivi2-g32-r32+hi0v")
+    hf = SimpleNamespace(num_key_value_heads=3, num_hidden_layers=4, head_dim=64,
+                         hidden_size=576, num_attention_heads=9)
+    assert cost(keys_only, hf) == cost(values_only, hf) != cost(Lever(hi_list=(0,)), hf)
+    k, v = torch.randn(2, 1, 2, 64, 64).unbind(0)
+    kh2, vh4 = fake_kv(k, v, values_only, 2, 4)
+    kh4, _ = fake_kv(k, v, values_only, 4, 4)
+    _, vh2 = fake_kv(k, v, values_only, 2, 2)
+    assert (v - vh4).norm() < 0.5 * (v - vh2).norm()
+    assert (k - kh4).norm() < 0.5 * (k - kh2).norm()
