@@ -63,6 +63,11 @@ class Lever:
     rotate_seed: int | None = None  # randomized Hadamard (with rotate)
     exact: bool = False  # no quantization at all (the fp32 reference)
 
+    def __post_init__(self) -> None:
+        if self.hi_keys and self.hi_values:
+            raise ValueError("hi_keys and hi_values exclude each other (omit both: 4-bit keys "
+                             "and values)")
+
     @property
     def name(self) -> str:
         if self.exact:
