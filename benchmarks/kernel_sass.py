@@ -45,8 +45,8 @@ def compile_decode(bits: int, group: int, head_dim: int, kv_heads: int, qpk: int
     width, nch = attention.chunking(fmt)
     fn = attention._kivi_attend_context
     names = fn.arg_names
-    consts = dict(R=residual, BLOCK_R=triton.next_power_of_2(residual), QPK=qpk,
-                  BLOCK_H=max(16, triton.next_power_of_2(qpk)), BLOCK_Q=1, DECODE=True,
+    consts = dict(R=residual, BLOCK_R=triton.next_power_of_2(residual), QPK=qpk, BLOCK_Q=1,
+                  **attention.tile_shape(qpk, group, 1, True), DECODE=True,
                   W=width, NCH=nch, USE_ASM=True, SINGLE=False, WRITE_LSE=True,
                   **format_constants(fmt))
     signature = {n: POINTERS.get(n) or SCALARS.get(n) or

@@ -35,7 +35,8 @@ def copy_bandwidth() -> float:
     return 2 * src.numel() / (ms * 1e-3)
 
 
-def kivi_case(bits: int, batch: int, ctx: int, group: int = 32, residual: int = 32):
+def kivi_case(bits: int, batch: int, ctx: int, group: int = 32, residual: int = 32,
+              q_heads: int = HQ):
     fmt = PageFormat(bits, group, D, HK)
     blocks_per = -(-(ctx + 1) // group)
     num_blocks = batch * blocks_per + 1
@@ -49,7 +50,7 @@ def kivi_case(bits: int, batch: int, ctx: int, group: int = 32, residual: int = 
     block_table = (torch.randperm(num_blocks - 1, device="cuda")[: batch * blocks_per] + 1)
     block_table = block_table.view(batch, blocks_per).int()
     tail = torch.randn((2, batch + 1, residual, HK, D), dtype=torch.bfloat16, device="cuda")
-    q = torch.randn(batch, HQ, D, dtype=torch.bfloat16, device="cuda")
+    q = torch.randn(batch, q_heads, D, dtype=torch.bfloat16, device="cuda")
     k = torch.randn(batch, HK, D, dtype=torch.bfloat16, device="cuda")
     v = torch.randn_like(k)
     seq_lens = torch.full((batch,), ctx + 1, dtype=torch.int32, device="cuda")
@@ -62,7 +63,7 @@ def kivi_case(bits: int, batch: int, ctx: int, group: int = 32, residual: int = 
         return attend_context(q, k, v, cache, tail, block_table, seq_lens, qsl, slots, valid_from,
                        fmt, residual, D ** -0.5, out, decode=True, num_tiles=batch)
 
-    nbytes = batch * HK * (ctx // group) * (fmt.page_bytes // HK) + batch * HQ * D * 4
+    nbytes = batch * HK * (ctx // group) * (fmt.page_bytes // HK) + batch * q_heads * D * 4
     return run, nbytes
 
 
@@ -89,10 +90,12 @@ def fa_case(batch: int, ctx: int, block: int = 16):
     return run, nbytes
 
 
-TUNE_SETTINGS = (  # (warps, stages, max registers, split target)
-    (2, 2, None, 1584), (2, 2, None, 1056), (2, 2, None, 2112), (2, 2, None, 4224),
-    (2, 3, 128, 1584), (2, 3, 128, 2112), (2, 2, 96, 1584), (2, 2, 96, 2640),
-    (2, 4, 128, 2112),
+TUNE_SETTINGS = (  # (warps, stages, max registers, decode slots)
+    (2, 3, 128, 1), (2, 2, None, 4), (2, 3, None, 4), (2, 2, 168, 4), (2, 2, None, 2),
+)
+TUNE_CASES = (  # (batch, context, bits, group, query heads per KV head)
+    (64, 8192, 2, 32, 4), (64, 8192, 4, 32, 4), (8, 32768, 2, 32, 4), (256, 2048, 2, 32, 4),
+    (64, 8192, 2, 64, 4), (64, 8192, 2, 32, 8), (64, 8192, 2, 32, 2),
 )
 
 
@@ -102,15 +105,16 @@ def tune() -> None:
 
     from kivi_vllm.kernels import attention
 
-    for batch, ctx, bits in ((64, 8192, 2), (64, 8192, 4), (8, 32768, 2), (256, 2048, 2)):
-        run, nbytes = kivi_case(bits, batch, ctx)
-        for warps, stages, regs, target in TUNE_SETTINGS:
-            attention.DECODE_WARPS, attention.NUM_STAGES = warps, stages
-            attention.MAX_REGISTERS, attention.SPLIT_TARGET = regs, target
+    for batch, ctx, bits, group, qpk in TUNE_CASES:
+        run, nbytes = kivi_case(bits, batch, ctx, group=group, q_heads=HK * qpk)
+        for warps, stages, regs, slots in TUNE_SETTINGS:
+            attention.DECODE_WARPS, attention.MAX_SLOTS = warps, slots
+            attention.NUM_STAGES = attention.SLOT_STAGES = stages
+            attention.MAX_REGISTERS = attention.SLOT_MAX_REGISTERS = regs
             handle = run()
             ms = triton.testing.do_bench(run, warmup=25, rep=100, return_mode="median")
-            print(f"tune B={batch} ctx={ctx} bits={bits} warps={warps} stages={stages} "
-                  f"maxnreg={regs} target={target} regs={handle.n_regs} "
+            print(f"tune B={batch} ctx={ctx} bits={bits} G={group} qpk={qpk} warps={warps} "
+                  f"stages={stages} maxnreg={regs} slots={slots} regs={handle.n_regs} "
                   f"spills={handle.n_spills}: {ms * 1e3:.1f}us "
                   f"{nbytes / (ms * 1e-3) / 1e12:.2f} TB/s", flush=True)
         del run

@@ -49,9 +49,13 @@ def _format(case: tuple) -> PageFormat:
     return PageFormat(bits, group, d, hk, key_bits=key_bits[0] if key_bits else 0)
 
 
+@pytest.mark.parametrize("max_slots", [1, 4])  # one page per loop iteration, or several
 @pytest.mark.parametrize("splits", [1, 3])
 @pytest.mark.parametrize(("case", "sinks"), [(c, 0) for c in SMALL + KEY_BITS] + SINKS)
-def test_decode_attention_matches_reference(case, sinks, splits):
+def test_decode_attention_matches_reference(case, sinks, splits, max_slots, monkeypatch):
+    from kivi_vllm.kernels import attention
+
+    monkeypatch.setattr(attention, "MAX_SLOTS", max_slots)
     _, group, _, _, hq, residual, *_ = case
     ctx = [0, 5, group, 3 * group + 7, 5 * group - 1, 2 * residual + 3]
     if sinks:  # inside the sink groups, just past them, and far past with a prefix hit
@@ -136,3 +140,26 @@ def test_warm_up_launches_every_variant():
     dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float32
     warmup.warm_up(fmt, 32, 8, dtype, torch.device(DEVICE))
     assert (fmt, 32, 8, dtype, str(torch.device(DEVICE))) in warmup._DONE
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="full-size shapes: compiled kernels only")
+@pytest.mark.parametrize("max_slots", [1, 2, 4])
+@pytest.mark.parametrize("bits", [2, 4])
+def test_decode_attention_full_size(bits, max_slots, monkeypatch):
+    """Llama-3.1-8B head layout (32 q heads, 8 KV heads, d=128), long contexts that are
+    not multiples of the group or of the pages per loop iteration, bf16 operands."""
+    from kivi_vllm.kernels import attention
+
+    monkeypatch.setattr(attention, "MAX_SLOTS", max_slots)
+    fmt = PageFormat(bits, 32, 128, 8)
+    ctx = [4097, 1000, 63, 2 * 32 * 4 + 31, 3000]
+    sc = make_scenario(fmt, 32, 32, ctx, [1] * len(ctx), dtype=torch.bfloat16, seed=bits)
+    ref = reference_context_attention(sc, include_self=True)
+    dev = sc.to(DEVICE)
+    for splits in (1, 5):
+        out = torch.full_like(dev.query, float("nan"))
+        attend_context(dev.query, dev.key, dev.value, dev.cache, dev.tail, dev.block_table,
+                       dev.seq_lens, dev.query_start_loc, dev.tail_slots,
+                       torch.tensor(sc.valid_from, dtype=torch.int32, device=DEVICE), fmt,
+                       32, sc.scale, out, decode=True, num_tiles=len(ctx), num_splits=splits)
+        assert rel_err(out.float().cpu(), ref.float()) < 1e-2  # bf16 operands

@@ -16,6 +16,13 @@ running max is rescaled lazily (only when it grows by more than ``RESCALE_LOG2``
 last split also covers the tail ring and, for decode, the step's own token;
 ``_kivi_reduce_splits`` merges the splits by log-sum-exp.
 
+Decode reads SLOTS pages per loop iteration (``_attend_slots``, ``tile_shape``): with 4
+query heads per KV head the dot's 16 rows would be 75% padding, so the rows are the same
+query heads repeated once per slot and row block j attends to page ``p + j`` (scores
+masked block-diagonally), which costs the same tensor-core work as one padded page while
+the softmax bookkeeping, barriers and loop overhead are paid once per SLOTS pages. The
+row blocks are merged by log-sum-exp at the end.
+
 Attention sinks (``sinks`` tokens, ``kivi.sink_groups``; ``reference.context_kv``): for a
 sequence that wrote its start itself (``valid_from == 0``) the first ``min(sinks,
 tail_start)`` positions are read from their own ring rows instead of their pages, and the
@@ -36,75 +43,78 @@ from kivi_vllm.kernels.store import ring_row
 from kivi_vllm.page_format import PageFormat
 
 
-def _dequant_asm(bits: int) -> str:
-    """PTX: 4 packed bytes -> every bit plane's 4 values ``code * s + m`` (float16x2 pairs).
+@triton.constexpr_function
+def _plane_asm(bits, plane, scaled):
+    """PTX: 4 packed bytes -> bit plane ``plane``'s 4 codes as float16 pairs, exact
+    (``scaled``: ``code * s + m``).
 
-    Operands: outputs ``$0..`` (two registers per plane), then the bytes, then per plane
-    the scale and the min (two registers each, four float16). ``1024 + code`` is built
-    by ``prmt`` under the ``0x64`` exponent byte and made exact by one ``sub.f16x2``.
+    Operands: outputs ``$0, $1``; the bytes ``$2``; with ``scaled`` the scale ``$3, $4`` and
+    the min ``$5, $6`` (two float16 each). ``1024 + code`` is built by ``prmt`` under the
+    ``0x64`` exponent byte and made exact by one ``sub.f16x2``. One plane per asm block,
+    so each chunk can be unpacked next to the dot that consumes it.
     """
-    planes = 8 // bits
     mask = {2: "0x03030303", 4: "0x0F0F0F0F"}[bits]
-    src = 2 * planes
-    lines = ["{", ".reg .b32 a, h, k;", "mov.b32 h, 0x64646464;", "mov.b32 k, 0x64006400;"]
-    for plane in range(planes):
-        lo, hi = f"${2 * plane}", f"${2 * plane + 1}"
-        s = src + 1 + 4 * plane
-        lines += [f"shr.b32 a, ${src}, {plane * bits};", f"and.b32 a, a, {mask};",
-                  f"prmt.b32 {lo}, a, h, 0x4140;", f"prmt.b32 {hi}, a, h, 0x4342;",
-                  f"sub.f16x2 {lo}, {lo}, k;", f"sub.f16x2 {hi}, {hi}, k;",
-                  f"fma.rn.f16x2 {lo}, {lo}, ${s}, ${s + 2};",
-                  f"fma.rn.f16x2 {hi}, {hi}, ${s + 1}, ${s + 3};"]
-    lines.append("}")
-    return "\n".join(lines)
+    lines = ["{", ".reg .b32 a, h, k;", "mov.b32 h, 0x64646464;", "mov.b32 k, 0x64006400;",
+             f"shr.b32 a, $2, {plane * bits};", f"and.b32 a, a, {mask};",
+             "prmt.b32 $0, a, h, 0x4140;", "prmt.b32 $1, a, h, 0x4342;",
+             "sub.f16x2 $0, $0, k;", "sub.f16x2 $1, $1, k;"]
+    if scaled:
+        lines += ["fma.rn.f16x2 $0, $0, $3, $5;", "fma.rn.f16x2 $1, $1, $4, $6;"]
+    return "\n".join(lines + ["}"])
 
 
-DEQUANT2_ASM = tl.constexpr(_dequant_asm(2))
-DEQUANT2_CONSTRAINTS = tl.constexpr(",".join(["=r"] * 8 + ["r"] * 17))
-DEQUANT4_ASM = tl.constexpr(_dequant_asm(4))
-DEQUANT4_CONSTRAINTS = tl.constexpr(",".join(["=r"] * 4 + ["r"] * 9))
 RESCALE_LOG2 = tl.constexpr(8.0)  # lazy rescale: probabilities may grow to 2**8 meanwhile
 
 
 @triton.jit
-def _dequant_planes(x, s0, m0, s1, m1, s2, m2, s3, m3, BITS: tl.constexpr,
-                    USE_ASM: tl.constexpr):
-    """uint8 [R, W] -> bit plane k as float16 ``code_k * s_k + m_k`` (4-bit: planes 0, 1)."""
+def _plane(x, s, m, PLANE: tl.constexpr, BITS: tl.constexpr, SCALED: tl.constexpr,
+           USE_ASM: tl.constexpr):
+    """uint8 [R, W] -> bit plane PLANE as float16 codes (``SCALED``: ``code * s + m``)."""
     if USE_ASM:
-        if BITS == 2:
-            c0, c1, c2, c3 = tl.inline_asm_elementwise(
-                DEQUANT2_ASM, DEQUANT2_CONSTRAINTS, [x, s0, m0, s1, m1, s2, m2, s3, m3],
-                dtype=(tl.float16, tl.float16, tl.float16, tl.float16), is_pure=True, pack=4)
+        if SCALED:
+            c = tl.inline_asm_elementwise(_plane_asm(BITS, PLANE, True), "=r,=r,r,r,r,r,r",
+                                          [x, s, m], dtype=tl.float16, is_pure=True, pack=4)
         else:
-            c0, c1 = tl.inline_asm_elementwise(
-                DEQUANT4_ASM, DEQUANT4_CONSTRAINTS, [x, s0, m0, s1, m1],
-                dtype=(tl.float16, tl.float16), is_pure=True, pack=4)
-            c2 = c0
-            c3 = c1
+            c = tl.inline_asm_elementwise(_plane_asm(BITS, PLANE, False), "=r,=r,r", [x],
+                                          dtype=tl.float16, is_pure=True, pack=4)
     else:  # the interpreter runs no PTX: the same float16 arithmetic in Triton ops
-        xi = x.to(tl.int32)
         mask: tl.constexpr = (1 << BITS) - 1
-        c0 = tl.fma((xi & mask).to(tl.float16), s0, m0)
-        c1 = tl.fma(((xi >> BITS) & mask).to(tl.float16), s1, m1)
-        c2 = tl.fma(((xi >> (2 * BITS)) & mask).to(tl.float16), s2, m2)
-        c3 = tl.fma(((xi >> (3 * BITS)) & mask).to(tl.float16), s3, m3)
+        c = ((x.to(tl.int32) >> (PLANE * BITS)) & mask).to(tl.float16)
+        if SCALED:
+            c = tl.fma(c, s, m)
+    return c
+
+
+@triton.jit
+def _dequant_planes(x, s0, m0, s1, m1, s2, m2, s3, m3, BITS: tl.constexpr,
+                    SCALED: tl.constexpr, USE_ASM: tl.constexpr):
+    """uint8 [R, W] -> bit plane k as float16 ``code_k * s_k + m_k`` (``SCALED``; else the
+    exact codes, the scales unused); 4-bit: planes 0, 1."""
+    c0 = _plane(x, s0, m0, 0, BITS, SCALED, USE_ASM)
+    c1 = _plane(x, s1, m1, 1, BITS, SCALED, USE_ASM)
+    c2 = c0
+    c3 = c1
+    if BITS == 2:
+        c2 = _plane(x, s2, m2, 2, BITS, SCALED, USE_ASM)
+        c3 = _plane(x, s3, m3, 3, BITS, SCALED, USE_ASM)
     return c0, c1, c2, c3
 
 
 @triton.jit
 def _page_chunks(rows, half, s0, m0, s1, m1, s2, m2, s3, m3, W: tl.constexpr,
-                 P: tl.constexpr, BITS: tl.constexpr, USE_ASM: tl.constexpr):
-    """One head's codes ([G, W] byte pointers ``rows``; the byte columns W..2W at
-    ``rows + half``) -> its dequantized channel chunks [G, W] (chunk i = channels
-    iW..iW+W, scaled by (s_i, m_i))."""
+                 P: tl.constexpr, BITS: tl.constexpr, SCALED: tl.constexpr,
+                 USE_ASM: tl.constexpr):
+    """One head's codes ([N, W] byte pointers ``rows``; the byte columns W..2W at
+    ``rows + half``) -> its channel chunks [N, W] (chunk i = channels iW..iW+W, scaled by
+    (s_i, m_i) if ``SCALED``, else exact codes)."""
     if P == W:  # one byte tile holds every plane: plane i is chunk i
         c0, c1, c2, c3 = _dequant_planes(tl.load(rows), s0, m0, s1, m1, s2, m2, s3, m3,
-                                         BITS, USE_ASM)
+                                         BITS, SCALED, USE_ASM)
     else:  # P == 2W (4-bit): byte half j, plane k is chunk 2k + j
         c0, c2, _, _ = _dequant_planes(tl.load(rows), s0, m0, s2, m2, s0, m0, s0, m0,
-                                       BITS, USE_ASM)
+                                       BITS, SCALED, USE_ASM)
         c1, c3, _, _ = _dequant_planes(tl.load(rows + half), s1, m1, s3, m3, s1, m1, s1, m1,
-                                       BITS, USE_ASM)
+                                       BITS, SCALED, USE_ASM)
     return c0, c1, c2, c3
 
 
@@ -122,16 +132,31 @@ def _key_params(ptr, w, W: tl.constexpr, NCH: tl.constexpr):
 
 
 @triton.jit
-def _value_params(ptr, t, W: tl.constexpr, NCH: tl.constexpr, G: tl.constexpr):
-    """Per-token value scales (or mins) of the group holding each chunk, as [G, 1]
-    (stored token-minor: one contiguous row of G per channel group)."""
-    p0 = tl.load(ptr + t)[:, None]
-    p1 = tl.load(ptr + (W // G) * G + t)[:, None]
+def _value_params(ptr, t, W: tl.constexpr, NCH: tl.constexpr, G: tl.constexpr, ok):
+    """Per-token value scales (or mins) of the group holding each chunk, as [N, 1]
+    (stored token-minor: one contiguous row of G per channel group); 0 where not ``ok``."""
+    p0 = tl.load(ptr + t, mask=ok, other=0.0)[:, None]
+    p1 = tl.load(ptr + (W // G) * G + t, mask=ok, other=0.0)[:, None]
     p2 = p0
     p3 = p1
     if NCH == 4:
-        p2 = tl.load(ptr + ((2 * W) // G) * G + t)[:, None]
-        p3 = tl.load(ptr + ((3 * W) // G) * G + t)[:, None]
+        p2 = tl.load(ptr + ((2 * W) // G) * G + t, mask=ok, other=0.0)[:, None]
+        p3 = tl.load(ptr + ((3 * W) // G) * G + t, mask=ok, other=0.0)[:, None]
+    return p0, p1, p2, p3
+
+
+@triton.jit
+def _row_key_params(ptr, ok, w, W: tl.constexpr, NCH: tl.constexpr):
+    """Per-channel key scales (or mins) of each row's page as float32 [M, W] chunks
+    (``ptr``: [M] pointers into the rows' pages); 0 where not ``ok``."""
+    base = ptr[:, None] + w[None, :]
+    p0 = tl.load(base, mask=ok[:, None], other=0.0).to(tl.float32)
+    p1 = tl.load(base + W, mask=ok[:, None], other=0.0).to(tl.float32)
+    p2 = p0
+    p3 = p1
+    if NCH == 4:
+        p2 = tl.load(base + 2 * W, mask=ok[:, None], other=0.0).to(tl.float32)
+        p3 = tl.load(base + 3 * W, mask=ok[:, None], other=0.0).to(tl.float32)
     return p0, p1, p2, p3
 
 
@@ -164,12 +189,32 @@ def _attend_page(page, q0, q1, q2, q3, m_i, l_i, acc0, acc1, acc2, acc3, kvh, t,
     s0, s1, s2, s3 = _key_params(ks, w, W, NCH)
     m0, m1, m2, m3 = _key_params(km, w, W, NCH)
     k0, k1, k2, k3 = _page_chunks(page + OFF_KC + k_off, W, s0, m0, s1, m1, s2, m2, s3, m3,
-                                  W, KP, KBITS, USE_ASM)
+                                  W, KP, KBITS, True, USE_ASM)
     s = tl.dot(q0, tl.trans(k0))
     s = tl.dot(q1, tl.trans(k1), s)
     if NCH == 4:
         s = tl.dot(q2, tl.trans(k2), s)
         s = tl.dot(q3, tl.trans(k3), s)
+    m_i, l_i, acc0, acc1, acc2, acc3, p16 = _online_softmax(s, m_i, l_i, acc0, acc1, acc2,
+                                                            acc3)
+
+    vs = (page + OFF_VS).to(tl.pointer_type(tl.float16)) + kvh * VG * G
+    vm = (page + OFF_VM).to(tl.pointer_type(tl.float16)) + kvh * VG * G
+    s0, s1, s2, s3 = _value_params(vs, t, W, NCH, G, t < G)
+    m0, m1, m2, m3 = _value_params(vm, t, W, NCH, G, t < G)
+    v0, v1, v2, v3 = _page_chunks(page + OFF_VC + v_off, W * G, s0, m0, s1, m1, s2, m2, s3,
+                                  m3, W, VP, VBITS, True, USE_ASM)
+    acc0 = tl.dot(p16, v0, acc0)
+    acc1 = tl.dot(p16, v1, acc1)
+    if NCH == 4:
+        acc2 = tl.dot(p16, v2, acc2)
+        acc3 = tl.dot(p16, v3, acc3)
+    return m_i, l_i, acc0, acc1, acc2, acc3
+
+
+@triton.jit
+def _online_softmax(s, m_i, l_i, acc0, acc1, acc2, acc3):
+    """Lazy-rescaled online softmax: new (m, l, acc) and the float16 probabilities."""
     m_cur = tl.max(s, axis=1)
     if tl.max(m_cur - m_i, axis=0) > RESCALE_LOG2:  # uniform branch; always on page one
         m_new = tl.maximum(m_i, m_cur)
@@ -182,14 +227,69 @@ def _attend_page(page, q0, q1, q2, q3, m_i, l_i, acc0, acc1, acc2, acc3, kvh, t,
         m_i = m_new
     pr = tl.exp2(s - m_i[:, None])
     l_i = l_i + tl.sum(pr, axis=1)
-    p16 = pr.to(tl.float16)
+    return m_i, l_i, acc0, acc1, acc2, acc3, pr.to(tl.float16)
 
-    vs = (page + OFF_VS).to(tl.pointer_type(tl.float16)) + kvh * VG * G
-    vm = (page + OFF_VM).to(tl.pointer_type(tl.float16)) + kvh * VG * G
-    s0, s1, s2, s3 = _value_params(vs, t, W, NCH, G)
-    m0, m1, m2, m3 = _value_params(vm, t, W, NCH, G)
-    v0, v1, v2, v3 = _page_chunks(page + OFF_VC + v_off, W * G, s0, m0, s1, m1, s2, m2, s3,
-                                  m3, W, VP, VBITS, USE_ASM)
+
+@triton.jit
+def _attend_slots(cache, bt_row, p, p_hi, q0, q1, q2, q3, m_i, l_i, acc0, acc1, acc2, acc3,
+                  kvh, row_slot, col_slot, t, w, W: tl.constexpr, NCH: tl.constexpr,
+                  PAGE_BYTES: tl.constexpr, OFF_KC: tl.constexpr, OFF_VC: tl.constexpr,
+                  OFF_KS: tl.constexpr, OFF_KM: tl.constexpr, OFF_VS: tl.constexpr,
+                  OFF_VM: tl.constexpr, G: tl.constexpr, D: tl.constexpr, VG: tl.constexpr,
+                  KP: tl.constexpr, VP: tl.constexpr, KBITS: tl.constexpr,
+                  VBITS: tl.constexpr, USE_ASM: tl.constexpr):
+    """Online-softmax update with pages ``p + j`` (j < SLOTS) at once: row block j (the
+    same query rows) attends to page ``p + j`` only, so the scores are block-diagonal and
+    one M=16 dot serves SLOTS pages instead of padding the rows.
+
+    The key scale and min differ per page, i.e. per row block: they are folded into the
+    query rows, ``q . (s*k + m) = (q*s) . k + q . m``, and the key codes enter the dot as
+    exact float16 integers. Values are dequantized into the dot's B operand as in
+    ``_attend_page``; a missing page (past ``p_hi``) reads scales and mins as 0.
+    """
+    row_in = p + row_slot < p_hi
+    col_in = p + col_slot < p_hi
+    row_page = cache + tl.load(bt_row + p + row_slot, mask=row_in, other=0).to(
+        tl.int64) * PAGE_BYTES
+    col_page = cache + tl.load(bt_row + p + col_slot, mask=col_in, other=0).to(
+        tl.int64) * PAGE_BYTES
+    ks = (row_page + OFF_KS).to(tl.pointer_type(tl.float16)) + kvh * D
+    km = (row_page + OFF_KM).to(tl.pointer_type(tl.float16)) + kvh * D
+    s0, s1, s2, s3 = _row_key_params(ks, row_in, w, W, NCH)
+    f0 = q0.to(tl.float32)
+    f1 = q1.to(tl.float32)
+    a0 = (f0 * s0).to(tl.float16)
+    a1 = (f1 * s1).to(tl.float16)
+    a2 = a0
+    a3 = a1
+    n0, n1, n2, n3 = _row_key_params(km, row_in, w, W, NCH)
+    bias = tl.sum(f0 * n0 + f1 * n1, axis=1)
+    if NCH == 4:
+        f2 = q2.to(tl.float32)
+        f3 = q3.to(tl.float32)
+        a2 = (f2 * s2).to(tl.float16)
+        a3 = (f3 * s3).to(tl.float16)
+        bias += tl.sum(f2 * n2 + f3 * n3, axis=1)
+    k_ptrs = col_page[:, None] + OFF_KC + kvh * G * KP + t[:, None] * KP + w[None, :]
+    k0, k1, k2, k3 = _page_chunks(k_ptrs, W, 0, 0, 0, 0, 0, 0, 0, 0, W, KP, KBITS, False,
+                                  USE_ASM)
+    s = tl.dot(a0, tl.trans(k0))
+    s = tl.dot(a1, tl.trans(k1), s)
+    if NCH == 4:
+        s = tl.dot(a2, tl.trans(k2), s)
+        s = tl.dot(a3, tl.trans(k3), s)
+    s = tl.where((row_slot[:, None] == col_slot[None, :]) & col_in[None, :],
+                 s + bias[:, None], float("-inf"))
+    m_i, l_i, acc0, acc1, acc2, acc3, p16 = _online_softmax(s, m_i, l_i, acc0, acc1, acc2,
+                                                            acc3)
+
+    vs = (col_page + OFF_VS).to(tl.pointer_type(tl.float16)) + kvh * VG * G
+    vm = (col_page + OFF_VM).to(tl.pointer_type(tl.float16)) + kvh * VG * G
+    s0, s1, s2, s3 = _value_params(vs, t, W, NCH, G, col_in)
+    m0, m1, m2, m3 = _value_params(vm, t, W, NCH, G, col_in)
+    v_ptrs = col_page[:, None] + OFF_VC + kvh * VP * G + w[None, :] * G + t[:, None]
+    v0, v1, v2, v3 = _page_chunks(v_ptrs, W * G, s0, m0, s1, m1, s2, m2, s3, m3, W, VP,
+                                  VBITS, True, USE_ASM)
     acc0 = tl.dot(p16, v0, acc0)
     acc1 = tl.dot(p16, v1, acc1)
     if NCH == 4:
@@ -242,6 +342,8 @@ def _kivi_attend_context(
     QPK: tl.constexpr,
     BLOCK_H: tl.constexpr,
     BLOCK_Q: tl.constexpr,
+    SLOTS: tl.constexpr,  # pages per loop iteration (decode; row block j reads page p + j)
+    BLOCK_M: tl.constexpr,  # dot rows: SLOTS x BLOCK_Q x BLOCK_H, at least 16
     DECODE: tl.constexpr,
     W: tl.constexpr,  # channels per chunk: min(KP, VP, G), within one value group and plane
     NCH: tl.constexpr,  # chunks per head (2 or 4)
@@ -280,16 +382,17 @@ def _kivi_attend_context(
     tstart = tl.maximum(tl.maximum(vfrom, (ctx // G) * G - (R - sinks - G)), 0)
     pinned = tl.where(vfrom == 0, tl.minimum(sinks, tstart), 0)  # sink rows read, not pages
     n_pages = (tstart - pinned) // G
-    per_split = tl.cdiv(n_pages, S)
+    per_split = tl.cdiv(tl.cdiv(n_pages, S), SLOTS) * SLOTS
     p_lo = pinned // G + split * per_split
     p_hi = tl.minimum(p_lo + per_split, tstart // G)
 
-    BLOCK_M: tl.constexpr = BLOCK_Q * BLOCK_H
+    ROWS: tl.constexpr = BLOCK_Q * BLOCK_H  # the tile's query rows, repeated per slot
     m = tl.arange(0, BLOCK_M)
-    tok = tok0 + m // BLOCK_H
+    row_slot = m // ROWS
+    tok = tok0 + (m % ROWS) // BLOCK_H
     hh = m % BLOCK_H
     head = kvh * QPK + hh
-    row_ok = (hh < QPK) & (tok < q_end)
+    row_ok = (row_slot < SLOTS) & (hh < QPK) & (tok < q_end)
     w = tl.arange(0, W)
     t = tl.arange(0, G)
     q_rows = query + tok[:, None] * stride_qt + head[:, None] * stride_qh
@@ -302,7 +405,7 @@ def _kivi_attend_context(
         q2 = (_load_chunk(q_rows, 0, row_ok[:, None], 2 * W, w) * qk_scale).to(tl.float16)
         q3 = (_load_chunk(q_rows, 0, row_ok[:, None], 3 * W, w) * qk_scale).to(tl.float16)
 
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], -1e30, dtype=tl.float32)  # finite: empty slots give no NaN
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc0 = tl.zeros([BLOCK_M, W], dtype=tl.float32)
     acc1 = tl.zeros([BLOCK_M, W], dtype=tl.float32)
@@ -312,12 +415,20 @@ def _kivi_attend_context(
     k_off = kvh * G * KP + t[:, None] * KP + w[None, :]  # key bytes [G tokens, W]
     v_off = kvh * VP * G + w[None, :] * G + t[:, None]  # value bytes, token-minor
     bt_row = block_table + req.to(tl.int64) * stride_bt
-    for p in range(p_lo, p_hi):
-        page = cache + tl.load(bt_row + p).to(tl.int64) * PAGE_BYTES
-        m_i, l_i, acc0, acc1, acc2, acc3 = _attend_page(
-            page, q0, q1, q2, q3, m_i, l_i, acc0, acc1, acc2, acc3, kvh, t, k_off, v_off, w,
-            W, NCH, OFF_KC, OFF_VC, OFF_KS, OFF_KM, OFF_VS, OFF_VM, G, D, VG, KP, VP, KBITS,
-            VBITS, USE_ASM)
+    if SLOTS == 1:
+        for p in range(p_lo, p_hi):
+            page = cache + tl.load(bt_row + p).to(tl.int64) * PAGE_BYTES
+            m_i, l_i, acc0, acc1, acc2, acc3 = _attend_page(
+                page, q0, q1, q2, q3, m_i, l_i, acc0, acc1, acc2, acc3, kvh, t, k_off, v_off,
+                w, W, NCH, OFF_KC, OFF_VC, OFF_KS, OFF_KM, OFF_VS, OFF_VM, G, D, VG, KP, VP,
+                KBITS, VBITS, USE_ASM)
+    else:
+        col = tl.arange(0, SLOTS * G)
+        for p in range(p_lo, p_hi, SLOTS):
+            m_i, l_i, acc0, acc1, acc2, acc3 = _attend_slots(
+                cache, bt_row, p, p_hi, q0, q1, q2, q3, m_i, l_i, acc0, acc1, acc2, acc3,
+                kvh, row_slot, col // G, col % G, w, W, NCH, PAGE_BYTES, OFF_KC, OFF_VC,
+                OFF_KS, OFF_KM, OFF_VS, OFF_VM, G, D, VG, KP, VP, KBITS, VBITS, USE_ASM)
 
     if split == S - 1:
         # full-precision tail ring: sink positions [0, pinned), then [tstart, ctx) (at
@@ -334,7 +445,8 @@ def _kivi_attend_context(
         if NCH == 4:
             s = tl.dot(q2, tl.trans(_load_chunk(ring, rows, r_ok, 2 * W, w).to(tl.float16)), s)
             s = tl.dot(q3, tl.trans(_load_chunk(ring, rows, r_ok, 3 * W, w).to(tl.float16)), s)
-        s = tl.where(tl.trans(r_ok), s, float("-inf"))
+        first = (row_slot == 0)[:, None]  # the other slots repeat the same query rows
+        s = tl.where(tl.trans(r_ok) & first, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         if DECODE:
             # the step's own token (query_len == 1), full precision
@@ -342,6 +454,7 @@ def _kivi_attend_context(
             s_self = _self_dot(q0, self_k, 0 * W, w) + _self_dot(q1, self_k, 1 * W, w)
             if NCH == 4:
                 s_self += _self_dot(q2, self_k, 2 * W, w) + _self_dot(q3, self_k, 3 * W, w)
+            s_self = tl.where(row_slot == 0, s_self, float("-inf"))
             m_new = tl.maximum(m_new, s_self)
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp2(m_i - m_safe)
@@ -368,6 +481,22 @@ def _kivi_attend_context(
                 acc3 += p_self[:, None] * tl.load(self_v + 3 * W + w).to(tl.float32)[None, :]
         m_i = m_new
 
+    if SLOTS > 1:  # merge the slots' partial softmaxes into the tile's ROWS rows
+        NS: tl.constexpr = BLOCK_M // ROWS
+        m3 = tl.reshape(m_i, (NS, ROWS))
+        m_i = tl.max(m3, axis=0)
+        f = tl.exp2(m3 - m_i[None, :])
+        l_i = tl.sum(tl.reshape(l_i, (NS, ROWS)) * f, axis=0)
+        acc0 = tl.sum(tl.reshape(acc0, (NS, ROWS, W)) * f[:, :, None], axis=0)
+        acc1 = tl.sum(tl.reshape(acc1, (NS, ROWS, W)) * f[:, :, None], axis=0)
+        if NCH == 4:
+            acc2 = tl.sum(tl.reshape(acc2, (NS, ROWS, W)) * f[:, :, None], axis=0)
+            acc3 = tl.sum(tl.reshape(acc3, (NS, ROWS, W)) * f[:, :, None], axis=0)
+        m = tl.arange(0, ROWS)
+        tok = tok0 + m // BLOCK_H
+        hh = m % BLOCK_H
+        head = kvh * QPK + hh
+        row_ok = (hh < QPK) & (tok < q_end)
     empty = l_i == 0.0
     inv_l = tl.where(empty, 0.0, 1.0 / l_i)
     lse = tl.where(empty, float("-inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)))
@@ -427,18 +556,36 @@ def _kivi_reduce_splits(
         tl.store(lse_out + head * stride_zh + tok, lse_all)
 
 
-# Launch settings (measured on an H100, see docs/kernel-notes.md); env vars override.
+# Launch settings (measured on an H100 and an H200, see docs/kernel-notes.md); env vars
+# override. One page per iteration (prefill, or decode where the slots do not fit):
 MAX_SPLITS = 32
 SPLIT_TARGET = int(os.environ.get("KIVI_SPLIT_TARGET", 132 * 12))  # programs in flight
 DECODE_WARPS = int(os.environ.get("KIVI_DECODE_WARPS", 2))
 NUM_STAGES = int(os.environ.get("KIVI_NUM_STAGES", 3))
 MAX_REGISTERS = int(os.environ.get("KIVI_MAX_REGISTERS", 128)) or None  # ptxas .maxnreg
+# Decode with SLOTS pages per iteration (``_attend_slots``): 1 turns it off.
+MAX_SLOTS = int(os.environ.get("KIVI_DECODE_SLOTS", 4))
+SLOT_STAGES = int(os.environ.get("KIVI_SLOT_STAGES", 2))
+SLOT_MAX_REGISTERS = int(os.environ.get("KIVI_SLOT_MAX_REGISTERS", 0)) or None
 USE_ASM = os.environ.get("TRITON_INTERPRET", "0") != "1"
 
 
 def num_splits_for(num_rows: int, num_kv_heads: int, max_splits: int = MAX_SPLITS) -> int:
     """Context splits per (row, KV head): enough programs in flight to fill the GPU."""
     return max(1, min(max_splits, -(-SPLIT_TARGET // max(1, num_rows * num_kv_heads))))
+
+
+def tile_shape(qpk: int, group: int, block_q: int, decode: bool) -> dict[str, int]:
+    """Row tiling of the read kernel: BLOCK_H (query heads per KV head, padded), SLOTS
+    (decode: pages per loop iteration, one row block each, where SLOTS pages make 128
+    score columns and the row blocks fit 16 rows; else 1) and BLOCK_M (the dot's rows,
+    at least 16)."""
+    block_h = triton.next_power_of_2(qpk)
+    rows = block_q * block_h
+    slots = min(MAX_SLOTS, 128 // group)  # 128 score columns (64 measured much slower)
+    if not decode or slots * group != 128 or slots * rows > 16:
+        slots = 1
+    return {"BLOCK_H": block_h, "SLOTS": slots, "BLOCK_M": max(16, slots * rows)}
 
 
 def chunking(fmt: PageFormat) -> tuple[int, int]:
@@ -506,9 +653,10 @@ def attend_context(
         mid_lse = torch.empty((num_tokens, hq, s), dtype=torch.float32, device=query.device)
     if tile_req is None:
         tile_req = tile_tok = seq_lens  # unused in decode mode
-    block_h = max(16 // block_q, triton.next_power_of_2(qpk))
     width, nch = chunking(fmt)
     assert kernel_supports(fmt), f"unsupported (head_dim, group, bits) for the GPU kernels: {fmt}"
+    tiles = tile_shape(qpk, fmt.group_size, block_q, decode)
+    slotted = tiles["SLOTS"] > 1
     handle = _kivi_attend_context[(num_tiles, hk, s)](
         query, key, value, cache, tail, block_table, seq_lens, query_start_loc,
         tail_slots, valid_from, tile_req, tile_tok, mid_o, mid_lse, scale, tok_base, s, sinks,
@@ -517,11 +665,13 @@ def attend_context(
         tail.stride(0), tail.stride(1), tail.stride(2), tail.stride(3),
         mid_o.stride(0), mid_o.stride(1), mid_o.stride(2),
         mid_lse.stride(0), mid_lse.stride(1),
-        R=residual, BLOCK_R=triton.next_power_of_2(residual), QPK=qpk,
-        BLOCK_H=block_h, BLOCK_Q=block_q, DECODE=decode, W=width, NCH=nch, USE_ASM=USE_ASM,
+        R=residual, BLOCK_R=triton.next_power_of_2(residual), QPK=qpk, BLOCK_Q=block_q,
+        **tiles, DECODE=decode, W=width, NCH=nch, USE_ASM=USE_ASM,
         SINGLE=single, WRITE_LSE=not single or lse_out is not None,
-        num_warps=DECODE_WARPS if decode else 4, num_stages=NUM_STAGES,
-        maxnreg=MAX_REGISTERS if decode else None, **format_constants(fmt),
+        num_warps=DECODE_WARPS if decode else 4,
+        num_stages=SLOT_STAGES if slotted else NUM_STAGES,
+        maxnreg=(SLOT_MAX_REGISTERS if slotted else MAX_REGISTERS) if decode else None,
+        **format_constants(fmt),
     )
     if single:
         return handle
