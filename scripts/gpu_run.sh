@@ -22,7 +22,7 @@ for step in "$@"; do
         | tee "$OUT/engine-test.log" | grep -v "^INFO\|^WARNING\|^(EngineCore" \
         | grep "^LEVERS\|passed\|failed\|Error\|^E " | tail -25 ;;
     kernels-bench)
-      python3 benchmarks/kernels.py --out "$OUT/kernels-h100.json" 2>&1 \
+      python3 benchmarks/kernels.py --out "$OUT/kernels.json" 2>&1 \
         | grep -v "^INFO\|^WARNING" | tee "$OUT/kernels-bench.log" | tail -25 ;;
     kernels-tune)
       python3 benchmarks/kernels.py --tune 2>&1 | grep "^tune" | tee "$OUT/kernels-tune.log" ;;
@@ -88,7 +88,7 @@ for step in "$@"; do
       python3 benchmarks/throughput.py --kv kivi2 --workloads 64x512x64 --eager \
         2>&1 | tail -30 ;;
     throughput)
-      python3 benchmarks/throughput.py --out "$OUT/throughput-h100.json" 2>&1 \
+      python3 benchmarks/throughput.py --out "$OUT/throughput.json" 2>&1 \
         | tee "$OUT/throughput.log" | tail -30 ;;
     *) echo "unknown step $step" ;;
   esac
