@@ -2,19 +2,15 @@
 
 ``_kivi_attend_context`` handles one tile of query rows (BLOCK_Q tokens of one request x
 the QPK query heads sharing one KV head) against one split of the request's context:
-each page is read once per KV head and serves all the tile's rows. Nothing is
-dequantized elementwise: the per-channel key scale is folded into the query and the
-per-token value scale into the probabilities, and both mins enter through tensor-core
-dots against broadcast tiles::
-
-    q . (s*k + m) = (q*s) . k + q . m          p . (s*v + m) = (p*s) . v + p . m
-
-Codes become float16 with the ``0x6400`` magic number (``1024 + code`` is exact in
-float16; one ``prmt`` places two codes, one ``sub.f16x2`` removes the 1024), so no
-int-to-float conversion runs (those issue at a quarter of the FMA rate on Hopper). The
-running max is rescaled lazily (only when it grows by more than ``RESCALE_LOG2``). The
-last split also covers the tail ring and, for decode, the step's own token;
-``_kivi_reduce_splits`` merges the splits by log-sum-exp.
+each page is read once per KV head and serves all the tile's rows. Codes are unpacked
+straight into the dots' B operands (``code * s + m`` in float16), except the keys of the
+decode loop over several pages, whose per-channel scale and min are folded into the
+query rows (``q . (s*k + m) = (q*s) . k + q . m``). Codes become float16 with the
+``0x6400`` magic number (``1024 + code`` is exact in float16; one ``prmt`` places two
+codes, one ``sub.f16x2`` removes the 1024), so no int-to-float conversion runs (those
+issue at a quarter of the FMA rate on Hopper). The running max is rescaled lazily (only
+when it grows by more than ``RESCALE_LOG2``). The last split also covers the tail ring
+and, for decode, the step's own token; ``_kivi_reduce_splits`` merges the splits by log-sum-exp.
 
 Decode reads SLOTS pages per loop iteration (``_attend_slots``, ``tile_shape``): with 4
 query heads per KV head the dot's 16 rows would be 75% padding, so the rows are the same
@@ -200,7 +196,7 @@ def _attend_page(page, q0, q1, q2, q3, m_i, l_i, acc0, acc1, acc2, acc3, kvh, t,
 
     vs = (page + OFF_VS).to(tl.pointer_type(tl.float16)) + kvh * VG * G
     vm = (page + OFF_VM).to(tl.pointer_type(tl.float16)) + kvh * VG * G
-    s0, s1, s2, s3 = _value_params(vs, t, W, NCH, G, t < G)
+    s0, s1, s2, s3 = _value_params(vs, t, W, NCH, G, t < G)  # every token of the page
     m0, m1, m2, m3 = _value_params(vm, t, W, NCH, G, t < G)
     v0, v1, v2, v3 = _page_chunks(page + OFF_VC + v_off, W * G, s0, m0, s1, m1, s2, m2, s3,
                                   m3, W, VP, VBITS, True, USE_ASM)
