@@ -190,6 +190,7 @@ def main() -> None:
                    help="merge the records of another results file of the same setup")
     args = p.parse_args()
     os.environ["VLLM_CPU_KVCACHE_SPACE"] = args.kv_space_gib
+    os.environ.setdefault("KIVI_CPU_ATTN_NO_AMX", "1")  # bf16 rows: kivi_vllm/patches/cpu_amx.py
 
     from transformers import AutoConfig, AutoTokenizer
 

@@ -22,6 +22,9 @@ import pytest
 # Functions sent to the worker through LLM.collective_rpc (kivi_stats, probes) are
 # pickled; vLLM refuses that unless this is set before the engine starts.
 os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
+# bf16 baselines through vLLM's stock CPU attention: its AMX kernel gives wrong answers on
+# AMX CPUs (kivi_vllm/patches/cpu_amx.py); the AVX-512 kernel does not.
+os.environ.setdefault("KIVI_CPU_ATTN_NO_AMX", "1")
 
 # test_kernels.py runs the Triton kernels under the interpreter on CPU. Triton fixes the
 # mode of each @triton.jit function (tl.cdiv included) when it is defined, and test

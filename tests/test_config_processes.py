@@ -239,3 +239,24 @@ def test_group_of_mixed_configs_fails(patched) -> None:
     with pytest.raises(KiviConfigError, match="different KIVI configs"):
         KiviAttentionSpec.merge([a, b])
     assert KiviAttentionSpec.merge([a, a]).kivi_config == a.kivi_config
+
+
+def test_cpu_amx_switch_keeps_stock_attention_off_amx(monkeypatch):
+    """KIVI_CPU_ATTN_NO_AMX=1 maps vLLM's CPU attention ISA "amx" to "vec" and leaves the
+    other choices alone; without it the stock choice is untouched."""
+    from vllm.v1.attention.backends import cpu_attn
+
+    from kivi_vllm.patches import cpu_amx
+
+    stock = cpu_attn._get_attn_isa
+    while hasattr(stock, "__wrapped__"):  # the patch this process applied at start-up
+        stock = stock.__wrapped__
+    monkeypatch.setattr(cpu_attn, "_get_attn_isa", stock)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    monkeypatch.delenv(cpu_amx.ENV, raising=False)
+    cpu_amx.apply()
+    assert cpu_attn._get_attn_isa(torch.bfloat16, 128) == "amx"
+    monkeypatch.setenv(cpu_amx.ENV, "1")
+    cpu_amx.apply()
+    assert cpu_attn._get_attn_isa(torch.bfloat16, 128) == "vec"
+    assert cpu_attn._get_attn_isa(torch.bfloat16, 16) == "vec16"  # not AMX: unchanged

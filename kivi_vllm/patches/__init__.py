@@ -26,6 +26,7 @@ def apply_all() -> None:
         )
     from kivi_vllm.patches import (
         attention_spec,
+        cpu_amx,
         fastgen_pool,
         metrics,
         platform,
@@ -39,4 +40,5 @@ def apply_all() -> None:
     runner.apply()
     worker_memory.apply()
     metrics.apply()
+    cpu_amx.apply()
     _applied = True
