@@ -196,16 +196,28 @@ def _attend_page(page, q0, q1, q2, q3, m_i, l_i, acc0, acc1, acc2, acc3, kvh, t,
 
     vs = (page + OFF_VS).to(tl.pointer_type(tl.float16)) + kvh * VG * G
     vm = (page + OFF_VM).to(tl.pointer_type(tl.float16)) + kvh * VG * G
-    s0, s1, s2, s3 = _value_params(vs, t, W, NCH, G, t < G)  # every token of the page
-    m0, m1, m2, m3 = _value_params(vm, t, W, NCH, G, t < G)
-    v0, v1, v2, v3 = _page_chunks(page + OFF_VC + v_off, W * G, s0, m0, s1, m1, s2, m2, s3,
-                                  m3, W, VP, VBITS, True, USE_ASM)
+    acc0, acc1, acc2, acc3 = _accumulate_values(
+        p16, vs, vm, page + OFF_VC + v_off, t, t < G, acc0, acc1, acc2, acc3, W, NCH, G, VP,
+        VBITS, USE_ASM)  # every token of the page
+    return m_i, l_i, acc0, acc1, acc2, acc3
+
+
+@triton.jit
+def _accumulate_values(p16, vs, vm, v_ptrs, t, ok, acc0, acc1, acc2, acc3, W: tl.constexpr,
+                       NCH: tl.constexpr, G: tl.constexpr, VP: tl.constexpr,
+                       VBITS: tl.constexpr, USE_ASM: tl.constexpr):
+    """``acc += p . (s*v + m)`` over N tokens: value codes at ``v_ptrs`` [N, W], per-token
+    scales and mins at ``vs + t`` / ``vm + t`` (0 where not ``ok``)."""
+    s0, s1, s2, s3 = _value_params(vs, t, W, NCH, G, ok)
+    m0, m1, m2, m3 = _value_params(vm, t, W, NCH, G, ok)
+    v0, v1, v2, v3 = _page_chunks(v_ptrs, W * G, s0, m0, s1, m1, s2, m2, s3, m3, W, VP,
+                                  VBITS, True, USE_ASM)
     acc0 = tl.dot(p16, v0, acc0)
     acc1 = tl.dot(p16, v1, acc1)
     if NCH == 4:
         acc2 = tl.dot(p16, v2, acc2)
         acc3 = tl.dot(p16, v3, acc3)
-    return m_i, l_i, acc0, acc1, acc2, acc3
+    return acc0, acc1, acc2, acc3
 
 
 @triton.jit
@@ -281,16 +293,9 @@ def _attend_slots(cache, bt_row, p, p_hi, q0, q1, q2, q3, m_i, l_i, acc0, acc1, 
 
     vs = (col_page + OFF_VS).to(tl.pointer_type(tl.float16)) + kvh * VG * G
     vm = (col_page + OFF_VM).to(tl.pointer_type(tl.float16)) + kvh * VG * G
-    s0, s1, s2, s3 = _value_params(vs, t, W, NCH, G, col_in)
-    m0, m1, m2, m3 = _value_params(vm, t, W, NCH, G, col_in)
     v_ptrs = col_page[:, None] + OFF_VC + kvh * VP * G + w[None, :] * G + t[:, None]
-    v0, v1, v2, v3 = _page_chunks(v_ptrs, W * G, s0, m0, s1, m1, s2, m2, s3, m3, W, VP,
-                                  VBITS, True, USE_ASM)
-    acc0 = tl.dot(p16, v0, acc0)
-    acc1 = tl.dot(p16, v1, acc1)
-    if NCH == 4:
-        acc2 = tl.dot(p16, v2, acc2)
-        acc3 = tl.dot(p16, v3, acc3)
+    acc0, acc1, acc2, acc3 = _accumulate_values(p16, vs, vm, v_ptrs, t, col_in, acc0, acc1,
+                                                acc2, acc3, W, NCH, G, VP, VBITS, USE_ASM)
     return m_i, l_i, acc0, acc1, acc2, acc3
 
 
