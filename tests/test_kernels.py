@@ -143,17 +143,17 @@ def test_warm_up_launches_every_variant():
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="full-size shapes: compiled kernels only")
-@pytest.mark.parametrize("max_slots", [1, 2, 4])
+@pytest.mark.parametrize(("group", "max_slots"), [(32, 1), (32, 4), (64, 4)])  # 1, 4, 2 pages
 @pytest.mark.parametrize("bits", [2, 4])
-def test_decode_attention_full_size(bits, max_slots, monkeypatch):
+def test_decode_attention_full_size(bits, group, max_slots, monkeypatch):
     """Llama-3.1-8B head layout (32 q heads, 8 KV heads, d=128), long contexts that are
     not multiples of the group or of the pages per loop iteration, bf16 operands."""
     from kivi_vllm.kernels import attention
 
     monkeypatch.setattr(attention, "MAX_SLOTS", max_slots)
-    fmt = PageFormat(bits, 32, 128, 8)
+    fmt = PageFormat(bits, group, 128, 8)
     ctx = [4097, 1000, 63, 2 * 32 * 4 + 31, 3000]
-    sc = make_scenario(fmt, 32, 32, ctx, [1] * len(ctx), dtype=torch.bfloat16, seed=bits)
+    sc = make_scenario(fmt, group, 32, ctx, [1] * len(ctx), dtype=torch.bfloat16, seed=bits)
     ref = reference_context_attention(sc, include_self=True)
     dev = sc.to(DEVICE)
     for splits in (1, 5):
@@ -161,5 +161,6 @@ def test_decode_attention_full_size(bits, max_slots, monkeypatch):
         attend_context(dev.query, dev.key, dev.value, dev.cache, dev.tail, dev.block_table,
                        dev.seq_lens, dev.query_start_loc, dev.tail_slots,
                        torch.tensor(sc.valid_from, dtype=torch.int32, device=DEVICE), fmt,
-                       32, sc.scale, out, decode=True, num_tiles=len(ctx), num_splits=splits)
+                       group, sc.scale, out, decode=True, num_tiles=len(ctx),
+                       num_splits=splits)  # residual = one group
         assert rel_err(out.float().cpu(), ref.float()) < 1e-2  # bf16 operands

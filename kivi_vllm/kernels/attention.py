@@ -299,6 +299,15 @@ def _attend_slots(cache, bt_row, p, p_hi, q0, q1, q2, q3, m_i, l_i, acc0, acc1, 
     return m_i, l_i, acc0, acc1, acc2, acc3
 
 
+@triton.jit
+def _query_rows(r, tok0, kvh, q_end, BLOCK_H: tl.constexpr, QPK: tl.constexpr):
+    """Token, query head and validity of the tile's query rows ``r`` (token-major, BLOCK_H
+    heads per token, of which QPK are real)."""
+    hh = r % BLOCK_H
+    tok = tok0 + r // BLOCK_H
+    return tok, kvh * QPK + hh, (hh < QPK) & (tok < q_end)
+
+
 # Arguments that change with the batch are not specialized (no divisibility or ==1
 # variants), so the variants compiled at start-up (``kernels/warmup.py``) serve every step.
 @triton.jit(do_not_specialize=["tok_base", "S", "sinks", "stride_bt", "stride_ot",
@@ -390,10 +399,8 @@ def _kivi_attend_context(
     ROWS: tl.constexpr = BLOCK_Q * BLOCK_H  # the tile's query rows, repeated per slot
     m = tl.arange(0, BLOCK_M)
     row_slot = m // ROWS
-    tok = tok0 + (m % ROWS) // BLOCK_H
-    hh = m % BLOCK_H
-    head = kvh * QPK + hh
-    row_ok = (row_slot < SLOTS) & (hh < QPK) & (tok < q_end)
+    tok, head, row_ok = _query_rows(m % ROWS, tok0, kvh, q_end, BLOCK_H, QPK)
+    row_ok = row_ok & (row_slot < SLOTS)
     w = tl.arange(0, W)
     t = tl.arange(0, G)
     q_rows = query + tok[:, None] * stride_qt + head[:, None] * stride_qh
@@ -493,11 +500,7 @@ def _kivi_attend_context(
         if NCH == 4:
             acc2 = tl.sum(tl.reshape(acc2, (NS, ROWS, W)) * f[:, :, None], axis=0)
             acc3 = tl.sum(tl.reshape(acc3, (NS, ROWS, W)) * f[:, :, None], axis=0)
-        m = tl.arange(0, ROWS)
-        tok = tok0 + m // BLOCK_H
-        hh = m % BLOCK_H
-        head = kvh * QPK + hh
-        row_ok = (hh < QPK) & (tok < q_end)
+        tok, head, row_ok = _query_rows(tl.arange(0, ROWS), tok0, kvh, q_end, BLOCK_H, QPK)
     empty = l_i == 0.0
     inv_l = tl.where(empty, 0.0, 1.0 / l_i)
     lse = tl.where(empty, float("-inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)))
