@@ -377,11 +377,9 @@ def test_kivi4_greedy_matches_bf16(bf16, kivi4) -> None:
     # the teacher-forced pass reproduces bf16's own greedy choices (validates the metric),
     # up to near-ties: prefill and decode sum in different orders, and the bf16 logits
     # have a resolution of 0.125 (on the 2026-12-04 machine 1 of 116 positions flipped)
-    flips = [m for cont, top1, margins in zip(bf16["greedy"], bf16["top1"], bf16["margins"],
-                                              strict=True)
-             for a, b, m in zip(cont[:GEN_TOKENS], top1[:GEN_TOKENS], margins[:GEN_TOKENS],
-                                strict=True) if a != b]
-    assert all(m <= BF16_NEAR_TIE for m in flips), flips
+    # (a margin is 0 where bf16's top-1 is its own greedy token, so the largest is a flip's)
+    widest = max(m for margins in bf16["margins"] for m in margins[:GEN_TOKENS])
+    assert widest <= BF16_NEAR_TIE, widest
     assert forced_self >= 0.97
     assert forced >= KIVI4_TEACHER_FORCED_MIN
     assert frac >= KIVI4_FREE_RUNNING_MIN
