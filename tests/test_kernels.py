@@ -73,6 +73,48 @@ def test_decode_attention_matches_reference(case, sinks, splits, max_slots, monk
     assert rel_err(out.cpu(), ref) < 5e-3  # fp16 dot operands
 
 
+@pytest.mark.parametrize("max_slots", [1, 4])
+@pytest.mark.parametrize("add_self", [True, False])
+@pytest.mark.parametrize("case", [(2, 32, 64, 1, 4, 32), (4, 32, 128, 1, 2, 64)])
+def test_fastgen_stream_decode_matches_reference(case, add_self, max_slots, monkeypatch):
+    """kivi.fastgen's stream rows: one KV head per row, context positions below
+    ``first_valid`` masked (a local window), the decode token attended or not."""
+    from kivi_vllm import reference
+    from kivi_vllm.kernels import attention
+
+    monkeypatch.setattr(attention, "MAX_SLOTS", max_slots)
+    _, group, _, _, hq, residual, *_ = case
+    ctx = [0, 9, 3 * group + 7, 5 * group - 1, 4 * group + 3, 2 * residual + 3]
+    first = [0, 4, group + 5, 0, 4 * group - 2, 2 * residual]  # pages, tail, or both masked
+    sc = make_scenario(_format(case), residual, hq, ctx, [1] * len(ctx), seed=11,
+                       prefix_hit=False)
+    views = sc.fmt.views(sc.cache)
+    ref = torch.zeros(sc.query.shape)
+    ref_lse = torch.full((hq, len(ctx)), float("-inf"))
+    for i, fv in enumerate(first):
+        ck, cv = reference.context_kv(views, sc.tail, sc.seq(i), sc.fmt, residual, 0)
+        ck, cv = ck[fv:].float(), cv[fv:].float()
+        if add_self:
+            ck, cv = torch.cat([ck, sc.key[i : i + 1]]), torch.cat([cv, sc.value[i : i + 1]])
+        if ck.shape[0]:
+            scores = torch.einsum("hd,kd->hk", sc.query[i], ck[:, 0]) * sc.scale
+            ref[i] = torch.softmax(scores, dim=-1) @ cv[:, 0]
+            ref_lse[:, i] = torch.logsumexp(scores, dim=-1)
+    dev = sc.to(DEVICE)
+    out = torch.full_like(dev.query, float("nan"))
+    lse = torch.full((hq, len(ctx)), float("nan"), device=DEVICE)
+    attend_context(dev.query, dev.key, dev.value, dev.cache, dev.tail, dev.block_table,
+                   dev.seq_lens, dev.query_start_loc, dev.tail_slots,
+                   torch.zeros(len(ctx), dtype=torch.int32, device=DEVICE), sc.fmt, residual,
+                   sc.scale, out, decode=True, num_tiles=len(ctx), num_splits=2,
+                   lse_out=lse, add_self=add_self,
+                   first_valid=torch.tensor(first, dtype=torch.int32, device=DEVICE))
+    assert rel_err(out.cpu(), ref) < 5e-3
+    finite = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isfinite(lse.cpu()), finite)
+    assert torch.allclose(lse.cpu()[finite], ref_lse[finite], atol=5e-3)  # fp16 operands
+
+
 @pytest.mark.parametrize(("case", "sinks"),
                          [(c, 0) for c in SMALL[:2] + KEY_BITS[:1]] + SINKS[:1])
 def test_prefill_context_attention_matches_reference(case, sinks):

@@ -168,17 +168,18 @@ def _self_dot(q_c, k_ptr, C0: tl.constexpr, w):
 
 
 @triton.jit
-def _attend_page(page, q0, q1, q2, q3, m_i, l_i, acc0, acc1, acc2, acc3, kvh, t, k_off,
-                 v_off, w, W: tl.constexpr, NCH: tl.constexpr, OFF_KC: tl.constexpr,
-                 OFF_VC: tl.constexpr, OFF_KS: tl.constexpr, OFF_KM: tl.constexpr,
-                 OFF_VS: tl.constexpr, OFF_VM: tl.constexpr, G: tl.constexpr,
+def _attend_page(page, q0, q1, q2, q3, m_i, l_i, acc0, acc1, acc2, acc3, kvh, t, k_off, v_off, w,
+                 tok0, tok_lo, WINDOWED: tl.constexpr, W: tl.constexpr, NCH: tl.constexpr,
+                 OFF_KC: tl.constexpr, OFF_VC: tl.constexpr, OFF_KS: tl.constexpr,
+                 OFF_KM: tl.constexpr, OFF_VS: tl.constexpr, OFF_VM: tl.constexpr, G: tl.constexpr,
                  D: tl.constexpr, VG: tl.constexpr, KP: tl.constexpr, VP: tl.constexpr,
                  KBITS: tl.constexpr, VBITS: tl.constexpr, USE_ASM: tl.constexpr):
     """Online-softmax update of the running (m, l, acc) with one page of one KV head.
 
     Keys and values are dequantized straight into the dot's B operand (float16
     ``code * s + m``), so the query stays a loop-invariant A operand and only the
-    probabilities change layout once per page.
+    probabilities change layout once per page. ``WINDOWED``: the page's tokens
+    ``tok0 + t`` below ``tok_lo`` are masked.
     """
     ks = (page + OFF_KS).to(tl.pointer_type(tl.float16)) + kvh * D
     km = (page + OFF_KM).to(tl.pointer_type(tl.float16)) + kvh * D
@@ -191,6 +192,8 @@ def _attend_page(page, q0, q1, q2, q3, m_i, l_i, acc0, acc1, acc2, acc3, kvh, t,
     if NCH == 4:
         s = tl.dot(q2, tl.trans(k2), s)
         s = tl.dot(q3, tl.trans(k3), s)
+    if WINDOWED:
+        s = tl.where((tok0 + t >= tok_lo)[None, :], s, float("-inf"))
     m_i, l_i, acc0, acc1, acc2, acc3, p16 = _online_softmax(s, m_i, l_i, acc0, acc1, acc2,
                                                             acc3)
 
@@ -240,7 +243,8 @@ def _online_softmax(s, m_i, l_i, acc0, acc1, acc2, acc3):
 
 @triton.jit
 def _attend_slots(cache, bt_row, p, p_hi, q0, q1, q2, q3, m_i, l_i, acc0, acc1, acc2, acc3,
-                  kvh, row_slot, col_slot, t, w, W: tl.constexpr, NCH: tl.constexpr,
+                  kvh, row_slot, col_slot, t, w, tok_lo, WINDOWED: tl.constexpr,
+                  W: tl.constexpr, NCH: tl.constexpr,
                   PAGE_BYTES: tl.constexpr, OFF_KC: tl.constexpr, OFF_VC: tl.constexpr,
                   OFF_KS: tl.constexpr, OFF_KM: tl.constexpr, OFF_VS: tl.constexpr,
                   OFF_VM: tl.constexpr, G: tl.constexpr, D: tl.constexpr, VG: tl.constexpr,
@@ -254,6 +258,7 @@ def _attend_slots(cache, bt_row, p, p_hi, q0, q1, q2, q3, m_i, l_i, acc0, acc1, 
     query rows, ``q . (s*k + m) = (q*s) . k + q . m``, and the key codes enter the dot as
     exact float16 integers. Values are dequantized into the dot's B operand as in
     ``_attend_page``; a missing page (past ``p_hi``) reads scales and mins as 0.
+    ``WINDOWED``: tokens below ``tok_lo`` are masked.
     """
     row_in = p + row_slot < p_hi
     col_in = p + col_slot < p_hi
@@ -286,7 +291,10 @@ def _attend_slots(cache, bt_row, p, p_hi, q0, q1, q2, q3, m_i, l_i, acc0, acc1, 
     if NCH == 4:
         s = tl.dot(a2, tl.trans(k2), s)
         s = tl.dot(a3, tl.trans(k3), s)
-    s = tl.where((row_slot[:, None] == col_slot[None, :]) & col_in[None, :],
+    keep = col_in
+    if WINDOWED:
+        keep = keep & ((p + col_slot) * G + t >= tok_lo)
+    s = tl.where((row_slot[:, None] == col_slot[None, :]) & keep[None, :],
                  s + bias[:, None], float("-inf"))
     m_i, l_i, acc0, acc1, acc2, acc3, p16 = _online_softmax(s, m_i, l_i, acc0, acc1, acc2,
                                                             acc3)
@@ -323,6 +331,7 @@ def _kivi_attend_context(
     query_start_loc,
     tail_slots,
     valid_from,
+    first_valid,  # [rows] int32 (WINDOWED): context positions below it are not read
     tile_req,  # [num_tiles] int32 (prefill tiles)
     tile_tok,  # [num_tiles] int32
     mid_o,  # fp32 [rows, HQ, S, D]; SINGLE: the output [rows, HQ, 1, D]
@@ -355,6 +364,8 @@ def _kivi_attend_context(
     SLOTS: tl.constexpr,  # pages per loop iteration (decode; row block j reads page p + j)
     BLOCK_M: tl.constexpr,  # dot rows: SLOTS x BLOCK_Q x BLOCK_H, at least 16
     DECODE: tl.constexpr,
+    SELF: tl.constexpr,  # decode: attend the step's own token (kivi.fastgen: one stream only)
+    WINDOWED: tl.constexpr,  # mask context positions below first_valid (kivi.fastgen windows)
     W: tl.constexpr,  # channels per chunk: min(KP, VP, G), within one value group and plane
     NCH: tl.constexpr,  # chunks per head (2 or 4)
     USE_ASM: tl.constexpr,  # magic-number unpack in PTX (False under the interpreter)
@@ -391,9 +402,14 @@ def _kivi_attend_context(
     vfrom = tl.load(valid_from + req)
     tstart = tl.maximum(tl.maximum(vfrom, (ctx // G) * G - (R - sinks - G)), 0)
     pinned = tl.where(vfrom == 0, tl.minimum(sinks, tstart), 0)  # sink rows read, not pages
-    n_pages = (tstart - pinned) // G
+    p_first = pinned // G
+    fv = 0
+    if WINDOWED:
+        fv = tl.load(first_valid + req)
+        p_first = tl.maximum(p_first, fv // G)
+    n_pages = tl.maximum(tstart // G - p_first, 0)
     per_split = tl.cdiv(tl.cdiv(n_pages, S), SLOTS) * SLOTS
-    p_lo = pinned // G + split * per_split
+    p_lo = p_first + split * per_split
     p_hi = tl.minimum(p_lo + per_split, tstart // G)
 
     ROWS: tl.constexpr = BLOCK_Q * BLOCK_H  # the tile's query rows, repeated per slot
@@ -428,22 +444,25 @@ def _kivi_attend_context(
             page = cache + tl.load(bt_row + p).to(tl.int64) * PAGE_BYTES
             m_i, l_i, acc0, acc1, acc2, acc3 = _attend_page(
                 page, q0, q1, q2, q3, m_i, l_i, acc0, acc1, acc2, acc3, kvh, t, k_off, v_off,
-                w, W, NCH, OFF_KC, OFF_VC, OFF_KS, OFF_KM, OFF_VS, OFF_VM, G, D, VG, KP, VP,
-                KBITS, VBITS, USE_ASM)
+                w, p * G, fv, WINDOWED, W, NCH, OFF_KC, OFF_VC, OFF_KS, OFF_KM, OFF_VS, OFF_VM,
+                G, D, VG, KP, VP, KBITS, VBITS, USE_ASM)
     else:
         col = tl.arange(0, SLOTS * G)
         for p in range(p_lo, p_hi, SLOTS):
             m_i, l_i, acc0, acc1, acc2, acc3 = _attend_slots(
                 cache, bt_row, p, p_hi, q0, q1, q2, q3, m_i, l_i, acc0, acc1, acc2, acc3,
-                kvh, row_slot, col // G, col % G, w, W, NCH, PAGE_BYTES, OFF_KC, OFF_VC,
-                OFF_KS, OFF_KM, OFF_VS, OFF_VM, G, D, VG, KP, VP, KBITS, VBITS, USE_ASM)
+                kvh, row_slot, col // G, col % G, w, fv, WINDOWED, W, NCH, PAGE_BYTES, OFF_KC,
+                OFF_VC, OFF_KS, OFF_KM, OFF_VS, OFF_VM, G, D, VG, KP, VP, KBITS, VBITS, USE_ASM)
 
     if split == S - 1:
         # full-precision tail ring: sink positions [0, pinned), then [tstart, ctx) (at
         # most R rows in all); exact (non-lazy) update
         r = tl.arange(0, BLOCK_R)
         pos = tl.where(r < pinned, r, tstart + r - pinned)
-        r_ok = (pos < ctx)[:, None]
+        r_ok = pos < ctx
+        if WINDOWED:
+            r_ok = r_ok & (pos >= fv)
+        r_ok = r_ok[:, None]
         tslot = tl.load(tail_slots + req)
         ring = tail + tslot * stride_tail_slot + kvh * stride_tail_h
         rows = ring_row(pos, R, sinks)[:, None] * stride_tail_pos
@@ -456,7 +475,7 @@ def _kivi_attend_context(
         first = (row_slot == 0)[:, None]  # the other slots repeat the same query rows
         s = tl.where(tl.trans(r_ok) & first, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        if DECODE:
+        if DECODE and SELF:
             # the step's own token (query_len == 1), full precision
             self_k = key + tok0 * stride_kt + kvh * stride_kh
             s_self = _self_dot(q0, self_k, 0 * W, w) + _self_dot(q1, self_k, 1 * W, w)
@@ -478,7 +497,7 @@ def _kivi_attend_context(
                           acc2 * alpha[:, None])
             acc3 = tl.dot(pr16, _load_chunk(ring_v, rows, r_ok, 3 * W, w).to(tl.float16),
                           acc3 * alpha[:, None])
-        if DECODE:
+        if DECODE and SELF:
             p_self = tl.exp2(s_self - m_safe)
             l_i += p_self
             self_v = value + tok0 * stride_vt + kvh * stride_vh
@@ -634,6 +653,8 @@ def attend_context(
     num_splits: int | None = None,
     tok_base: int = 0,
     lse_out: torch.Tensor | None = None,
+    add_self: bool = True,
+    first_valid: torch.Tensor | None = None,
 ):
     """Attention of query rows over their context in the pages + tail (+ self for decode).
 
@@ -641,7 +662,8 @@ def attend_context(
     [rows, HQ, D] and, with ``lse_out`` [HQ, rows], the natural-log LSE (for merging
     with the chunk's own attention). Decode: row i is request i, one token each.
     ``sinks``: attention-sink tokens (``kivi.sink_groups * group_size``) read from their
-    own ring rows.
+    own ring rows. kivi.fastgen's streams: ``add_self=False`` leaves the decode token out,
+    ``first_valid`` [rows] masks each row's context positions below it.
     """
     num_tokens = out.shape[0]
     _, hq, d = query.shape
@@ -663,14 +685,16 @@ def attend_context(
     slotted = tiles["SLOTS"] > 1
     handle = _kivi_attend_context[(num_tiles, hk, s)](
         query, key, value, cache, tail, block_table, seq_lens, query_start_loc,
-        tail_slots, valid_from, tile_req, tile_tok, mid_o, mid_lse, scale, tok_base, s, sinks,
+        tail_slots, valid_from, seq_lens if first_valid is None else first_valid, tile_req,
+        tile_tok, mid_o, mid_lse, scale, tok_base, s, sinks,
         query.stride(0), query.stride(1), key.stride(0), key.stride(1),
         value.stride(0), value.stride(1), block_table.stride(0),
         tail.stride(0), tail.stride(1), tail.stride(2), tail.stride(3),
         mid_o.stride(0), mid_o.stride(1), mid_o.stride(2),
         mid_lse.stride(0), mid_lse.stride(1),
         R=residual, BLOCK_R=triton.next_power_of_2(residual), QPK=qpk, BLOCK_Q=block_q,
-        **tiles, DECODE=decode, W=width, NCH=nch, USE_ASM=USE_ASM,
+        **tiles, DECODE=decode, SELF=add_self, WINDOWED=first_valid is not None, W=width,
+        NCH=nch, USE_ASM=USE_ASM,
         SINGLE=single, WRITE_LSE=not single or lse_out is not None,
         num_warps=DECODE_WARPS if decode else 4,
         num_stages=SLOT_STAGES if slotted else NUM_STAGES,
