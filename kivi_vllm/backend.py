@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cached_property
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -155,6 +155,15 @@ class KiviMetadataBuilder(AttentionMetadataBuilder[KiviMetadata]):
         AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE
     )
 
+    @classmethod
+    def get_cudagraph_support(cls, vllm_config: VllmConfig, kv_cache_spec: Any
+                              ) -> AttentionCGSupport:
+        """kivi.fastgen plans every step on the host (per-stream rows): no CUDA graphs of
+        attention (vLLM then captures the rest piecewise)."""
+        if state.active_config().fastgen is not None:
+            return AttentionCGSupport.NEVER
+        return cls._cudagraph_support
+
     def __init__(
         self,
         kv_cache_spec: KiviAttentionSpec,
@@ -166,11 +175,13 @@ class KiviMetadataBuilder(AttentionMetadataBuilder[KiviMetadata]):
         self._init_reorder_batch_threshold(1, supports_spec_as_decode=False)
         self.cfg = state.active_config()
         state.STEP.ensure(num_tail_slots(vllm_config))
+        # kivi.fastgen on the GPU: one ring per (slot, KV head, stream), one head each
+        streams = 2 * kv_cache_spec.num_kv_heads if self._fastgen_on(device) else 1
         state.allocate_tails(
             layer_names,
-            num_slots=num_ring_slots(vllm_config),
+            num_slots=num_ring_slots(vllm_config) * streams,
             residual=self.cfg.residual,
-            num_kv_heads=kv_cache_spec.num_kv_heads,
+            num_kv_heads=1 if streams > 1 else kv_cache_spec.num_kv_heads,
             head_size=kv_cache_spec.head_size,
             dtype=vllm_config.model_config.dtype,
             device=device,
@@ -186,8 +197,10 @@ class KiviMetadataBuilder(AttentionMetadataBuilder[KiviMetadata]):
 
             mc = vllm_config.model_config
             num_heads = mc.get_num_attention_heads(vllm_config.parallel_config)
+            if self._fastgen_on(device):  # stream rows: one KV head, its query heads
+                num_heads //= kv_cache_spec.num_kv_heads
             warm_up(kv_cache_spec.page_format, self.cfg.residual, num_heads, mc.dtype, device)
-        if self.cfg.fastgen is not None:  # kivi.fastgen only (CPU reference path)
+        if self.cfg.fastgen is not None:
             from transformers import AutoTokenizer
 
             from kivi_vllm.fastgen.engine import WORKER
@@ -200,7 +213,17 @@ class KiviMetadataBuilder(AttentionMetadataBuilder[KiviMetadata]):
                 mc.tokenizer, trust_remote_code=mc.trust_remote_code
             )
             layers = kv_cache_spec.fastgen_heads // kv_cache_spec.num_kv_heads
-            WORKER.enable(self.cfg, tok, layers)
+            if device.type == "cuda":
+                from kivi_vllm.fastgen.device import DEVICE
+
+                DEVICE.enable(self.cfg, tok, layers, kv_cache_spec.num_kv_heads,
+                              kv_cache_spec.head_size, num_tail_slots(vllm_config),
+                              mc.max_model_len, device)
+            else:
+                WORKER.enable(self.cfg, tok, layers)
+
+    def _fastgen_on(self, device: torch.device) -> bool:
+        return self.cfg.fastgen is not None and device.type == "cuda"
 
     def build(
         self,
@@ -345,13 +368,31 @@ class KiviAttentionImpl(AttentionImpl[KiviMetadata]):
             if self.rotation.device != q.device or self.rotation.dtype != q.dtype:
                 self.rotation = self.rotation.to(q.device, q.dtype)
             q, k = reference.rotate(q, self.rotation), reference.rotate(k, self.rotation)
-        if kv_cache.is_cuda:
+        if kv_cache.is_cuda and self.cfg.fastgen is not None:
+            self._forward_fastgen_gpu(q, k, v, kv_cache, tail, attn_metadata, out,
+                                      layer.layer_name)
+        elif kv_cache.is_cuda:
             from kivi_vllm.kernels import ops
 
             ops.forward(q, k, v, kv_cache, tail, attn_metadata, self, out)
         else:
             self._forward_reference(q, k, v, kv_cache, tail, attn_metadata, out, layer.layer_name)
         return output
+
+    def _forward_fastgen_gpu(self, q, k, v, kv_cache, tail, md: KiviMetadata, out,
+                             layer_name: str) -> None:
+        """kivi.fastgen on the GPU (:mod:`kivi_vllm.fastgen.device`); vLLM's warm-up
+        (dummy) steps attend within the step and store nothing."""
+        from vllm.model_executor.models.utils import extract_layer_index
+
+        from kivi_vllm.fastgen.device import DEVICE
+        from kivi_vllm.kernels.ops import _chunk_attention
+
+        if state.STEP.in_dummy:
+            _chunk_attention(q, k, v, md.query_start_loc, md.max_query_len, self.scale, out)
+            return
+        DEVICE.forward(extract_layer_index(layer_name), q, k, v, kv_cache, tail, md,
+                       self.scale, out)
 
     def _resolve_layer_format(self, layer_name: str, kv_cache: torch.Tensor) -> None:
         """This layer's page format under ``kivi.layer_key_bits`` (checked against the

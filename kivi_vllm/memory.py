@@ -50,7 +50,15 @@ def tail_bytes_per_layer(vllm_config: Any, cfg: KiviConfig) -> int:
     fmt = layer_format(vllm_config, cfg)
     dtype_size = vllm_config.model_config.dtype.itemsize
     per_slot = fmt.tail_bytes_per_slot(cfg.residual, dtype_size)
-    return per_slot * num_ring_slots(vllm_config)
+    return per_slot * num_ring_slots(vllm_config) * tail_streams(cfg)
+
+
+def tail_streams(cfg: KiviConfig) -> int:
+    """Tail rings per KV head and slot: 2 for kivi.fastgen on the GPU (a permanent and
+    a local stream, :mod:`kivi_vllm.fastgen.device`), else 1."""
+    from vllm.platforms import current_platform
+
+    return 2 if cfg.fastgen is not None and not current_platform.is_cpu() else 1
 
 
 def tail_budget_bytes(vllm_config: Any, cfg: KiviConfig) -> int:

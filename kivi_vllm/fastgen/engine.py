@@ -338,13 +338,21 @@ WORKER = FastGenWorker()
 
 
 def attach_reports(output: Any) -> None:
-    """Put the queued page reports on a ``ModelRunnerOutput`` for the scheduler."""
-    if WORKER.enabled and WORKER.reports and hasattr(output, "req_ids"):
-        setattr(output, REPORT_ATTR, WORKER.take_reports())
+    """Put the queued page reports (CPU or GPU worker) on a ``ModelRunnerOutput``."""
+    from kivi_vllm.fastgen.device import DEVICE
+
+    worker = DEVICE if DEVICE.enabled else WORKER
+    if worker.enabled and worker.reports and hasattr(output, "req_ids"):
+        setattr(output, REPORT_ATTR, worker.take_reports())
 
 
 def fastgen_stats(worker: Any = None) -> dict[str, Any]:
     """Worker-side FastGen figures for ``LLM.collective_rpc`` (tests, metrics)."""
+    from kivi_vllm.fastgen.device import DEVICE
+
+    if DEVICE.enabled:
+        return {"enabled": True, "device": "gpu", **DEVICE.stats(),
+                "policies": [p.name.lower() for p in Policy]}
     return {
         "enabled": WORKER.enabled,
         "requests": len(WORKER.seqs),

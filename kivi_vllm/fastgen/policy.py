@@ -87,7 +87,7 @@ def kept_rows(
     Causal: key positions after a row are never kept; the row's own token always is.
     """
     n = special.shape[0]
-    keys = torch.arange(n)
+    keys = torch.arange(n, device=special.device)
     causal = keys[None, :] <= rows[:, None]
     if policy == Policy.FULL:
         return causal

@@ -42,8 +42,8 @@ def _probs(q: torch.Tensor, k: torch.Tensor, lo: int, hi: int, scale: float) -> 
     off = k.shape[0] - q.shape[0]
     keys = k[:hi].float().repeat_interleave(hq // hk, dim=1)
     scores = torch.einsum("qhd,khd->hqk", q[lo - off : hi - off].float(), keys) * scale
-    rows = torch.arange(lo, hi)
-    masked = torch.arange(hi)[None, :] > rows[:, None]
+    rows = torch.arange(lo, hi, device=q.device)
+    masked = torch.arange(hi, device=q.device)[None, :] > rows[:, None]
     return torch.softmax(scores.masked_fill(masked, float("-inf")), dim=-1)
 
 
@@ -115,22 +115,23 @@ def _profile(
         raise ValueError(f"rows must be >= 1, got {rows}")
     first = 0 if rows is None else max(0, n - rows)
     group = hq // hk
-    colsum = torch.zeros(hq, n, dtype=torch.float64)
+    dev = special.device
+    colsum = torch.zeros(hq, n, dtype=torch.float64, device=dev)
     for lo in range(first, n, chunk):
         hi = min(n, lo + chunk)
         colsum[:, :hi] += probs_rows(lo, hi).sum(dim=1, dtype=torch.float64)
     n_frequent, window = budgets(n, frequent_ratio, local_ratio)
     per_kv = colsum.view(hk, group, n).sum(dim=1)
     top = per_kv.topk(min(n_frequent, n), dim=1).indices
-    frequent = torch.zeros(hk, n, dtype=torch.bool).scatter_(1, top, True)
+    frequent = torch.zeros(hk, n, dtype=torch.bool, device=dev).scatter_(1, top, True)
 
-    mass = torch.zeros(hq, NUM_POLICIES, dtype=torch.float64)
-    kv_of = torch.arange(hq) // group
+    mass = torch.zeros(hq, NUM_POLICIES, dtype=torch.float64, device=dev)
+    kv_of = torch.arange(hq, device=dev) // group
     none = frequent.new_zeros(0)
     for lo in range(first, n, chunk):
         hi = min(n, lo + chunk)
         p = probs_rows(lo, hi)
-        r = torch.arange(lo, hi)
+        r = torch.arange(lo, hi, device=dev)
         for policy in Policy:
             if policy in (Policy.FREQUENT, Policy.LOCAL):
                 per_head = [

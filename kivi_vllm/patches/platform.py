@@ -134,11 +134,12 @@ def check_levers_supported(cfg: KiviConfig, on_cpu: bool | None = None) -> None:
 
 
 def check_fastgen_supported(cfg: KiviConfig, vllm_config: Any) -> None:
-    """FastGen's head-pages: CPU reference path, no sinks, no speculative decoding."""
-    if not current_platform.is_cpu():
+    """FastGen's head-pages: no sinks, no speculative decoding; on the GPU, whole prompts."""
+    if not current_platform.is_cpu() and vllm_config.scheduler_config.enable_chunked_prefill:
         raise KiviConfigError(
-            "kivi.fastgen runs on the CPU reference path only (the GPU kernels do not "
-            "read per-head page lists yet); remove kivi.fastgen on GPU"
+            "kivi.fastgen on the GPU profiles each prompt in the step that prefills it whole: "
+            "set enable_chunked_prefill=False (--no-enable-chunked-prefill) with "
+            "max_num_batched_tokens >= max_model_len"
         )
     if cfg.sink_groups:
         raise KiviConfigError(

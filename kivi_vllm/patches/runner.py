@@ -7,6 +7,7 @@ import functools
 
 from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
+from kivi_vllm.fastgen.device import DEVICE as DEVICE_FASTGEN
 from kivi_vllm.fastgen.engine import PROFILE_AT, attach_reports
 from kivi_vllm.fastgen.engine import WORKER as FASTGEN
 from kivi_vllm.state import STEP
@@ -39,7 +40,15 @@ def apply() -> None:
                 self.input_batch.req_ids[:n],
                 self.input_batch.num_computed_tokens_cpu[:n],
             )
-            if FASTGEN.enabled:  # kivi.fastgen only
+            if DEVICE_FASTGEN.enabled:  # kivi.fastgen on the GPU
+                batch = self.input_batch
+                table = batch.block_table.block_tables[0]
+                DEVICE_FASTGEN.begin_step(
+                    ended, batch.req_ids[:n], batch.num_computed_tokens_cpu[:n],
+                    scheduler_output.num_scheduled_tokens, STEP.rows(n)[0],
+                    batch.token_ids_cpu, table.num_blocks_per_row[:n], table.block_table.np[:n],
+                )
+            elif FASTGEN.enabled:  # kivi.fastgen on the CPU
                 batch = self.input_batch
                 FASTGEN.begin_step(
                     ended, batch.req_ids[:n], batch.num_computed_tokens_cpu[:n],
@@ -55,9 +64,10 @@ def apply() -> None:
     @functools.wraps(original_execute)
     def execute_model(self: GPUModelRunner, *args, **kwargs):
         result = original_execute(self, *args, **kwargs)
-        if FASTGEN.enabled:  # kivi.fastgen: compacted pages move, rows shrink, reports
+        worker = DEVICE_FASTGEN if DEVICE_FASTGEN.enabled else FASTGEN
+        if worker.enabled:  # kivi.fastgen: rows shrink to the kept pages, reports
             batch = self.input_batch
-            FASTGEN.end_step(batch.block_table.block_tables[0], batch.req_id_to_index)
+            worker.end_step(batch.block_table.block_tables[0], batch.req_id_to_index)
             attach_reports(result)
         return result
 

@@ -1,0 +1,453 @@
+"""GPU path of FastGen: each (layer, KV head, stream) is a one-head KIVI sequence.
+
+The scheduler side, the head-page pool and the reports are the CPU path's
+(:mod:`kivi_vllm.fastgen.engine`, docs/fastgen.md). Here a request's kept tokens of one
+(layer, KV head) form up to two *streams* (``permanent``: special / punctuation / heavy
+hitters, or all tokens of a ``full`` head; ``local``: a ``local`` head's other recent
+tokens), and each stream is a virtual KIVI sequence of one KV head: its pages are
+head-pages of the request's block list (``PageFormat(bits, G, D, 1)``), its newest
+tokens sit in a tail ring of its own (``[2, slots * H * 2, R, 1, D]`` per layer), and
+the KIVI kernels read and write it unchanged:
+
+* decode, per layer: the read kernel over the permanent streams (with the step's own
+  token) and over the local streams (positions that left the window masked by
+  ``first_valid``), merged by log-sum-exp; then the store kernel appends the token to
+  the stream that admits it (by policy and token class) and packs each group it completes.
+* prefill: a prompt is profiled in the step that prefills it in one piece (FastGen on
+  the GPU needs ``enable_chunked_prefill=False``); its attention is FlashAttention over
+  the prompt, then each layer's kept tokens are gathered per stream and stored by the
+  store kernel into list entries ``0, 1, ...`` in (layer, head, stream) order, so the
+  request's row shrinks at the step's end with no page moves.
+
+The host keeps a mirror of every stream (lengths, pages, window progress) and plans
+each step once (one set of host-to-device copies); profiling copies the layer's kept
+masks to the host (one synchronisation per prefilled request and layer).
+
+Deviation from the CPU path: local-window pages recycle as there, but only whole pages
+(tokens below ``first_valid`` in a kept page are masked, as on the CPU).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from kivi_vllm.config import FastGenConfig, KiviConfig, KiviConfigError
+from kivi_vllm.fastgen.manager import PageReport
+from kivi_vllm.fastgen.policy import NUM_POLICIES, Policy, TokenClasses
+from kivi_vllm.fastgen.profile import profile_heads
+from kivi_vllm.page_format import PageFormat
+
+PLAIN, SPECIAL, PUNCT = 0, 1, 2  # token classes (special wins over punctuation)
+PROFILE_CHUNK = 256
+_HISTORY = 64
+
+
+@dataclass
+class DeviceSeq:
+    """Host mirror of one request's streams (``[layers, kv_heads, 2]``: permanent, local)."""
+
+    slot: int
+    layers: int
+    heads: int
+    max_pages: int
+    n: int = 0  # tokens profiled
+    window: int = 0
+    classes: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int8))
+    policy: np.ndarray | None = None  # [L, H] int8; -1 until the layer is profiled
+    length: np.ndarray | None = None  # [L, H, 2] tokens per stream
+    entries: np.ndarray | None = None  # [L, H, 2, P] list entries of the streams' pages
+    first_valid: np.ndarray | None = None  # [L, H] local tokens that left the window
+    recycled: np.ndarray | None = None  # [L, H] local pages given back
+    local_prompt: np.ndarray | None = None  # [L, H, window] prompt positions in local
+    cut: int = 0  # positions <= cut have been checked against the windows
+    used: int = 0
+    free: list[int] = field(default_factory=list)
+    held: int = 0
+    block_ids: np.ndarray | None = None
+    pages_after_profile: int = 0
+    max_group: int = 32  # kivi.group_size
+
+    def __post_init__(self) -> None:
+        shape = (self.layers, self.heads)
+        self.policy = np.full(shape, -1, np.int8)
+        self.length = np.zeros((*shape, 2), np.int64)
+        self.entries = np.full((*shape, 2, self.max_pages), -1, np.int32)
+        self.first_valid = np.zeros(shape, np.int64)
+        self.recycled = np.zeros(shape, np.int64)
+
+    @property
+    def profiled(self) -> bool:
+        return bool((self.policy >= 0).all())
+
+    def new_entry(self) -> int:
+        if self.free:
+            return self.free.pop()
+        if self.used >= self.held:
+            raise RuntimeError(
+                f"FastGen: request needs head-page {self.used + 1} but holds {self.held} "
+                "(scheduler and worker disagree)"
+            )
+        self.used += 1
+        return self.used - 1
+
+    def admits(self, cls: int) -> tuple[np.ndarray, np.ndarray]:
+        """(permanent, local) admission ``[L, H]`` of a new token of class ``cls``."""
+        p = self.policy
+        perm = (p == Policy.FULL) | (cls == SPECIAL) | ((cls == PUNCT) & (p >= Policy.PUNCT))
+        return perm, ~perm & (p == Policy.LOCAL)
+
+    def advance_window(self, qpos: int) -> None:
+        """Count the local tokens that left the window of a query at ``qpos``; give back
+        the local pages whose tokens all left it."""
+        base = self.n - self.window + 1  # first prompt position a local stream may hold
+        local_head = self.policy == Policy.LOCAL
+        for c in range(self.cut + 1, qpos - self.window + 1):
+            if c < base:
+                continue
+            if c < self.n:
+                self.first_valid += self.local_prompt[:, :, c - base]
+            elif self.classes[c] == PLAIN:
+                self.first_valid += local_head
+        self.cut = max(self.cut, qpos - self.window)
+        g = self.max_group
+        for layer, head in zip(*np.nonzero(self.first_valid // g > self.recycled), strict=True):
+            while (self.recycled[layer, head] + 1) * g <= self.first_valid[layer, head]:
+                entry = int(self.entries[layer, head, 1, self.recycled[layer, head]])
+                self.free.append(entry)
+                self.recycled[layer, head] += 1
+
+    def streams(self) -> int:
+        return int(self.layers * self.heads + (self.policy == Policy.LOCAL).sum())
+
+    def report(self) -> PageReport:
+        g = self.max_group
+        exists = np.stack([np.ones_like(self.policy, bool), self.policy == Policy.LOCAL], -1)
+        boundary = int((((self.length + 1) % g == 0) & exists).sum())
+        return PageReport(keep=self.used, need=self.used + max(boundary - len(self.free), 0),
+                          tokens=int(self.classes.size), streams=self.streams())
+
+    def summary(self) -> dict[str, Any]:
+        counts = [int((self.policy == p).sum()) for p in range(NUM_POLICIES)]
+        return {"tokens": int(self.classes.size), "prompt_len": self.n,
+                "policy_counts": counts, "pages_after_profile": self.pages_after_profile,
+                "pages": self.used - len(self.free)}
+
+
+@dataclass
+class _Plan:
+    """One step's decode launches, per layer (device tensors) and the host counts."""
+
+    rows: int = 0  # decode rows x KV heads
+    slots: torch.Tensor | None = None  # [2, rows] tail slot = vbt row of each stream
+    lens: torch.Tensor | None = None  # [L, 3, rows]: permanent / local lengths + 1, first_valid
+    has_local: np.ndarray | None = None  # [L] bool
+    store: torch.Tensor | None = None  # [5, total]: token row, slot lo, slot hi, len, tail slot
+    store_at: np.ndarray | None = None  # [L + 1] offsets into ``store``
+
+
+class DeviceFastGen:
+    """GPU FastGen state of this worker; inactive until :meth:`enable`."""
+
+    def __init__(self) -> None:
+        self.cfg: FastGenConfig | None = None
+        self.kivi: KiviConfig | None = None
+        self.classes: TokenClasses | None = None
+        self.seqs: dict[str, DeviceSeq] = {}
+        self.rows: list[DeviceSeq] = []
+        self.row_ids: list[str] = []
+        self.reports: dict[str, PageReport] = {}
+        self.history: OrderedDict[str, dict[str, Any]] = OrderedDict()
+        self.plan = _Plan()
+        self.peak_rows = 0
+        self.profile_s = 0.0
+
+    @property
+    def enabled(self) -> bool:
+        return self.cfg is not None
+
+    def enable(self, kivi: KiviConfig, tokenizer: Any, layers: int, heads: int, head_dim: int,
+               slots: int, max_model_len: int, device: torch.device) -> None:
+        assert kivi.fastgen is not None
+        self.cfg, self.kivi = kivi.fastgen, kivi
+        if self.classes is None:
+            self.classes = TokenClasses.from_tokenizer(tokenizer)
+        g = kivi.group_size
+        self.layers, self.heads, self.slots = layers, heads, slots
+        self.fmt = PageFormat(kivi.bits, g, head_dim, 1)
+        self.max_pages = -(-max_model_len // g)
+        self.device = device
+        self.vbt = torch.zeros((layers, (slots + 1) * heads * 2, self.max_pages),
+                               dtype=torch.int32, device=device)
+        self.arange = torch.arange(max(slots, 1) * heads * 2 + 1, dtype=torch.int32,
+                                   device=device)
+        self.zeros = torch.zeros_like(self.arange)
+
+    def vslot(self, slot: int | np.ndarray, head: Any, stream: Any) -> Any:
+        return (slot * self.heads + head) * 2 + stream
+
+    # --- step bookkeeping ---------------------------------------------------------------
+
+    def release(self, req_ids: Any) -> None:
+        for req_id in req_ids:
+            seq = self.seqs.pop(req_id, None)
+            self.reports.pop(req_id, None)
+            if seq is not None:
+                self.history[req_id] = seq.summary()
+                while len(self.history) > _HISTORY:
+                    self.history.popitem(last=False)
+
+    def begin_step(self, ended: set[str], req_ids: list[str], num_computed: np.ndarray,
+                   num_scheduled: dict[str, int], tail_slots: np.ndarray,
+                   token_ids: np.ndarray, held: np.ndarray, block_rows: np.ndarray) -> None:
+        """Bind rows to requests, classify their new tokens and plan the decode rows."""
+        assert self.classes is not None and self.kivi is not None
+        self.release(ended)
+        self.rows, self.row_ids = [], list(req_ids)
+        self.peak_rows = max(self.peak_rows, len(req_ids))
+        for row, req_id in enumerate(req_ids):
+            seq = self.seqs.get(req_id)
+            computed = int(num_computed[row])
+            if seq is None or computed == 0:  # new, or resumed after preemption
+                self.release([req_id])
+                seq = self.seqs[req_id] = DeviceSeq(int(tail_slots[row]), self.layers,
+                                                    self.heads, self.max_pages,
+                                                    max_group=self.kivi.group_size)
+            end = computed + int(num_scheduled.get(req_id, 0))
+            have = seq.classes.size
+            if end > have:
+                special, punct = self.classes.masks(token_ids[row, have:end].tolist())
+                cls = np.where(special.numpy(), SPECIAL, np.where(punct.numpy(), PUNCT, PLAIN))
+                seq.classes = np.concatenate([seq.classes, cls.astype(np.int8)])
+            seq.held = int(held[row])
+            seq.block_ids = block_rows[row]
+            self.rows.append(seq)
+        self._plan_decode()
+
+    def _plan_decode(self) -> None:
+        """Host plan of the decode rows (profiled requests, one token each, first in the
+        batch): window progress, admissions, new pages; one copy of the launch arrays."""
+        assert self.kivi is not None
+        decode = [seq for seq in self.rows if seq.profiled]
+        if decode and not all(seq.profiled for seq in self.rows[: len(decode)]):
+            raise RuntimeError("FastGen: decode rows must precede prefill rows")
+        self.plan = _Plan()
+        if not decode:
+            return
+        L, H, g = self.layers, self.heads, self.kivi.group_size  # noqa: N806
+        rows = len(decode) * H
+        lens = np.zeros((L, 3, rows), np.int32)
+        slots = np.zeros((2, rows), np.int32)
+        store_rows: list[list[np.ndarray]] = [[] for _ in range(L)]
+        vbt_idx: list[int] = []
+        vbt_val: list[int] = []
+        heads = np.arange(H)
+        for b, seq in enumerate(decode):
+            qpos = seq.classes.size - 1
+            seq.advance_window(qpos)
+            cols = slice(b * H, (b + 1) * H)
+            slots[0, cols] = self.vslot(seq.slot, heads, 0)
+            slots[1, cols] = self.vslot(seq.slot, heads, 1)
+            lens[:, 0, cols] = seq.length[:, :, 0] + 1
+            lens[:, 1, cols] = seq.length[:, :, 1] + 1
+            lens[:, 2, cols] = seq.first_valid
+            for s, adm in enumerate(seq.admits(int(seq.classes[qpos]))):
+                layer, head = np.nonzero(adm)
+                idx = seq.length[layer, head, s]
+                block = np.zeros(len(idx), np.int64)
+                for j in np.nonzero((idx + 1) % g == 0)[0]:  # the token completes a page
+                    entry = seq.new_entry()
+                    page = int(idx[j] // g)
+                    seq.entries[layer[j], head[j], s, page] = entry
+                    block[j] = seq.block_ids[entry]
+                    vrow = layer[j] * self.vbt.shape[1] + self.vslot(seq.slot, head[j], s)
+                    vbt_idx.append(int(vrow) * self.max_pages + page)
+                    vbt_val.append(int(block[j]))
+                rec = np.stack([b * H + head, block * g + idx % g, idx + 1,
+                                self.vslot(seq.slot, head, s)]).astype(np.int64)
+                for layer_i in np.unique(layer):
+                    store_rows[layer_i].append(rec[:, layer == layer_i])
+                seq.length[layer, head, s] += 1
+        dev = self.device
+        per_layer = [np.concatenate(r, axis=1) if r else np.zeros((4, 0), np.int64)
+                     for r in store_rows]
+        self.plan = _Plan(
+            rows=rows,
+            slots=torch.from_numpy(slots).to(dev, non_blocking=True),
+            lens=torch.from_numpy(lens).to(dev, non_blocking=True),
+            has_local=np.any([(seq.policy == Policy.LOCAL).any(axis=1) for seq in decode],
+                             axis=0),
+            store=torch.from_numpy(np.concatenate(per_layer, axis=1)).to(dev, non_blocking=True),
+            store_at=np.cumsum([0] + [p.shape[1] for p in per_layer]),
+        )
+        if vbt_idx:
+            idx_t = torch.tensor(vbt_idx, dtype=torch.int64).to(dev, non_blocking=True)
+            val_t = torch.tensor(vbt_val, dtype=torch.int32).to(dev, non_blocking=True)
+            self.vbt.view(-1).index_copy_(0, idx_t, val_t)
+
+    # --- the backend's call ---------------------------------------------------------------
+
+    def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                cache: torch.Tensor, tail: torch.Tensor, md: Any, scale: float,
+                out: torch.Tensor) -> None:
+        """One layer: decode rows over their streams, prefill rows by FlashAttention, then
+        profiling and compaction of the prompts this step completes."""
+        from kivi_vllm.kernels.attention import attend_context
+        from kivi_vllm.kernels.store import store_step
+
+        assert self.kivi is not None
+        plan, fmt, r = self.plan, self.fmt, self.kivi.residual
+        nd = plan.rows // self.heads
+        if plan.rows:
+            hq = q.shape[1]
+            qpk = hq // self.heads
+            shape = (plan.rows, qpk, q.shape[2])
+            qv = q[:nd].reshape(shape)
+            kv = k[:nd].reshape(plan.rows, 1, k.shape[2])
+            vv = v[:nd].reshape(plan.rows, 1, v.shape[2])
+            vbt = self.vbt[layer]
+            qsl = self.arange[: plan.rows + 1]
+            valid = self.zeros[: plan.rows]
+            outs = []
+            for s in (0, 1) if plan.has_local[layer] else (0,):
+                o = torch.empty(shape, dtype=q.dtype, device=q.device)
+                lse = torch.empty((qpk, plan.rows), dtype=torch.float32, device=q.device)
+                attend_context(qv, kv, vv, cache, tail, vbt.index_select(0, plan.slots[s]),
+                               plan.lens[layer, s], qsl, plan.slots[s], valid, fmt, r, scale,
+                               o, decode=True, num_tiles=plan.rows, lse_out=lse,
+                               add_self=s == 0,
+                               first_valid=plan.lens[layer, 2] if s else None)
+                outs.append((o, lse))
+            dst = out[:nd].view(shape)
+            if len(outs) == 1:
+                dst.copy_(outs[0][0])
+            else:
+                merge_states(dst, *outs[0], *outs[1])
+            lo, hi = plan.store_at[layer], plan.store_at[layer + 1]
+            if hi > lo:
+                st = plan.store[:, lo:hi].clone()  # own buffers (the interpreter needs them)
+                rows = st[0]
+                store_step(kv[rows], vv[rows], cache, tail, st[1], self.arange[: hi - lo + 1],
+                           st[2].to(torch.int32), st[3].to(torch.int32), fmt, r)
+        n = md.num_actual_tokens
+        ndt = md.num_decode_tokens
+        if n > ndt:
+            from kivi_vllm.kernels.ops import _chunk_attention
+
+            _chunk_attention(q[ndt:n], k[ndt:n], v[ndt:n], md.prefill_cu_seqlens,
+                             md.max_query_len, scale, out[ndt:n])
+            bounds = md.query_start_loc_cpu.numpy()
+            for row in range(md.num_decodes, md.num_reqs):
+                a, b = int(bounds[row]), int(bounds[row + 1])
+                self._compact(self.rows[row], layer, q[a:b], k[a:b], v[a:b], cache, tail,
+                              scale)
+
+    def _compact(self, seq: DeviceSeq, layer: int, q: torch.Tensor, k: torch.Tensor,
+                 v: torch.Tensor, cache: torch.Tensor, tail: torch.Tensor, scale: float) -> None:
+        """Profile one layer on a whole prompt and store each head's kept tokens."""
+        import time
+
+        from kivi_vllm.kernels.store import store_step
+
+        assert self.cfg is not None and self.kivi is not None
+        n, dev, g = k.shape[0], k.device, self.kivi.group_size
+        if seq.classes.size != n:
+            raise KiviConfigError(
+                "kivi.fastgen on the GPU profiles each prompt in the step that prefills it "
+                "whole; start the engine with enable_chunked_prefill=False")
+        t0 = time.perf_counter()
+        cls = torch.from_numpy(seq.classes).to(dev, non_blocking=True)
+        special, punct = cls == SPECIAL, cls == PUNCT
+        prof = profile_heads(q, k, special, punct, recovery=self.cfg.recovery,
+                             frequent_ratio=self.cfg.frequent_ratio,
+                             local_ratio=self.cfg.local_ratio, scale=scale,
+                             chunk=PROFILE_CHUNK, rows=self.cfg.profile_rows or None)
+        pol = prof.policy.to(dev)[:, None]
+        perm = (special | ((pol >= Policy.PUNCT) & punct) | ((pol >= Policy.FREQUENT)
+                & prof.frequent.to(dev)) | (pol == Policy.FULL))
+        pos = torch.arange(n, device=dev)
+        local = (pol == Policy.LOCAL) & ~perm & (pos > n - prof.window)
+        masks = torch.stack([perm, local], dim=1).cpu().numpy()  # [H, 2, n]; synchronises
+        self.profile_s += time.perf_counter() - t0
+        if layer == 0:
+            seq.n, seq.window, seq.cut = n, prof.window, n - prof.window
+            seq.local_prompt = np.zeros((self.layers, self.heads, max(prof.window - 1, 0)),
+                                        bool)
+            seq.used, seq.free = 0, []
+        seq.policy[layer] = prof.policy.cpu().numpy()
+        base = n - prof.window + 1
+        seq.local_prompt[layer] = masks[:, 1, base:] if base < n else False
+        toks, heads, slots, qsl, lens, tails = [], [], [], [0], [], []
+        for h in range(self.heads):
+            for s in (0, 1):
+                kept = np.nonzero(masks[h, s])[0]
+                c = len(kept)
+                seq.length[layer, h, s] = c
+                if c == 0:
+                    continue
+                pages = np.array([seq.new_entry() for _ in range(c // g)], np.int64)
+                seq.entries[layer, h, s, : len(pages)] = pages
+                block = np.zeros(-(-c // g), np.int64)
+                block[: len(pages)] = seq.block_ids[pages]
+                i = np.arange(c)
+                toks.append(kept)
+                heads.append(np.full(c, h))
+                slots.append(block[i // g] * g + i % g)
+                qsl.append(qsl[-1] + c)
+                lens.append(c)
+                tails.append(self.vslot(seq.slot, h, s))
+                if len(pages):
+                    vrow = self.vslot(seq.slot, h, s)
+                    self.vbt[layer, vrow, : len(pages)] = torch.from_numpy(
+                        block[: len(pages)].astype(np.int32)).to(dev, non_blocking=True)
+        tok = torch.from_numpy(np.concatenate(toks)).to(dev, non_blocking=True)
+        head = torch.from_numpy(np.concatenate(heads)).to(dev, non_blocking=True)
+        kk, vv = k[tok, head].unsqueeze(1), v[tok, head].unsqueeze(1)
+
+        def dev_i32(x: Any) -> torch.Tensor:
+            return torch.tensor(np.asarray(x), dtype=torch.int32).to(dev, non_blocking=True)
+
+        store_step(kk, vv, cache, tail,
+                   torch.from_numpy(np.concatenate(slots)).to(dev, non_blocking=True),
+                   dev_i32(qsl), dev_i32(lens), dev_i32(tails), self.fmt, self.kivi.residual)
+        if layer == self.layers - 1:
+            seq.pages_after_profile = seq.used
+
+    # --- after the forward ------------------------------------------------------------------
+
+    def end_step(self, block_table: Any, req_index: dict[str, int]) -> None:
+        """Truncate profiled requests' block-table rows and queue their page reports."""
+        for req_id, seq in zip(self.row_ids, self.rows, strict=True):
+            if not seq.profiled:
+                continue
+            self.reports[req_id] = seq.report()
+            row = req_index.get(req_id)
+            if row is not None:
+                block_table.num_blocks_per_row[row] = seq.used
+
+    def take_reports(self) -> dict[str, PageReport]:
+        reports, self.reports = self.reports, {}
+        return reports
+
+    def stats(self) -> dict[str, Any]:
+        return {"requests": len(self.seqs), "peak_rows": self.peak_rows,
+                "profile_s": self.profile_s,
+                "live": {r: s.summary() for r, s in self.seqs.items()},
+                "history": dict(self.history)}
+
+
+def merge_states(out: torch.Tensor, o1: torch.Tensor, lse1: torch.Tensor, o2: torch.Tensor,
+                 lse2: torch.Tensor) -> None:
+    """``out`` [T, H, D] = softmax-weighted merge of two partial attentions (LSE [H, T])."""
+    m = torch.maximum(lse1, lse2)
+    w1, w2 = torch.exp(lse1 - m), torch.exp(lse2 - m)
+    total = w1 + w2
+    w1, w2 = (w1 / total).t()[:, :, None], (w2 / total).t()[:, :, None]
+    out.copy_(o1.float() * w1 + o2.float() * w2)
+
+
+DEVICE = DeviceFastGen()

@@ -1,0 +1,177 @@
+"""The GPU FastGen worker (kivi_vllm.fastgen.device) against exact FastGen attention.
+
+On CPU the Triton kernels run under TRITON_INTERPRET=1 at small sizes; the policies are
+given (profiling is tested in tests/test_fastgen.py), so the test checks the streams:
+admission, pages, tails, window masking and recycling, merges, and the page reports.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+DEVICE = os.environ.get("KIVI_KERNEL_DEVICE", "cuda" if torch.cuda.is_available() else "cpu")
+if DEVICE == "cpu":
+    os.environ["TRITON_INTERPRET"] = "1"
+
+from kivi_vllm.config import KiviConfig  # noqa: E402
+from kivi_vllm.fastgen import device as fg  # noqa: E402
+from kivi_vllm.fastgen.attention import attend_heads, kivi_kept_kv  # noqa: E402
+from kivi_vllm.fastgen.policy import Policy, TokenClasses  # noqa: E402
+from kivi_vllm.fastgen.profile import HeadProfile  # noqa: E402
+from tests.kernel_cases import rel_err  # noqa: E402
+
+pytestmark = pytest.mark.triton
+
+L, H, QPK, D, G, R, BITS = 2, 2, 2, 64, 32, 32, 2
+POLICIES = [[Policy.LOCAL, Policy.FULL], [Policy.PUNCT, Policy.LOCAL]]
+SPECIAL_ID, PUNCT_ID = 0, 1
+
+
+def _causal(q, k, v, cu, max_len, scale, out, return_lse=False):
+    """Stand-in for FlashAttention's varlen call (fp32, causal within each request)."""
+    bounds = cu.tolist()
+    for a, b in zip(bounds[:-1], bounds[1:], strict=True):
+        qc, kc, vc = q[a:b].cpu(), k[a:b].cpu(), v[a:b].cpu()
+        out[a:b] = attend_heads(qc, kc, vc, [(kc[:0, 0], vc[:0, 0])] * kc.shape[1], scale)
+
+
+class Request:
+    """One request's tokens and its expected kept sets (FastGen semantics)."""
+
+    def __init__(self, n: int, gen: torch.Generator) -> None:
+        self.ids = torch.randint(2, 50, (n,), generator=gen)
+        self.ids[torch.rand(n, generator=gen) < 0.08] = PUNCT_ID
+        self.ids[0] = SPECIAL_ID
+        self.n = n
+        self.frequent = [torch.rand(H, n, generator=gen) < 0.3 for _ in range(L)]
+        self.k = [torch.zeros(0, H, D) for _ in range(L)]
+        self.v = [torch.zeros(0, H, D) for _ in range(L)]
+
+    def kept(self, layer: int, h: int, qpos: int) -> tuple[list[int], list[int]]:
+        """(permanent, live local) context positions of head h for a query at qpos."""
+        policy, window = POLICIES[layer][h], math.ceil(0.3 * self.n)
+        perm, local = [], []
+        for p in range(qpos):
+            tid = int(self.ids[p])
+            frequent = p < self.n and bool(self.frequent[layer][h, p])
+            if (policy == Policy.FULL or tid == SPECIAL_ID
+                    or (tid == PUNCT_ID and policy >= Policy.PUNCT)
+                    or (frequent and policy >= Policy.FREQUENT)):
+                perm.append(p)
+            elif policy == Policy.LOCAL and p > self.n - window:
+                local.append(p)
+        return perm, [p for p in local if p > qpos - window]
+
+    def stream(self, layer: int, h: int, positions: list[int], qpos: int, s: int):
+        """KIVI storage of a stream: all its tokens up to qpos (incl. expired ones, which
+        shape its pages), then the given positions."""
+        perm, _ = self.kept(layer, h, qpos)
+        if s == 0:
+            every = perm
+        else:
+            window = math.ceil(0.3 * self.n)
+            every = [p for p in range(self.n - window + 1, qpos) if p not in perm]
+        idx = torch.tensor(every, dtype=torch.long)
+        k, v, _ = kivi_kept_kv(self.k[layer][idx, h], self.v[layer][idx, h], BITS, G, R)
+        sel = torch.tensor([every.index(p) for p in positions], dtype=torch.long)
+        return k[sel], v[sel]
+
+
+def _profile_stub(req_of_n):
+    def profile(q, k, special, punct, **kwargs):
+        req, layer = req_of_n[k.shape[0]]
+        req_of_n["layer"] = layer
+        return HeadProfile(recovery=torch.zeros(H * QPK, 5), frequent=req.frequent[layer],
+                           policy=torch.tensor([int(p) for p in POLICIES[layer]]),
+                           window=math.ceil(0.3 * req.n), rows=req.n)
+    return profile
+
+
+@pytest.mark.parametrize("seed", [0])
+def test_device_worker_matches_fastgen_attention(seed, monkeypatch):
+    from kivi_vllm.kernels import ops
+
+    gen = torch.Generator().manual_seed(seed)
+    monkeypatch.setattr(ops, "_chunk_attention", _causal)
+    cfg = KiviConfig(bits=BITS, group_size=G, residual=R, fastgen={"recovery": 0.9})
+    worker = fg.DeviceFastGen()
+    worker.classes = TokenClasses(frozenset({SPECIAL_ID}), frozenset({PUNCT_ID}))
+    slots = 3
+    worker.enable(cfg, None, L, H, D, slots, 256, torch.device(DEVICE))
+    blocks = 400
+    cache = [torch.randint(0, 256, (blocks, worker.fmt.page_bytes), dtype=torch.uint8,
+                           device=DEVICE) for _ in range(L)]
+    tail = [torch.randn(2, (slots + 1) * H * 2, R, 1, D, device=DEVICE) for _ in range(L)]
+    rows_of = torch.randperm(blocks, generator=gen).numpy().astype(np.int32).reshape(2, -1)
+    reqs = {"a": Request(90, gen), "b": Request(70, gen)}
+    slot_of = {"a": 2, "b": 0}
+    req_of_n: dict = {}
+    monkeypatch.setattr(fg, "profile_heads", _profile_stub(req_of_n))
+    scale = D ** -0.5
+    computed = {"a": 0, "b": 0}
+    reports = {}
+    for step in range(int(os.environ.get("FGSTEPS", 48))):
+        batch = [r for r in ("a", "b") if computed[r] or step == {"a": 0, "b": 5}[r]]
+        batch.sort(key=lambda r: computed[r] == 0)  # decodes first
+        sched = {r: 1 if computed[r] else reqs[r].n for r in batch}
+        for r in batch:  # a decode step appends a generated token
+            if computed[r] and computed[r] >= reqs[r].ids.shape[0]:
+                tid = torch.randint(2, 50, (1,), generator=gen)
+                if step % 7 == 0:
+                    tid[0] = PUNCT_ID
+                reqs[r].ids = torch.cat([reqs[r].ids, tid])
+        token_ids = np.zeros((len(batch), 256), np.int64)
+        for i, r in enumerate(batch):
+            token_ids[i, : reqs[r].ids.shape[0]] = reqs[r].ids.numpy()
+        held = np.array([10_000] * len(batch))
+        worker.begin_step(set(), batch, np.array([computed[r] for r in batch]), sched,
+                          np.array([slot_of[r] for r in batch]), token_ids, held,
+                          np.stack([rows_of[0 if r == "a" else 1] for r in batch]))
+        qlens = [sched[r] for r in batch]
+        cu = torch.tensor([0, *np.cumsum(qlens)], dtype=torch.int32)
+        nd = sum(1 for r in batch if computed[r])
+        md = SimpleNamespace(num_actual_tokens=int(cu[-1]), num_decode_tokens=nd,
+                             num_decodes=nd, num_reqs=len(batch), query_start_loc_cpu=cu,
+                             prefill_cu_seqlens=(cu[nd:] - nd).to(DEVICE),
+                             max_query_len=max(qlens))
+        for layer in range(L):
+            q = torch.randn(int(cu[-1]), H * QPK, D, generator=gen)
+            k = torch.randn(int(cu[-1]), H, D, generator=gen) + torch.randn(H, D, generator=gen)
+            v = torch.randn(int(cu[-1]), H, D, generator=gen)
+            for r in batch:
+                if not computed[r]:
+                    req_of_n[reqs[r].n] = (reqs[r], layer)
+            out = torch.full_like(q, float("nan"), device=DEVICE)
+            worker.forward(layer, q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), cache[layer],
+                           tail[layer], md, scale, out)
+            for i, r in enumerate(batch):
+                a, b = int(cu[i]), int(cu[i + 1])
+                req = reqs[r]
+                if computed[r]:  # decode row: FastGen attention over the kept streams
+                    qpos = computed[r]
+                    contexts = []
+                    for h in range(H):
+                        perm, live = req.kept(layer, h, qpos)
+                        pk, pv = req.stream(layer, h, perm, qpos, 0)
+                        lk, lv = req.stream(layer, h, live, qpos, 1)
+                        contexts.append((torch.cat([pk, lk]), torch.cat([pv, lv])))
+                    ref = attend_heads(q[a:b], k[a:b], v[a:b], contexts, scale)
+                    assert rel_err(out[a:b].cpu(), ref) < 5e-3, (step, layer, r)
+                req.k[layer] = torch.cat([req.k[layer], k[a:b]])
+                req.v[layer] = torch.cat([req.v[layer], v[a:b]])
+        worker.end_step(SimpleNamespace(num_blocks_per_row=np.zeros(4, np.int32)),
+                        {r: i for i, r in enumerate(batch)})
+        reports.update(worker.take_reports())
+        for r in batch:
+            computed[r] += sched[r]
+    seq = worker.seqs["a"]
+    assert reports["a"].keep == seq.used and seq.recycled.sum() > 0  # local pages recycled
+    live_pages = sum(int(np.sum(seq.entries[layer, h, s] >= 0)) for layer in range(L)
+                     for h in range(H) for s in (0, 1)) - int(seq.recycled.sum())
+    assert live_pages == seq.used - len(seq.free)
