@@ -168,6 +168,11 @@ def test_device_worker_matches_fastgen_attention(seed, monkeypatch):
         worker.end_step(SimpleNamespace(num_blocks_per_row=np.zeros(4, np.int32)),
                         {r: i for i, r in enumerate(batch)})
         reports.update(worker.take_reports())
+        for sq in worker.seqs.values():  # each live page in one stream, none also free
+            live = [int(e) for layer in range(L) for h in range(H) for s in (0, 1)
+                    for i, e in enumerate(sq.entries[layer, h, s])
+                    if e >= 0 and i >= (sq.recycled[layer, h] if s else 0)]
+            assert len(set(live)) == len(live) and not set(live) & set(sq.free), step
         for r in batch:
             computed[r] += sched[r]
     seq = worker.seqs["a"]

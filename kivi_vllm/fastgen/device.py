@@ -281,7 +281,8 @@ class DeviceFastGen:
             lens=torch.from_numpy(lens).to(dev, non_blocking=True),
             has_local=np.any([(seq.policy == Policy.LOCAL).any(axis=1) for seq in decode],
                              axis=0),
-            store=torch.from_numpy(np.concatenate(per_layer, axis=1)).to(dev, non_blocking=True),
+            store=torch.from_numpy(np.ascontiguousarray(np.concatenate(per_layer, axis=1))
+                                   ).to(dev, non_blocking=True),
             store_at=np.cumsum([0] + [p.shape[1] for p in per_layer]),
         )
         if vbt_idx:
@@ -329,7 +330,7 @@ class DeviceFastGen:
                 merge_states(dst, *outs[0], *outs[1])
             lo, hi = plan.store_at[layer], plan.store_at[layer + 1]
             if hi > lo:
-                st = plan.store[:, lo:hi].clone()  # own buffers (the interpreter needs them)
+                st = plan.store[:, lo:hi]  # C-ordered: each row has unit stride
                 rows = st[0]
                 store_step(kv[rows], vv[rows], cache, tail, st[1], self.arange[: hi - lo + 1],
                            st[2].to(torch.int32), st[3].to(torch.int32), fmt, r)

@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kivi_vllm.kernels.common import format_constants
+from kivi_vllm.kernels.common import format_constants, require_unit_stride
 from kivi_vllm.kernels.store import ring_row
 from kivi_vllm.page_format import PageFormat
 
@@ -665,6 +665,9 @@ def attend_context(
     own ring rows. kivi.fastgen's streams: ``add_self=False`` leaves the decode token out,
     ``first_valid`` [rows] masks each row's context positions below it.
     """
+    require_unit_stride(block_table=block_table, seq_lens=seq_lens,
+                        query_start_loc=query_start_loc, tail_slots=tail_slots,
+                        valid_from=valid_from, first_valid=first_valid)
     num_tokens = out.shape[0]
     _, hq, d = query.shape
     hk = fmt.num_kv_heads

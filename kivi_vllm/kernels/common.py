@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 
@@ -29,6 +30,15 @@ def format_constants(fmt: PageFormat) -> dict[str, int]:
         "VBITS": fmt.v_bits,
         "HK": fmt.num_kv_heads,
     }
+
+
+def require_unit_stride(**vectors: torch.Tensor | None) -> None:
+    """The kernels index these per-row vectors as ``ptr + i``: each needs unit stride (a
+    host-side check on metadata, no synchronisation)."""
+    for name, t in vectors.items():
+        if t is not None and t.shape[-1] > 1 and t.stride(-1) != 1:
+            raise ValueError(f"{name} must have unit stride in its last dimension, "
+                             f"got strides {t.stride()}")
 
 
 @triton.jit

@@ -34,6 +34,7 @@ from kivi_vllm.kernels.common import (
     format_constants,
     fp16_ceil,
     fp16_floor,
+    require_unit_stride,
 )
 from kivi_vllm.page_format import PageFormat
 
@@ -241,6 +242,8 @@ def store_step(
     """
     if not 0 <= sinks < residual or sinks % fmt.group_size:
         raise ValueError(f"sinks={sinks}: whole groups below residual={residual} expected")
+    require_unit_stride(slot_mapping=slot_mapping, query_start_loc=query_start_loc,
+                        seq_lens=seq_lens, tail_slots=tail_slots)
     num_tokens = slot_mapping.shape[0]
     if num_tokens == 0:
         return
