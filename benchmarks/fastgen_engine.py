@@ -48,6 +48,7 @@ def parse(setting: str) -> dict[str, Any] | None:
 
 
 def run(model: str, setting: str, args: argparse.Namespace) -> dict[str, Any]:
+    import torch
     from transformers import AutoTokenizer
     from vllm import LLM
 
@@ -62,6 +63,8 @@ def run(model: str, setting: str, args: argparse.Namespace) -> dict[str, Any]:
     if kivi is None or fastgen:  # one request at a time, each prompt in one chunk
         kwargs = dict(max_num_batched_tokens=args.max_model_len, max_num_seqs=1,
                       max_model_len=args.max_model_len)
+        if torch.cuda.is_available():
+            kwargs["enable_chunked_prefill"] = False
     else:
         kwargs = quality.engine_kwargs(kivi["group_size"], args.max_model_len)
     if kivi is not None:
@@ -125,6 +128,11 @@ def main() -> None:
     args = p.parse_args()
     args.lengths = [int(x) for x in args.lengths.split(",")]
     args.depths = [float(x) for x in args.depths.split(",")]
+    import torch
+
+    if torch.cuda.is_available() and args.windows and ":fastgen" in args.settings:
+        raise SystemExit("--windows: the GPU worker profiles whole prompts only (no "
+                         "profiling position for teacher-forced perplexity); use --windows 0")
     os.environ["VLLM_CPU_KVCACHE_SPACE"] = "1"
     os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"  # collective_rpc(fastgen_stats)
 

@@ -69,6 +69,11 @@ def run_one(kv: str, workloads: list[tuple[int, int, int]], args) -> list[dict]:
 
     max_len = max(i + o for _, i, o in workloads) + 16
     engine_kwargs, fields = kv_setting(kv)
+    fastgen = "fastgen" in engine_kwargs.get("additional_config", {}).get("kivi", {})
+    if fastgen:  # the GPU profiles each prompt in the step that prefills it whole
+        os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"  # collective_rpc(fastgen_stats)
+        engine_kwargs = {**engine_kwargs, "enable_chunked_prefill": False,
+                         "max_num_batched_tokens": max(max_len, 8192)}
     llm = LLM(
         model=dummy_llama8b_dir(), load_format="dummy", skip_tokenizer_init=True,
         dtype="bfloat16", gpu_memory_utilization=args.gpu_mem, max_num_seqs=args.max_num_seqs,
@@ -99,8 +104,31 @@ def run_one(kv: str, workloads: list[tuple[int, int, int]], args) -> list[dict]:
             "enforce_eager": args.eager, "tensor_parallel_size": args.tp,
             "num_gpus": torch.cuda.device_count(),
         })
+        if fastgen:
+            records[-1].update(fastgen_figures(llm, fields["group_size"], in_len))
         print("RESULT " + json.dumps(records[-1]), flush=True)
     return records
+
+
+def fastgen_figures(llm, group: int, in_len: int) -> dict:
+    """kivi.fastgen: the most requests in one step, and the head-pages the last finished
+    requests kept after profiling, against KIVI's (every head's prompt groups)."""
+    from kivi_vllm.fastgen.engine import fastgen_stats
+
+    stats = llm.collective_rpc(fastgen_stats)[0]
+    done = list(stats["history"].values())
+    hf = llm.llm_engine.vllm_config.model_config.hf_config
+    pages = hf.num_hidden_layers * hf.num_key_value_heads * (in_len // group)
+    counts = [sum(s["policy_counts"][p] for s in done) for p in range(5)]
+    return {
+        "peak_running": stats["peak_rows"],
+        "fastgen_kept_pages": round(sum(s["pages_after_profile"] for s in done)
+                                    / max(len(done) * pages, 1), 3),
+        "fastgen_policy_mix": dict(zip(stats["policies"],
+                                       [round(c / max(sum(counts), 1), 3) for c in counts],
+                                       strict=True)),
+        "fastgen_profile_s": round(stats["profile_s"], 2),
+    }
 
 
 def print_table(records: list[dict]) -> None:

@@ -201,26 +201,23 @@ class KiviMetadataBuilder(AttentionMetadataBuilder[KiviMetadata]):
                 num_heads //= kv_cache_spec.num_kv_heads
             warm_up(kv_cache_spec.page_format, self.cfg.residual, num_heads, mc.dtype, device)
         if self.cfg.fastgen is not None:
-            from transformers import AutoTokenizer
-
             from kivi_vllm.fastgen.engine import WORKER
             from kivi_vllm.fastgen.manager import FastGenAttentionSpec
+            from kivi_vllm.fastgen.policy import TokenClasses
 
             if not isinstance(kv_cache_spec, FastGenAttentionSpec):
                 raise KiviConfigError("kivi.fastgen needs the head-page KV cache spec")
             mc = vllm_config.model_config
-            tok = AutoTokenizer.from_pretrained(
-                mc.tokenizer, trust_remote_code=mc.trust_remote_code
-            )
+            classes = TokenClasses.for_engine(self.cfg.fastgen, mc)
             layers = kv_cache_spec.fastgen_heads // kv_cache_spec.num_kv_heads
             if device.type == "cuda":
                 from kivi_vllm.fastgen.device import DEVICE
 
-                DEVICE.enable(self.cfg, tok, layers, kv_cache_spec.num_kv_heads,
+                DEVICE.enable(self.cfg, classes, layers, kv_cache_spec.num_kv_heads,
                               kv_cache_spec.head_size, num_tail_slots(vllm_config),
                               mc.max_model_len, device)
             else:
-                WORKER.enable(self.cfg, tok, layers)
+                WORKER.enable(self.cfg, classes, layers)
 
     def _fastgen_on(self, device: torch.device) -> bool:
         return self.cfg.fastgen is not None and device.type == "cuda"

@@ -44,14 +44,32 @@ class FastGenConfig:
     profile_rows: profile on the last ``profile_rows`` prompt positions only (SnapKV
     style: the end of the prompt, e.g. a question, ranks the heavy hitters); 0 = every
     query row of the step that completes the prompt.
+    special_ids / punct_ids: the token classes as id lists, for engines without a
+    tokenizer (``skip_tokenizer_init``); when either is given, both replace the classes
+    read from the tokenizer (its special ids; tokens that decode to punctuation).
     """
 
     recovery: float = 0.97
     frequent_ratio: float = FASTGEN_DEFAULT_RATIO
     local_ratio: float = FASTGEN_DEFAULT_RATIO
     profile_rows: int = 0
+    special_ids: tuple[int, ...] = ()
+    punct_ids: tuple[int, ...] = ()
+
+    @property
+    def token_ids_given(self) -> bool:
+        return bool(self.special_ids or self.punct_ids)
 
     def __post_init__(self) -> None:
+        for name in ("special_ids", "punct_ids"):
+            ids = getattr(self, name)
+            if not isinstance(ids, (list, tuple)) or not all(
+                isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids
+            ):
+                raise KiviConfigError(
+                    f"kivi.fastgen.{name}={ids!r} must be a list of token ids (integers >= 0)"
+                )
+            object.__setattr__(self, name, tuple(ids))
         if isinstance(self.profile_rows, bool) or not isinstance(self.profile_rows, int) or (
             self.profile_rows < 0
         ):

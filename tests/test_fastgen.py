@@ -260,13 +260,29 @@ def test_fastgen_config_validation() -> None:
         ({"profile_rows": -1}, "integer >= 0"),
         ({"profile_rows": 1.5}, "integer >= 0"),
         ({"window": 4}, "allowed options: ['frequent_ratio', 'local_ratio', 'profile_rows', "
-                        "'recovery']"),
+                        "'punct_ids', 'recovery', 'special_ids']"),
         (0.97, "must be a JSON object"),
+        ({"special_ids": 1}, "list of token ids"),
+        ({"punct_ids": [13, -1]}, "list of token ids"),
+        ({"punct_ids": [True]}, "list of token ids"),
     ]
     for raw, message in bad:
         with pytest.raises(KiviConfigError, match="kivi.fastgen") as err:
             KiviConfig.from_dict({"fastgen": raw})
         assert message in str(err.value)
+
+
+def test_token_classes_from_config_or_tokenizer() -> None:
+    """Given id lists replace the tokenizer; an engine without one must give them."""
+    from types import SimpleNamespace
+
+    given = FastGenConfig(special_ids=[128000], punct_ids=[11, 13])
+    no_tok = SimpleNamespace(skip_tokenizer_init=True)
+    classes = TokenClasses.for_engine(given, no_tok)
+    assert classes == TokenClasses(frozenset({128000}), frozenset({11, 13}))
+    assert KiviConfig.from_dict(KiviConfig(fastgen=given).to_dict()).fastgen == given
+    with pytest.raises(KiviConfigError, match="special_ids and punct_ids"):
+        TokenClasses.for_engine(FastGenConfig(), no_tok)
 
 
 # --- scheduler side: head-page accounting in vLLM's own KVCacheManager -------------

@@ -101,9 +101,9 @@ def test_device_worker_matches_fastgen_attention(seed, monkeypatch):
     monkeypatch.setattr(ops, "_chunk_attention", _causal)
     cfg = KiviConfig(bits=BITS, group_size=G, residual=R, fastgen={"recovery": 0.9})
     worker = fg.DeviceFastGen()
-    worker.classes = TokenClasses(frozenset({SPECIAL_ID}), frozenset({PUNCT_ID}))
+    classes = TokenClasses(frozenset({SPECIAL_ID}), frozenset({PUNCT_ID}))
     slots = 3
-    worker.enable(cfg, None, L, H, D, slots, 256, torch.device(DEVICE))
+    worker.enable(cfg, classes, L, H, D, slots, 256, torch.device(DEVICE))
     blocks = 400
     cache = [torch.randint(0, 256, (blocks, worker.fmt.page_bytes), dtype=torch.uint8,
                            device=DEVICE) for _ in range(L)]

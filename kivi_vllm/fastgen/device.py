@@ -70,6 +70,7 @@ class DeviceSeq:
     held: int = 0
     block_ids: np.ndarray | None = None
     pages_after_profile: int = 0
+    layer_pages: list[int] = field(default_factory=list)  # per layer, after profiling
     max_group: int = 32  # kivi.group_size
 
     def __post_init__(self) -> None:
@@ -135,7 +136,7 @@ class DeviceSeq:
         counts = [int((self.policy == p).sum()) for p in range(NUM_POLICIES)]
         return {"tokens": int(self.classes.size), "prompt_len": self.n,
                 "policy_counts": counts, "pages_after_profile": self.pages_after_profile,
-                "pages": self.used - len(self.free)}
+                "layer_pages": self.layer_pages, "pages": self.used - len(self.free)}
 
 
 @dataclass
@@ -170,12 +171,10 @@ class DeviceFastGen:
     def enabled(self) -> bool:
         return self.cfg is not None
 
-    def enable(self, kivi: KiviConfig, tokenizer: Any, layers: int, heads: int, head_dim: int,
-               slots: int, max_model_len: int, device: torch.device) -> None:
+    def enable(self, kivi: KiviConfig, classes: TokenClasses, layers: int, heads: int,
+               head_dim: int, slots: int, max_model_len: int, device: torch.device) -> None:
         assert kivi.fastgen is not None
-        self.cfg, self.kivi = kivi.fastgen, kivi
-        if self.classes is None:
-            self.classes = TokenClasses.from_tokenizer(tokenizer)
+        self.cfg, self.kivi, self.classes = kivi.fastgen, kivi, classes
         g = kivi.group_size
         self.layers, self.heads, self.slots = layers, heads, slots
         self.fmt = PageFormat(kivi.bits, g, head_dim, 1)
@@ -320,6 +319,7 @@ class DeviceFastGen:
                 attend_context(qv, kv, vv, cache, tail, vbt.index_select(0, plan.slots[s]),
                                plan.lens[layer, s], qsl, plan.slots[s], valid, fmt, r, scale,
                                o, decode=True, num_tiles=plan.rows, lse_out=lse,
+                               num_splits=None if q.is_cuda else 1,  # CPU: interpreter
                                add_self=s == 0,
                                first_valid=plan.lens[layer, 2] if s else None)
                 outs.append((o, lse))
@@ -378,7 +378,8 @@ class DeviceFastGen:
             seq.n, seq.window, seq.cut = n, prof.window, n - prof.window
             seq.local_prompt = np.zeros((self.layers, self.heads, max(prof.window - 1, 0)),
                                         bool)
-            seq.used, seq.free = 0, []
+            seq.used, seq.free, seq.layer_pages = 0, [], []
+        first = seq.used
         seq.policy[layer] = prof.policy.cpu().numpy()
         base = n - prof.window + 1
         seq.local_prompt[layer] = masks[:, 1, base:] if base < n else False
@@ -415,6 +416,7 @@ class DeviceFastGen:
         store_step(kk, vv, cache, tail,
                    torch.from_numpy(np.concatenate(slots)).to(dev, non_blocking=True),
                    dev_i32(qsl), dev_i32(lens), dev_i32(tails), self.fmt, self.kivi.residual)
+        seq.layer_pages.append(seq.used - first)
         if layer == self.layers - 1:
             seq.pages_after_profile = seq.used
 

@@ -116,10 +116,9 @@ class FastGenWorker:
     def enabled(self) -> bool:
         return self.cfg is not None
 
-    def enable(self, kivi: KiviConfig, tokenizer: Any, num_layers: int) -> None:
+    def enable(self, kivi: KiviConfig, classes: TokenClasses, num_layers: int) -> None:
         assert kivi.fastgen is not None
-        if self.cfg is None:
-            self.classes = TokenClasses.from_tokenizer(tokenizer)
+        self.classes = classes
         self.cfg, self.kivi, self.num_layers = kivi.fastgen, kivi, num_layers
 
     def release(self, req_ids: Any) -> None:

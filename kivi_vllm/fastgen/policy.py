@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+from kivi_vllm.config import KiviConfigError
+
 
 class Policy(IntEnum):
     SPECIAL = 0
@@ -58,6 +60,21 @@ class TokenClasses:
             if text and set(text) <= PUNCT_CHARS:
                 punct.add(token_id)
         return cls(special, frozenset(punct))
+
+    @classmethod
+    def for_engine(cls, cfg: Any, model_config: Any) -> TokenClasses:
+        """The classes ``kivi.fastgen`` (``cfg``) names, else the model's tokenizer's."""
+        if cfg.token_ids_given:
+            return cls(frozenset(cfg.special_ids), frozenset(cfg.punct_ids))
+        if model_config.skip_tokenizer_init:
+            raise KiviConfigError(
+                "kivi.fastgen needs the token classes and this engine has no tokenizer "
+                "(skip_tokenizer_init): set kivi.fastgen.special_ids and punct_ids"
+            )
+        from transformers import AutoTokenizer
+
+        return cls.from_tokenizer(AutoTokenizer.from_pretrained(
+            model_config.tokenizer, trust_remote_code=model_config.trust_remote_code))
 
     def masks(self, token_ids: Iterable[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """(special, punct) boolean masks over the positions of ``token_ids``."""
