@@ -8,7 +8,7 @@ overwrote itself. On CPU the pure-PyTorch reference runs; on CUDA the Triton ker
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property
 from typing import Any, ClassVar
 
@@ -197,9 +197,12 @@ class KiviMetadataBuilder(AttentionMetadataBuilder[KiviMetadata]):
 
             mc = vllm_config.model_config
             num_heads = mc.get_num_attention_heads(vllm_config.parallel_config)
+            fmt = kv_cache_spec.page_format
             if self._fastgen_on(device):  # stream rows: one KV head, its query heads
                 num_heads //= kv_cache_spec.num_kv_heads
-            warm_up(kv_cache_spec.page_format, self.cfg.residual, num_heads, mc.dtype, device)
+                fmt = replace(fmt, num_kv_heads=1)
+            warm_up(fmt, self.cfg.residual, num_heads, mc.dtype, device,
+                    streams=self._fastgen_on(device))
         if self.cfg.fastgen is not None:
             from kivi_vllm.fastgen.engine import WORKER
             from kivi_vllm.fastgen.manager import FastGenAttentionSpec

@@ -8,7 +8,8 @@ import triton.language as tl
 
 from kivi_vllm.page_format import PageFormat
 
-MAX_REQS_LOG2 = 12  # binary search over query_start_loc: up to 4096 requests
+MAX_REQS_LOG2 = 14  # binary search over query_start_loc: up to 16384 requests
+# (kivi.fastgen stores each stream's token as a request: rows x KV heads x 2)
 
 
 def format_constants(fmt: PageFormat) -> dict[str, int]:

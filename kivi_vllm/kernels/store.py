@@ -248,6 +248,8 @@ def store_step(
     if num_tokens == 0:
         return
     num_reqs = seq_lens.shape[0]
+    if num_reqs > 1 << MAX_REQS_LOG2:
+        raise ValueError(f"{num_reqs} requests in one store; at most {1 << MAX_REQS_LOG2}")
     grid = (num_tokens, fmt.num_kv_heads)
     strides = (
         key.stride(0),

@@ -22,11 +22,14 @@ _DONE: set[tuple] = set()
 
 
 def warm_up(
-    fmt: PageFormat, residual: int, num_heads: int, dtype: torch.dtype, device: torch.device
+    fmt: PageFormat, residual: int, num_heads: int, dtype: torch.dtype, device: torch.device,
+    streams: bool = False,
 ) -> None:
     """Launch the store kernels and the read kernel in each mode (decode / prefill with
-    context x one split / several splits) once on a scratch cache of four pages."""
-    key = (fmt, residual, num_heads, dtype, str(device))
+    context x one split / several splits) once on a scratch cache of four pages;
+    ``streams``: also kivi.fastgen's decode variants (LSE out; without the step's token
+    and windowed), for its one-head stream format."""
+    key = (fmt, residual, num_heads, dtype, str(device), streams)
     if key in _DONE:
         return
     hk, d, g = fmt.num_kv_heads, fmt.head_dim, fmt.group_size
@@ -50,6 +53,12 @@ def warm_up(
     for splits in (1, 2):
         attend_context(q, k, v, cache, tail, block_table, seq_lens, qsl, slots, valid_from,
                        out=out, decode=True, num_tiles=2, num_splits=splits, **common)
+        for windowed in (False, True) if streams else ():
+            lse = torch.empty((num_heads, 2), dtype=torch.float32, device=device)
+            attend_context(q, k, v, cache, tail, block_table, seq_lens, qsl, slots,
+                           valid_from, out=out, decode=True, num_tiles=2, num_splits=splits,
+                           lse_out=lse, add_self=not windowed,
+                           first_valid=valid_from if windowed else None, **common)
 
     # prefill chunk of one request with earlier context: output + LSE for the merge
     seq_lens = torch.tensor([ctx + tokens], dtype=torch.int32, device=device)
