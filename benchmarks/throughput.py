@@ -10,7 +10,9 @@ writes JSON records (see ``--out``). Run on a GPU host:
 ``--kv`` names: the keys of ``benchmarks.common.KV_SETTINGS``, or a KIVI setting with
 options as ``benchmarks/quality.py`` writes it, ``kivi<bits>-g<group>-r<residual>
 [:option=value,...]``, e.g. ``kivi2-g32-r96:sink_groups=1,rotate_keys=true`` (a comma
-starts a new setting only before bf16/fp8/int4/kivi).
+starts a new setting only before bf16/fp8/int4/kivi). ``--model smollm2`` (any
+``kivi_vllm.models`` name) runs the real model on Wikipedia windows instead, and
+``--kv-cache-gib`` caps the KV pool (e.g. to compare admissions under memory pressure).
 """
 
 from __future__ import annotations
@@ -74,22 +76,43 @@ def run_one(kv: str, workloads: list[tuple[int, int, int]], args) -> list[dict]:
         os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"  # collective_rpc(fastgen_stats)
         engine_kwargs = {**engine_kwargs, "enable_chunked_prefill": False,
                          "max_num_batched_tokens": max(max_len, 8192)}
+    if args.model == "dummy8b":
+        model = {"model": dummy_llama8b_dir(), "load_format": "dummy",
+                 "skip_tokenizer_init": True}
+    else:  # a real model of kivi_vllm.models, Wikipedia prompts
+        from kivi_vllm.models import ensure_model
+
+        model = {"model": ensure_model(args.model)}
+    if args.kv_cache_gib:
+        engine_kwargs = {**engine_kwargs, "kv_cache_memory_bytes": int(args.kv_cache_gib * 2**30)}
     llm = LLM(
-        model=dummy_llama8b_dir(), load_format="dummy", skip_tokenizer_init=True,
         dtype="bfloat16", gpu_memory_utilization=args.gpu_mem, max_num_seqs=args.max_num_seqs,
         max_model_len=max_len, enforce_eager=args.eager, seed=0,
-        tensor_parallel_size=args.tp, **engine_kwargs,
+        tensor_parallel_size=args.tp, **model, **engine_kwargs,
     )
-    cache = llm.llm_engine.vllm_config.cache_config
+    vllm_config = llm.llm_engine.vllm_config
+    cache, hf = vllm_config.cache_config, vllm_config.model_config.hf_config
     kv_tokens = cache.num_gpu_blocks * cache.block_size
+    if fastgen:  # a block is one head-page (one layer, one KV head)
+        kv_tokens //= hf.num_hidden_layers * hf.num_key_value_heads
     rng = np.random.default_rng(0)
     gpu = torch.cuda.get_device_name()
     records = []
     for num, in_len, out_len in workloads:
-        prompts = [{"prompt_token_ids": rng.integers(100, 120000, in_len).tolist()}
-                   for _ in range(num)]
+        if args.model == "dummy8b":
+            prompts = [{"prompt_token_ids": rng.integers(100, 120000, in_len).tolist()}
+                       for _ in range(num)]
+            warm = prompts[:8]
+        else:  # distinct Wikipedia windows; the warm-up's are not reused
+            from transformers import AutoTokenizer
+
+            from kivi_vllm.quality import ppl_windows
+
+            windows = ppl_windows(AutoTokenizer.from_pretrained(model["model"]), num + 8, in_len)
+            prompts = [{"prompt_token_ids": ids} for ids in windows[8:]]
+            warm = [{"prompt_token_ids": ids} for ids in windows[:8]]
         params = SamplingParams(max_tokens=out_len, temperature=0.0, ignore_eos=True)
-        llm.generate(prompts[:8], params, use_tqdm=False)  # warm-up
+        llm.generate(warm, params, use_tqdm=False)  # warm-up
         start = time.perf_counter()
         outs = llm.generate(prompts, params, use_tqdm=False)
         elapsed = time.perf_counter() - start
@@ -102,7 +125,8 @@ def run_one(kv: str, workloads: list[tuple[int, int, int]], args) -> list[dict]:
             "total_tokens_per_s": round((out_tokens + num * in_len) / elapsed, 1),
             "elapsed_s": round(elapsed, 2), "gpu": gpu, "date": str(datetime.date.today()),
             "enforce_eager": args.eager, "tensor_parallel_size": args.tp,
-            "num_gpus": torch.cuda.device_count(),
+            "num_gpus": torch.cuda.device_count(), "model": args.model,
+            "kv_cache_gib": args.kv_cache_gib,
         })
         if fastgen:
             records[-1].update(fastgen_figures(llm, fields["group_size"], in_len))
@@ -154,6 +178,11 @@ def main() -> None:
     parser.add_argument("--max-num-seqs", type=int, default=1024)
     parser.add_argument("--eager", action="store_true", help="enforce_eager (no CUDA graphs)")
     parser.add_argument("--tp", type=int, default=1, help="tensor_parallel_size")
+    parser.add_argument("--model", default="dummy8b",
+                        help="dummy8b (Llama-3.1-8B shape, dummy weights, random ids) or a "
+                        "kivi_vllm.models name, e.g. smollm2 (Wikipedia prompts)")
+    parser.add_argument("--kv-cache-gib", type=float, default=0.0,
+                        help="cap the KV cache (kv_cache_memory_bytes); 0 = gpu-mem share")
     parser.add_argument("--out", default=None)
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -165,7 +194,8 @@ def main() -> None:
     for kv in split_kv(args.kv):
         cmd = [sys.executable, __file__, "--one", kv, "--workloads", args.workloads,
                "--gpu-mem", str(args.gpu_mem), "--max-num-seqs", str(args.max_num_seqs),
-               "--tp", str(args.tp)]
+               "--tp", str(args.tp), "--model", args.model,
+               "--kv-cache-gib", str(args.kv_cache_gib)]
         if args.eager:
             cmd.append("--eager")
         proc = subprocess.run(cmd, capture_output=True, text=True)

@@ -63,6 +63,11 @@ for step in "$@"; do
       tag=$(echo "${kvs}-${wls}" | tr -c 'A-Za-z0-9_.\n-' '-')
       python3 benchmarks/throughput.py --kv "$kvs" --workloads "$wls" --out "$OUT/throughput-$tag.json" \
         2>&1 | tee "$OUT/throughput-$tag.log" | grep -v "^INFO\|^WARNING\|^(EngineCore" | tail -8 ;;
+    tpenv:*)  # tpenv:TAG - throughput.py --kv "$KIVI_TP_KV" $KIVI_TP_ARGS (plain words)
+      tag=${step#tpenv:}
+      python3 benchmarks/throughput.py --kv "$KIVI_TP_KV" $KIVI_TP_ARGS \
+        --out "$OUT/throughput-$tag.json" 2>&1 | tee "$OUT/throughput-$tag.log" \
+        | grep -v "^INFO\|^WARNING\|^(EngineCore" | tail -8 ;;
     prof:*)  # prof:KV:WORKLOAD[:eager]
       IFS=: read -r _ kv wl eager <<< "$step"
       python3 benchmarks/profile_engine.py --kv "$kv" --workload "$wl" ${eager:+--eager} 2>&1 \

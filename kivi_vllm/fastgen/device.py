@@ -147,8 +147,9 @@ class _Plan:
     slots: torch.Tensor | None = None  # [2, rows] tail slot = vbt row of each stream
     lens: torch.Tensor | None = None  # [L, 3, rows]: permanent / local lengths + 1, first_valid
     has_local: np.ndarray | None = None  # [L] bool
-    store: torch.Tensor | None = None  # [5, total]: token row, slot lo, slot hi, len, tail slot
-    store_at: np.ndarray | None = None  # [L + 1] offsets into ``store``
+    store: torch.Tensor | None = None  # [2, total] int64: token row, slot (by layer)
+    store32: torch.Tensor | None = None  # [2, total] int32: stream length, tail slot
+    store_at: np.ndarray | None = None  # [L + 1] offsets of each layer's records
 
 
 class DeviceFastGen:
@@ -241,7 +242,7 @@ class DeviceFastGen:
         rows = len(decode) * H
         lens = np.zeros((L, 3, rows), np.int32)
         slots = np.zeros((2, rows), np.int32)
-        store_rows: list[list[np.ndarray]] = [[] for _ in range(L)]
+        recs: list[np.ndarray] = []  # [5, m]: layer, token row, slot, length, tail slot
         vbt_idx: list[int] = []
         vbt_val: list[int] = []
         heads = np.arange(H)
@@ -256,6 +257,8 @@ class DeviceFastGen:
             lens[:, 2, cols] = seq.first_valid
             for s, adm in enumerate(seq.admits(int(seq.classes[qpos]))):
                 layer, head = np.nonzero(adm)
+                if not len(layer):
+                    continue
                 idx = seq.length[layer, head, s]
                 block = np.zeros(len(idx), np.int64)
                 for j in np.nonzero((idx + 1) % g == 0)[0]:  # the token completes a page
@@ -266,28 +269,25 @@ class DeviceFastGen:
                     vrow = layer[j] * self.vbt.shape[1] + self.vslot(seq.slot, head[j], s)
                     vbt_idx.append(int(vrow) * self.max_pages + page)
                     vbt_val.append(int(block[j]))
-                rec = np.stack([b * H + head, block * g + idx % g, idx + 1,
-                                self.vslot(seq.slot, head, s)]).astype(np.int64)
-                for layer_i in np.unique(layer):
-                    store_rows[layer_i].append(rec[:, layer == layer_i])
+                recs.append(np.stack([layer, b * H + head, block * g + idx % g, idx + 1,
+                                      self.vslot(seq.slot, head, s)]).astype(np.int64))
                 seq.length[layer, head, s] += 1
+        rec = np.concatenate(recs, axis=1) if recs else np.zeros((5, 0), np.int64)
+        rec = rec[:, np.argsort(rec[0], kind="stable")]  # by layer
         dev = self.device
-        per_layer = [np.concatenate(r, axis=1) if r else np.zeros((4, 0), np.int64)
-                     for r in store_rows]
         self.plan = _Plan(
             rows=rows,
-            slots=torch.from_numpy(slots).to(dev, non_blocking=True),
-            lens=torch.from_numpy(lens).to(dev, non_blocking=True),
+            slots=_to(dev, slots, np.int32),
+            lens=_to(dev, lens, np.int32),
             has_local=np.any([(seq.policy == Policy.LOCAL).any(axis=1) for seq in decode],
                              axis=0),
-            store=torch.from_numpy(np.ascontiguousarray(np.concatenate(per_layer, axis=1))
-                                   ).to(dev, non_blocking=True),
-            store_at=np.cumsum([0] + [p.shape[1] for p in per_layer]),
+            store=_to(dev, rec[1:3], np.int64),
+            store32=_to(dev, rec[3:5], np.int32),
+            store_at=np.searchsorted(rec[0], np.arange(L + 1)),
         )
         if vbt_idx:
-            idx_t = torch.tensor(vbt_idx, dtype=torch.int64).to(dev, non_blocking=True)
-            val_t = torch.tensor(vbt_val, dtype=torch.int32).to(dev, non_blocking=True)
-            self.vbt.view(-1).index_copy_(0, idx_t, val_t)
+            self.vbt.view(-1).index_copy_(0, _to(dev, vbt_idx, np.int64),
+                                          _to(dev, vbt_val, np.int32))
 
     # --- the backend's call ---------------------------------------------------------------
 
@@ -299,6 +299,7 @@ class DeviceFastGen:
         from kivi_vllm.kernels.attention import attend_context
         from kivi_vllm.kernels.store import store_step
 
+        merge_attn_states = _merge_op(q.is_cuda)
         assert self.kivi is not None
         plan, fmt, r = self.plan, self.fmt, self.kivi.residual
         nd = plan.rows // self.heads
@@ -327,13 +328,12 @@ class DeviceFastGen:
             if len(outs) == 1:
                 dst.copy_(outs[0][0])
             else:
-                merge_states(dst, *outs[0], *outs[1])
+                merge_attn_states(dst, *outs[0], *outs[1])
             lo, hi = plan.store_at[layer], plan.store_at[layer + 1]
-            if hi > lo:
-                st = plan.store[:, lo:hi]  # C-ordered: each row has unit stride
-                rows = st[0]
-                store_step(kv[rows], vv[rows], cache, tail, st[1], self.arange[: hi - lo + 1],
-                           st[2].to(torch.int32), st[3].to(torch.int32), fmt, r)
+            if hi > lo:  # C-ordered plan: each row of a slice has unit stride
+                rows, slot = plan.store[0, lo:hi], plan.store[1, lo:hi]
+                store_step(kv[rows], vv[rows], cache, tail, slot, self.arange[: hi - lo + 1],
+                           plan.store32[0, lo:hi], plan.store32[1, lo:hi], fmt, r)
         n = md.num_actual_tokens
         ndt = md.num_decode_tokens
         if n > ndt:
@@ -383,7 +383,7 @@ class DeviceFastGen:
         seq.policy[layer] = prof.policy.cpu().numpy()
         base = n - prof.window + 1
         seq.local_prompt[layer] = masks[:, 1, base:] if base < n else False
-        toks, heads, slots, qsl, lens, tails = [], [], [], [0], [], []
+        toks, heads, slots, qsl, lens, tails, vbt_idx, vbt_val = [], [], [], [0], [], [], [], []
         for h in range(self.heads):
             for s in (0, 1):
                 kept = np.nonzero(masks[h, s])[0]
@@ -402,20 +402,18 @@ class DeviceFastGen:
                 qsl.append(qsl[-1] + c)
                 lens.append(c)
                 tails.append(self.vslot(seq.slot, h, s))
-                if len(pages):
-                    vrow = self.vslot(seq.slot, h, s)
-                    self.vbt[layer, vrow, : len(pages)] = torch.from_numpy(
-                        block[: len(pages)].astype(np.int32)).to(dev, non_blocking=True)
-        tok = torch.from_numpy(np.concatenate(toks)).to(dev, non_blocking=True)
-        head = torch.from_numpy(np.concatenate(heads)).to(dev, non_blocking=True)
-        kk, vv = k[tok, head].unsqueeze(1), v[tok, head].unsqueeze(1)
-
-        def dev_i32(x: Any) -> torch.Tensor:
-            return torch.tensor(np.asarray(x), dtype=torch.int32).to(dev, non_blocking=True)
-
-        store_step(kk, vv, cache, tail,
-                   torch.from_numpy(np.concatenate(slots)).to(dev, non_blocking=True),
-                   dev_i32(qsl), dev_i32(lens), dev_i32(tails), self.fmt, self.kivi.residual)
+                vrow = layer * self.vbt.shape[1] + self.vslot(seq.slot, h, s)
+                vbt_idx.append(vrow * self.max_pages + np.arange(len(pages)))
+                vbt_val.append(block[: len(pages)])
+        if toks:  # (a layer whose heads keep nothing: special-only heads, no special token)
+            tok = _to(dev, np.concatenate(toks), np.int64)
+            head = _to(dev, np.concatenate(heads), np.int64)
+            kk, vv = k[tok, head].unsqueeze(1), v[tok, head].unsqueeze(1)
+            self.vbt.view(-1).index_copy_(0, _to(dev, np.concatenate(vbt_idx), np.int64),
+                                          _to(dev, np.concatenate(vbt_val), np.int32))
+            store_step(kk, vv, cache, tail, _to(dev, np.concatenate(slots), np.int64),
+                       _to(dev, qsl, np.int32), _to(dev, lens, np.int32),
+                       _to(dev, tails, np.int32), self.fmt, self.kivi.residual)
         seq.layer_pages.append(seq.used - first)
         if layer == self.layers - 1:
             seq.pages_after_profile = seq.used
@@ -441,6 +439,20 @@ class DeviceFastGen:
                 "profile_s": self.profile_s,
                 "live": {r: s.summary() for r, s in self.seqs.items()},
                 "history": dict(self.history)}
+
+
+def _to(dev: torch.device, x: Any, dtype: Any) -> torch.Tensor:
+    """A host array as a contiguous device tensor (asynchronous copy)."""
+    return torch.from_numpy(np.ascontiguousarray(x, dtype=dtype)).to(dev, non_blocking=True)
+
+
+def _merge_op(cuda: bool) -> Any:
+    """vLLM's merge-attention-states kernel on the GPU; :func:`merge_states` otherwise."""
+    if not cuda:
+        return merge_states
+    from vllm.v1.attention.ops.merge_attn_states import merge_attn_states
+
+    return merge_attn_states
 
 
 def merge_states(out: torch.Tensor, o1: torch.Tensor, lse1: torch.Tensor, o2: torch.Tensor,
