@@ -65,6 +65,7 @@ for step in "$@"; do
         2>&1 | tee "$OUT/throughput-$tag.log" | grep -v "^INFO\|^WARNING\|^(EngineCore" | tail -8 ;;
     tpenv:*)  # tpenv:TAG - throughput.py --kv "$KIVI_TP_KV" $KIVI_TP_ARGS (plain words)
       tag=${step#tpenv:}
+      if [[ "$KIVI_TP_ARGS" == *smollm2* ]]; then stage_smollm2 || exit 1; fi
       python3 benchmarks/throughput.py --kv "$KIVI_TP_KV" $KIVI_TP_ARGS \
         --out "$OUT/throughput-$tag.json" 2>&1 | tee "$OUT/throughput-$tag.log" \
         | grep -v "^INFO\|^WARNING\|^(EngineCore" | tail -8 ;;
