@@ -181,7 +181,7 @@ def test_warm_up_launches_every_variant():
     fmt = PageFormat(2, 32, 64, 2)
     dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float32
     warmup.warm_up(fmt, 32, 8, dtype, torch.device(DEVICE))
-    assert (fmt, 32, 8, dtype, str(torch.device(DEVICE))) in warmup._DONE
+    assert (fmt, 32, 8, dtype, str(torch.device(DEVICE)), False) in warmup._DONE
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="full-size shapes: compiled kernels only")
