@@ -96,12 +96,6 @@ class DeviceSeq:
         self.used += 1
         return self.used - 1
 
-    def admits(self, cls: int) -> tuple[np.ndarray, np.ndarray]:
-        """(permanent, local) admission ``[L, H]`` of a new token of class ``cls``."""
-        p = self.policy
-        perm = (p == Policy.FULL) | (cls == SPECIAL) | ((cls == PUNCT) & (p >= Policy.PUNCT))
-        return perm, ~perm & (p == Policy.LOCAL)
-
     def advance_window(self, qpos: int) -> None:
         """Count the local tokens that left the window of a query at ``qpos``; give back
         the local pages whose tokens all left it."""
@@ -239,48 +233,42 @@ class DeviceFastGen:
         if not decode:
             return
         L, H, g = self.layers, self.heads, self.kivi.group_size  # noqa: N806
+        for seq in decode:
+            seq.advance_window(seq.classes.size - 1)
+        length = np.stack([seq.length for seq in decode])  # [B, L, H, 2]
+        policy = np.stack([seq.policy for seq in decode])
+        cls = np.array([seq.classes[-1] for seq in decode])
+        vslots = self.vslot(np.array([seq.slot for seq in decode])[:, None, None],
+                            np.arange(H)[None, :, None], np.arange(2)[None, None, :])  # [B,H,2]
         rows = len(decode) * H
-        lens = np.zeros((L, 3, rows), np.int32)
-        slots = np.zeros((2, rows), np.int32)
-        recs: list[np.ndarray] = []  # [5, m]: layer, token row, slot, length, tail slot
-        vbt_idx: list[int] = []
-        vbt_val: list[int] = []
-        heads = np.arange(H)
-        for b, seq in enumerate(decode):
-            qpos = seq.classes.size - 1
-            seq.advance_window(qpos)
-            cols = slice(b * H, (b + 1) * H)
-            slots[0, cols] = self.vslot(seq.slot, heads, 0)
-            slots[1, cols] = self.vslot(seq.slot, heads, 1)
-            lens[:, 0, cols] = seq.length[:, :, 0] + 1
-            lens[:, 1, cols] = seq.length[:, :, 1] + 1
-            lens[:, 2, cols] = seq.first_valid
-            for s, adm in enumerate(seq.admits(int(seq.classes[qpos]))):
-                layer, head = np.nonzero(adm)
-                if not len(layer):
-                    continue
-                idx = seq.length[layer, head, s]
-                block = np.zeros(len(idx), np.int64)
-                for j in np.nonzero((idx + 1) % g == 0)[0]:  # the token completes a page
-                    entry = seq.new_entry()
-                    page = int(idx[j] // g)
-                    seq.entries[layer[j], head[j], s, page] = entry
-                    block[j] = seq.block_ids[entry]
-                    vrow = layer[j] * self.vbt.shape[1] + self.vslot(seq.slot, head[j], s)
-                    vbt_idx.append(int(vrow) * self.max_pages + page)
-                    vbt_val.append(int(block[j]))
-                recs.append(np.stack([layer, b * H + head, block * g + idx % g, idx + 1,
-                                      self.vslot(seq.slot, head, s)]).astype(np.int64))
-                seq.length[layer, head, s] += 1
-        rec = np.concatenate(recs, axis=1) if recs else np.zeros((5, 0), np.int64)
-        rec = rec[:, np.argsort(rec[0], kind="stable")]  # by layer
+        lens = np.empty((L, 3, rows), np.int32)  # read launches: per layer, row (b, head)
+        lens[:, :2] = (length + 1).transpose(1, 3, 0, 2).reshape(L, 2, rows)
+        lens[:, 2] = np.stack([seq.first_valid for seq in decode]).transpose(1, 0, 2).reshape(
+            L, rows)
+        admit = admissions(policy, cls)  # [B, L, H, 2]
+        b, layer, head, stream = np.nonzero(admit)
+        idx = length[b, layer, head, stream]
+        block = np.zeros(len(idx), np.int64)
+        vbt_idx, vbt_val = [], []
+        for j in np.nonzero((idx + 1) % g == 0)[0]:  # the token completes a page
+            seq, page = decode[b[j]], int(idx[j] // g)
+            entry = seq.new_entry()
+            seq.entries[layer[j], head[j], stream[j], page] = entry
+            block[j] = seq.block_ids[entry]
+            vrow = layer[j] * self.vbt.shape[1] + vslots[b[j], head[j], stream[j]]
+            vbt_idx.append(int(vrow) * self.max_pages + page)
+            vbt_val.append(int(block[j]))
+        for seq, adm in zip(decode, admit, strict=True):
+            seq.length += adm
+        rec = np.stack([layer, b * H + head, block * g + idx % g, idx + 1,
+                        vslots[b, head, stream]])  # by layer (np.nonzero order is b-major)
+        rec = rec[:, np.argsort(layer, kind="stable")]
         dev = self.device
         self.plan = _Plan(
             rows=rows,
-            slots=_to(dev, slots, np.int32),
+            slots=_to(dev, vslots.transpose(2, 0, 1).reshape(2, rows), np.int32),
             lens=_to(dev, lens, np.int32),
-            has_local=np.any([(seq.policy == Policy.LOCAL).any(axis=1) for seq in decode],
-                             axis=0),
+            has_local=(policy == Policy.LOCAL).any(axis=(0, 2)),
             store=_to(dev, rec[1:3], np.int64),
             store32=_to(dev, rec[3:5], np.int32),
             store_at=np.searchsorted(rec[0], np.arange(L + 1)),
@@ -439,6 +427,14 @@ class DeviceFastGen:
                 "profile_s": self.profile_s,
                 "live": {r: s.summary() for r, s in self.seqs.items()},
                 "history": dict(self.history)}
+
+
+def admissions(policy: np.ndarray, cls: np.ndarray) -> np.ndarray:
+    """``[B, L, H, 2]`` (permanent, local) admission of each row's new token (class
+    ``cls`` [B]) by heads of policies ``policy`` [B, L, H]."""
+    c = cls[:, None, None]
+    perm = (policy == Policy.FULL) | (c == SPECIAL) | ((c == PUNCT) & (policy >= Policy.PUNCT))
+    return np.stack([perm, ~perm & (policy == Policy.LOCAL)], axis=-1)
 
 
 def _to(dev: torch.device, x: Any, dtype: Any) -> torch.Tensor:
