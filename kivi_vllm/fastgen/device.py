@@ -99,8 +99,10 @@ class DeviceSeq:
     def advance_window(self, qpos: int) -> None:
         """Count the local tokens that left the window of a query at ``qpos``; give back
         the local pages whose tokens all left it."""
-        base = self.n - self.window + 1  # first prompt position a local stream may hold
         local_head = self.policy == Policy.LOCAL
+        if not local_head.any():
+            return
+        base = self.n - self.window + 1  # first prompt position a local stream may hold
         for c in range(self.cut + 1, qpos - self.window + 1):
             if c < base:
                 continue
