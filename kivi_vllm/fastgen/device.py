@@ -216,9 +216,11 @@ class DeviceFastGen:
             end = computed + int(num_scheduled.get(req_id, 0))
             have = seq.classes.size
             if end > have:
-                special, punct = self.classes.masks(token_ids[row, have:end].tolist())
-                cls = np.where(special.numpy(), SPECIAL, np.where(punct.numpy(), PUNCT, PLAIN))
-                seq.classes = np.concatenate([seq.classes, cls.astype(np.int8)])
+                sp, pu = self.classes.special_ids, self.classes.punct_ids
+                ids = token_ids[row, have:end].tolist()
+                cls = np.fromiter((SPECIAL if t in sp else PUNCT if t in pu else PLAIN
+                                   for t in ids), np.int8, len(ids))
+                seq.classes = np.concatenate([seq.classes, cls])
             seq.held = int(held[row])
             seq.block_ids = block_rows[row]
             self.rows.append(seq)
