@@ -60,6 +60,14 @@ class FastGenConfig:
     def token_ids_given(self) -> bool:
         return bool(self.special_ids or self.punct_ids)
 
+    def require_token_classes(self, skip_tokenizer_init: bool) -> None:
+        """An engine without a tokenizer must name the token classes."""
+        if skip_tokenizer_init and not self.token_ids_given:
+            raise KiviConfigError(
+                "kivi.fastgen needs the token classes and this engine has no tokenizer "
+                "(skip_tokenizer_init): set kivi.fastgen.special_ids and punct_ids"
+            )
+
     def __post_init__(self) -> None:
         for name in ("special_ids", "punct_ids"):
             ids = getattr(self, name)

@@ -16,8 +16,6 @@ from typing import Any
 
 import torch
 
-from kivi_vllm.config import KiviConfigError
-
 
 class Policy(IntEnum):
     SPECIAL = 0
@@ -66,11 +64,7 @@ class TokenClasses:
         """The classes ``kivi.fastgen`` (``cfg``) names, else the model's tokenizer's."""
         if cfg.token_ids_given:
             return cls(frozenset(cfg.special_ids), frozenset(cfg.punct_ids))
-        if model_config.skip_tokenizer_init:
-            raise KiviConfigError(
-                "kivi.fastgen needs the token classes and this engine has no tokenizer "
-                "(skip_tokenizer_init): set kivi.fastgen.special_ids and punct_ids"
-            )
+        cfg.require_token_classes(model_config.skip_tokenizer_init)
         from transformers import AutoTokenizer
 
         return cls.from_tokenizer(AutoTokenizer.from_pretrained(

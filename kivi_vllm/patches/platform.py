@@ -141,11 +141,7 @@ def check_fastgen_supported(cfg: KiviConfig, vllm_config: Any) -> None:
             "set enable_chunked_prefill=False (--no-enable-chunked-prefill) with "
             "max_num_batched_tokens >= max_model_len"
         )
-    if vllm_config.model_config.skip_tokenizer_init and not cfg.fastgen.token_ids_given:
-        raise KiviConfigError(
-            "kivi.fastgen needs the token classes and this engine has no tokenizer "
-            "(skip_tokenizer_init): set kivi.fastgen.special_ids and punct_ids"
-        )
+    cfg.fastgen.require_token_classes(vllm_config.model_config.skip_tokenizer_init)
     if cfg.sink_groups:
         raise KiviConfigError(
             f"kivi.fastgen does not combine with kivi.sink_groups={cfg.sink_groups} "
