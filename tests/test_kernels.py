@@ -206,3 +206,17 @@ def test_decode_attention_full_size(bits, group, max_slots, monkeypatch):
                        group, sc.scale, out, decode=True, num_tiles=len(ctx),
                        num_splits=splits)  # residual = one group
         assert rel_err(out.float().cpu(), ref.float()) < 1e-2  # bf16 operands
+
+
+def test_per_row_vectors_need_unit_stride():
+    """The kernels read per-row vectors as ``ptr + i``: a strided view is refused before
+    any launch (a row of a Fortran-ordered plan once packed nothing this way)."""
+    fmt = PageFormat(2, 32, 64, 1)
+    plan = torch.zeros((2, 2), dtype=torch.int64).t()  # rows with stride 2
+    key = torch.zeros((2, 1, 64))
+    cache = torch.zeros((2, fmt.page_bytes), dtype=torch.uint8)
+    tail = torch.zeros((2, 2, 32, 1, 64))
+    qsl = torch.arange(3, dtype=torch.int32)
+    lens = torch.ones(2, dtype=torch.int32)
+    with pytest.raises(ValueError, match="slot_mapping must have unit stride"):
+        store_step(key, key, cache, tail, plan[0], qsl, lens, lens, fmt, 32)
