@@ -29,7 +29,6 @@ Deviation from the CPU path: local-window pages recycle as there, but only whole
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,6 +36,7 @@ import numpy as np
 import torch
 
 from kivi_vllm.config import FastGenConfig, KiviConfig, KiviConfigError
+from kivi_vllm.fastgen.book import PageEntries, RequestBook
 from kivi_vllm.fastgen.manager import PageReport
 from kivi_vllm.fastgen.policy import NUM_POLICIES, Policy, TokenClasses
 from kivi_vllm.fastgen.profile import profile_heads
@@ -44,11 +44,10 @@ from kivi_vllm.page_format import PageFormat
 
 PLAIN, SPECIAL, PUNCT = 0, 1, 2  # token classes (special wins over punctuation)
 PROFILE_CHUNK = 256
-_HISTORY = 64
 
 
 @dataclass
-class DeviceSeq:
+class DeviceSeq(PageEntries):
     """Host mirror of one request's streams (``[layers, kv_heads, 2]``: permanent, local)."""
 
     slot: int
@@ -85,16 +84,6 @@ class DeviceSeq:
     def profiled(self) -> bool:
         return bool((self.policy >= 0).all())
 
-    def new_entry(self) -> int:
-        if self.free:
-            return self.free.pop()
-        if self.used >= self.held:
-            raise RuntimeError(
-                f"FastGen: request needs head-page {self.used + 1} but holds {self.held} "
-                "(scheduler and worker disagree)"
-            )
-        self.used += 1
-        return self.used - 1
 
     def advance_window(self, qpos: int) -> None:
         """Count the local tokens that left the window of a query at ``qpos``; give back
@@ -148,18 +137,16 @@ class _Plan:
     store_at: np.ndarray | None = None  # [L + 1] offsets of each layer's records
 
 
-class DeviceFastGen:
+class DeviceFastGen(RequestBook):
     """GPU FastGen state of this worker; inactive until :meth:`enable`."""
 
     def __init__(self) -> None:
+        super().__init__()
         self.cfg: FastGenConfig | None = None
         self.kivi: KiviConfig | None = None
         self.classes: TokenClasses | None = None
-        self.seqs: dict[str, DeviceSeq] = {}
         self.rows: list[DeviceSeq] = []
         self.row_ids: list[str] = []
-        self.reports: dict[str, PageReport] = {}
-        self.history: OrderedDict[str, dict[str, Any]] = OrderedDict()
         self.plan = _Plan()
         self.peak_rows = 0
         self.profile_s = 0.0
@@ -187,15 +174,6 @@ class DeviceFastGen:
         return (slot * self.heads + head) * 2 + stream
 
     # --- step bookkeeping ---------------------------------------------------------------
-
-    def release(self, req_ids: Any) -> None:
-        for req_id in req_ids:
-            seq = self.seqs.pop(req_id, None)
-            self.reports.pop(req_id, None)
-            if seq is not None:
-                self.history[req_id] = seq.summary()
-                while len(self.history) > _HISTORY:
-                    self.history.popitem(last=False)
 
     def begin_step(self, ended: set[str], req_ids: list[str], num_computed: np.ndarray,
                    num_scheduled: dict[str, int], tail_slots: np.ndarray,
@@ -421,10 +399,6 @@ class DeviceFastGen:
             row = req_index.get(req_id)
             if row is not None:
                 block_table.num_blocks_per_row[row] = seq.used
-
-    def take_reports(self) -> dict[str, PageReport]:
-        reports, self.reports = self.reports, {}
-        return reports
 
     def stats(self) -> dict[str, Any]:
         return {"requests": len(self.seqs), "peak_rows": self.peak_rows,

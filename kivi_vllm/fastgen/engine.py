@@ -26,7 +26,6 @@ start-up bounds them); local-window pages are recycled inside the request.
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,6 +35,7 @@ import torch
 from kivi_vllm import reference
 from kivi_vllm.config import FastGenConfig, KiviConfig
 from kivi_vllm.fastgen.attention import attend_heads
+from kivi_vllm.fastgen.book import PageEntries, RequestBook
 from kivi_vllm.fastgen.manager import REPORT_ATTR, PageReport
 from kivi_vllm.fastgen.policy import NUM_POLICIES, Policy, TokenClasses
 from kivi_vllm.fastgen.profile import HeadProfile, profile_heads
@@ -44,11 +44,10 @@ from kivi_vllm.page_format import PageFormat
 
 PROFILE_CHUNK = 256
 PROFILE_AT = "kivi_fastgen_profile_at"  # SamplingParams.extra_args key (quality harness)
-_HISTORY = 64  # finished requests whose summary stays readable (tests, metrics)
 
 
 @dataclass
-class SeqState:
+class SeqState(PageEntries):
     """One running request: token classes, per-layer streams before and after profiling."""
 
     prompt_len: int
@@ -83,32 +82,19 @@ class SeqState:
             "pages": self.used - len(self.free),
         }
 
-    def new_entry(self) -> int:
-        """A list entry for a new head-page: a recycled one, else the next unused."""
-        if self.free:
-            return self.free.pop()
-        if self.used >= self.held:
-            raise RuntimeError(
-                f"FastGen: request needs head-page {self.used + 1} but holds "
-                f"{self.held} (scheduler and worker disagree)"
-            )
-        self.used += 1
-        return self.used - 1
 
 
-class FastGenWorker:
+class FastGenWorker(RequestBook):
     """Per-process FastGen state; inactive until :meth:`enable`."""
 
     def __init__(self) -> None:
+        super().__init__()
         self.cfg: FastGenConfig | None = None
         self.kivi: KiviConfig | None = None
         self.num_layers = 0
         self.classes: TokenClasses | None = None
-        self.seqs: dict[str, SeqState] = {}
         self.rows: list[SeqState] = []
         self.row_ids: list[str] = []
-        self.history: OrderedDict[str, dict[str, Any]] = OrderedDict()
-        self.reports: dict[str, PageReport] = {}
         self.pool: torch.Tensor | None = None
         self.peak_rows = 0  # most requests in one step's batch
 
@@ -120,15 +106,6 @@ class FastGenWorker:
         assert kivi.fastgen is not None
         self.classes = classes
         self.cfg, self.kivi, self.num_layers = kivi.fastgen, kivi, num_layers
-
-    def release(self, req_ids: Any) -> None:
-        for req_id in req_ids:
-            seq = self.seqs.pop(req_id, None)
-            self.reports.pop(req_id, None)
-            if seq is not None:
-                self.history[req_id] = seq.summary()
-                while len(self.history) > _HISTORY:
-                    self.history.popitem(last=False)
 
     def begin_step(
         self,
@@ -327,10 +304,6 @@ class FastGenWorker:
             seq.layer_pages.append(seq.used - first)
         seq.scratch = None
         seq.peak_pages = seq.used
-
-    def take_reports(self) -> dict[str, PageReport]:
-        reports, self.reports = self.reports, {}
-        return reports
 
 
 WORKER = FastGenWorker()
