@@ -272,6 +272,28 @@ def test_fastgen_config_validation() -> None:
         assert message in str(err.value)
 
 
+def test_gpu_start_up_checks(monkeypatch) -> None:
+    """On a GPU, FastGen needs whole-prompt prefill; without a tokenizer, token-id lists."""
+    from types import SimpleNamespace
+
+    from kivi_vllm.patches import platform
+
+    monkeypatch.setattr(platform, "current_platform", SimpleNamespace(is_cpu=lambda: False))
+    cfg = KiviConfig(fastgen={"recovery": 0.9})
+    engine = SimpleNamespace(scheduler_config=SimpleNamespace(enable_chunked_prefill=True),
+                             model_config=SimpleNamespace(skip_tokenizer_init=False),
+                             speculative_config=None)
+    with pytest.raises(KiviConfigError, match="enable_chunked_prefill=False"):
+        platform.check_fastgen_supported(cfg, engine)
+    engine.scheduler_config.enable_chunked_prefill = False
+    platform.check_fastgen_supported(cfg, engine)
+    engine.model_config.skip_tokenizer_init = True
+    with pytest.raises(KiviConfigError, match="special_ids and punct_ids"):
+        platform.check_fastgen_supported(cfg, engine)
+    given = KiviConfig(fastgen={"recovery": 0.9, "special_ids": [1], "punct_ids": [13]})
+    platform.check_fastgen_supported(given, engine)
+
+
 def test_token_classes_from_config_or_tokenizer() -> None:
     """Given id lists replace the tokenizer; an engine without one must give them."""
     from types import SimpleNamespace
