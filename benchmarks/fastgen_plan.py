@@ -38,7 +38,7 @@ def plan_ms(rows: int, layers: int, heads: int, prompt: int, steps: int) -> floa
     window = int(0.3 * prompt)
     worker.rows = []
     for slot in range(rows):
-        seq = fg.DeviceSeq(slot, layers, heads, worker.max_pages, max_group=32)
+        seq = fg.DeviceSeq(slot, layers, heads, worker.max_pages, group=32)
         seq.policy[:] = rng.choice([Policy.FREQUENT, Policy.LOCAL, Policy.FULL],
                                    size=(layers, heads))
         seq.n, seq.window, seq.cut = prompt, window, prompt - window

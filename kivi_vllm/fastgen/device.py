@@ -38,7 +38,13 @@ import torch
 from kivi_vllm.config import FastGenConfig, KiviConfig, KiviConfigError
 from kivi_vllm.fastgen.book import PageEntries, RequestBook
 from kivi_vllm.fastgen.manager import PageReport
-from kivi_vllm.fastgen.policy import NUM_POLICIES, Policy, TokenClasses
+from kivi_vllm.fastgen.policy import (
+    NUM_POLICIES,
+    Policy,
+    TokenClasses,
+    permanent,
+    prompt_streams,
+)
 from kivi_vllm.fastgen.profile import profile_heads
 from kivi_vllm.page_format import PageFormat
 
@@ -70,7 +76,7 @@ class DeviceSeq(PageEntries):
     block_ids: np.ndarray | None = None
     pages_after_profile: int = 0
     layer_pages: list[int] = field(default_factory=list)  # per layer, after profiling
-    max_group: int = 32  # kivi.group_size
+    group: int = 32  # kivi.group_size
 
     def __post_init__(self) -> None:
         shape = (self.layers, self.heads)
@@ -83,7 +89,6 @@ class DeviceSeq(PageEntries):
     @property
     def profiled(self) -> bool:
         return bool((self.policy >= 0).all())
-
 
     def advance_window(self, qpos: int) -> None:
         """Count the local tokens that left the window of a query at ``qpos``; give back
@@ -100,22 +105,18 @@ class DeviceSeq(PageEntries):
             elif self.classes[c] == PLAIN:
                 self.first_valid += local_head
         self.cut = max(self.cut, qpos - self.window)
-        g = self.max_group
+        g = self.group
         for layer, head in zip(*np.nonzero(self.first_valid // g > self.recycled), strict=True):
             while (self.recycled[layer, head] + 1) * g <= self.first_valid[layer, head]:
                 entry = int(self.entries[layer, head, 1, self.recycled[layer, head]])
                 self.free.append(entry)
                 self.recycled[layer, head] += 1
 
-    def streams(self) -> int:
-        return int(self.layers * self.heads + (self.policy == Policy.LOCAL).sum())
-
     def report(self) -> PageReport:
-        g = self.max_group
         exists = np.stack([np.ones_like(self.policy, bool), self.policy == Policy.LOCAL], -1)
-        boundary = int((((self.length + 1) % g == 0) & exists).sum())
+        boundary = int((((self.length + 1) % self.group == 0) & exists).sum())
         return PageReport(keep=self.used, need=self.used + max(boundary - len(self.free), 0),
-                          tokens=int(self.classes.size), streams=self.streams())
+                          tokens=int(self.classes.size), streams=int(exists.sum()))
 
     def summary(self) -> dict[str, Any]:
         counts = [int((self.policy == p).sum()) for p in range(NUM_POLICIES)]
@@ -190,7 +191,7 @@ class DeviceFastGen(RequestBook):
                 self.release([req_id])
                 seq = self.seqs[req_id] = DeviceSeq(int(tail_slots[row]), self.layers,
                                                     self.heads, self.max_pages,
-                                                    max_group=self.kivi.group_size)
+                                                    group=self.kivi.group_size)
             end = computed + int(num_scheduled.get(req_id, 0))
             have = seq.classes.size
             if end > have:
@@ -337,12 +338,9 @@ class DeviceFastGen(RequestBook):
                              frequent_ratio=self.cfg.frequent_ratio,
                              local_ratio=self.cfg.local_ratio, scale=scale,
                              chunk=PROFILE_CHUNK, rows=self.cfg.profile_rows or None)
-        pol = prof.policy.to(dev)[:, None]
-        perm = (special | ((pol >= Policy.PUNCT) & punct) | ((pol >= Policy.FREQUENT)
-                & prof.frequent.to(dev)) | (pol == Policy.FULL))
-        pos = torch.arange(n, device=dev)
-        local = (pol == Policy.LOCAL) & ~perm & (pos > n - prof.window)
-        masks = torch.stack([perm, local], dim=1).cpu().numpy()  # [H, 2, n]; synchronises
+        streams = prompt_streams(prof.policy.to(dev), special, punct, prof.frequent.to(dev),
+                                 prof.window)
+        masks = torch.stack(streams, dim=1).cpu().numpy()  # [H, 2, n]; synchronises
         self.profile_s += time.perf_counter() - t0
         if layer == 0:
             seq.n, seq.window, seq.cut = n, prof.window, n - prof.window
@@ -411,7 +409,7 @@ def admissions(policy: np.ndarray, cls: np.ndarray) -> np.ndarray:
     """``[B, L, H, 2]`` (permanent, local) admission of each row's new token (class
     ``cls`` [B]) by heads of policies ``policy`` [B, L, H]."""
     c = cls[:, None, None]
-    perm = (policy == Policy.FULL) | (c == SPECIAL) | ((c == PUNCT) & (policy >= Policy.PUNCT))
+    perm = permanent(policy, c == SPECIAL, c == PUNCT)
     return np.stack([perm, ~perm & (policy == Policy.LOCAL)], axis=-1)
 
 

@@ -37,7 +37,7 @@ from kivi_vllm.config import FastGenConfig, KiviConfig
 from kivi_vllm.fastgen.attention import attend_heads
 from kivi_vllm.fastgen.book import PageEntries, RequestBook
 from kivi_vllm.fastgen.manager import REPORT_ATTR, PageReport
-from kivi_vllm.fastgen.policy import NUM_POLICIES, Policy, TokenClasses
+from kivi_vllm.fastgen.policy import NUM_POLICIES, Policy, TokenClasses, prompt_streams
 from kivi_vllm.fastgen.profile import HeadProfile, profile_heads
 from kivi_vllm.fastgen.streams import HeadStore, PageSpace, Stream
 from kivi_vllm.page_format import PageFormat
@@ -81,7 +81,6 @@ class SeqState(PageEntries):
             "layer_pages": self.layer_pages,
             "pages": self.used - len(self.free),
         }
-
 
 
 class FastGenWorker(RequestBook):
@@ -239,6 +238,8 @@ class FastGenWorker(RequestBook):
         assert seq.scratch is not None
         scratch, n = seq.scratch, keys.shape[0]
         pos = torch.arange(n)
+        perm, local = prompt_streams(prof.policy, seq.special[:n], seq.punct[:n],
+                                     prof.frequent[:, :n], prof.window)
         new_page = self._new_page(seq, scratch)
         out = []
         for h, old in enumerate(streams):
@@ -251,16 +252,11 @@ class FastGenWorker(RequestBook):
                 out.append(hs)
                 continue
             hs = HeadStore(policy, prof.window, self._stream(), None)
-            keep = seq.special[:n].clone()
-            if policy >= Policy.PUNCT:
-                keep |= seq.punct[:n]
-            if policy >= Policy.FREQUENT:
-                keep |= prof.frequent[h, :n]
-            idx = pos[keep]
+            idx = pos[perm[h]]
             hs.permanent.append(idx.tolist(), keys[idx, h], values[idx, h], scratch, new_page)
             if policy == Policy.LOCAL:
                 hs.local = self._stream()
-                lidx = pos[~keep & (pos > n - prof.window)]
+                lidx = pos[local[h]]
                 hs.local.append(lidx.tolist(), keys[lidx, h], values[lidx, h], scratch, new_page)
             out.append(hs)
         return out

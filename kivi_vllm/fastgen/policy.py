@@ -83,6 +83,28 @@ def budgets(num_tokens: int, frequent_ratio: float, local_ratio: float) -> tuple
     return math.ceil(frequent_ratio * num_tokens), math.ceil(local_ratio * num_tokens)
 
 
+def permanent(policy: Any, special: Any, punct: Any) -> Any:
+    """Whether a token of class (``special``, ``punct``) joins a head's permanent stream
+    under ``policy`` (bools, or arrays / tensors that broadcast); heavy hitters join it at
+    profiling, see :func:`prompt_streams`."""
+    return (policy == Policy.FULL) | special | (punct & (policy >= Policy.PUNCT))
+
+
+def prompt_streams(
+    policy: torch.Tensor, special: torch.Tensor, punct: torch.Tensor, frequent: torch.Tensor,
+    window: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each head's kept prompt tokens after profiling: bool ``[H, n]`` (permanent, local).
+
+    policy ``[H]``; special/punct ``[n]``; frequent ``[H, n]``. A ``local`` head's local
+    stream holds its other tokens in the window of the prompt's last position."""
+    pol = policy[:, None]
+    perm = permanent(pol, special, punct) | ((pol >= Policy.FREQUENT) & frequent)
+    n = special.shape[0]
+    pos = torch.arange(n, device=special.device)
+    return perm, (pol == Policy.LOCAL) & ~perm & (pos > n - window)
+
+
 def kept_rows(
     policy: int,
     rows: torch.Tensor,

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import torch
 
 from kivi_vllm import reference
-from kivi_vllm.fastgen.policy import Policy
+from kivi_vllm.fastgen.policy import permanent
 from kivi_vllm.page_format import PageFormat
 
 
@@ -165,7 +165,7 @@ class HeadStore:
 
     def admits(self, special: bool, punct: bool) -> Stream | None:
         """Where a new (generated) token goes; None: evicted at once."""
-        if self.policy == Policy.FULL or special or (punct and self.policy >= Policy.PUNCT):
+        if permanent(self.policy, special, punct):
             return self.permanent
         return self.local
 
