@@ -37,15 +37,16 @@ def plan_ms(rows: int, layers: int, heads: int, prompt: int, steps: int) -> floa
     rng = np.random.default_rng(0)
     window = int(0.3 * prompt)
     worker.rows = []
+    blocks = np.arange(10**6)
     for slot in range(rows):
         seq = fg.DeviceSeq(slot, layers, heads, worker.max_pages, group=32)
         seq.policy[:] = rng.choice([Policy.FREQUENT, Policy.LOCAL, Policy.FULL],
                                    size=(layers, heads))
         seq.n, seq.window, seq.cut = prompt, window, prompt - window
-        seq.local_prompt = np.zeros((layers, heads, window - 1), bool)
+        seq.local_prompt = np.zeros((window - 1, layers, heads), bool)
         seq.classes = np.zeros(prompt, np.int8)
         seq.length[:] = rng.integers(100, prompt, size=(layers, heads, 2))
-        seq.held, seq.block_ids = 10**9, np.arange(10**6)
+        seq.held, seq.block_ids = 10**9, blocks
         worker.rows.append(seq)
     total = 0.0
     for _ in range(steps):

@@ -7,6 +7,7 @@ admission, pages, tails, window masking and recycling, merges, and the page repo
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from types import SimpleNamespace
@@ -33,12 +34,29 @@ POLICIES = [[Policy.LOCAL, Policy.FULL], [Policy.PUNCT, Policy.LOCAL]]
 SPECIAL_ID, PUNCT_ID = 0, 1
 
 
+@contextlib.contextmanager
+def sync_free(on: bool = True):
+    """On the GPU, make any host-device synchronisation inside the block an error."""
+    if DEVICE != "cuda":
+        yield
+        return
+    before = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error" if on else "default")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode(before)
+
+
 def _causal(q, k, v, cu, max_len, scale, out, return_lse=False):
-    """Stand-in for FlashAttention's varlen call (fp32, causal within each request)."""
-    bounds = cu.tolist()
-    for a, b in zip(bounds[:-1], bounds[1:], strict=True):
-        qc, kc, vc = q[a:b].cpu(), k[a:b].cpu(), v[a:b].cpu()
-        out[a:b] = attend_heads(qc, kc, vc, [(kc[:0, 0], vc[:0, 0])] * kc.shape[1], scale)
+    """Stand-in for FlashAttention's varlen call (fp32, causal within each request); it
+    synchronises (the real kernel does not), so it is exempt from :func:`sync_free`."""
+    with sync_free(on=False):
+        bounds = cu.tolist()
+        for a, b in zip(bounds[:-1], bounds[1:], strict=True):
+            qc, kc, vc = q[a:b].cpu(), k[a:b].cpu(), v[a:b].cpu()
+            out[a:b] = attend_heads(qc, kc, vc, [(kc[:0, 0], vc[:0, 0])] * kc.shape[1],
+                                    scale).to(out.device)
 
 
 class Request:
@@ -50,6 +68,7 @@ class Request:
         self.ids[0] = SPECIAL_ID
         self.n = n
         self.frequent = [torch.rand(H, n, generator=gen) < 0.3 for _ in range(L)]
+        self.on_device = [f.to(DEVICE) for f in self.frequent]  # what profiling returns
         self.k = [torch.zeros(0, H, D) for _ in range(L)]
         self.v = [torch.zeros(0, H, D) for _ in range(L)]
 
@@ -84,11 +103,13 @@ class Request:
 
 
 def _profile_stub(req_of_n):
+    """profile_heads returning the given policies and heavy hitters (device tensors)."""
+    policies = [torch.tensor([int(p) for p in ps], device=DEVICE) for ps in POLICIES]
+
     def profile(q, k, special, punct, **kwargs):
         req, layer = req_of_n[k.shape[0]]
-        req_of_n["layer"] = layer
-        return HeadProfile(recovery=torch.zeros(H * QPK, 5), frequent=req.frequent[layer],
-                           policy=torch.tensor([int(p) for p in POLICIES[layer]]),
+        return HeadProfile(recovery=torch.zeros(H * QPK, 5, device=DEVICE),
+                           frequent=req.on_device[layer], policy=policies[layer],
                            window=math.ceil(0.3 * req.n), rows=req.n)
     return profile
 
@@ -148,8 +169,9 @@ def test_device_worker_matches_fastgen_attention(seed, monkeypatch):
                 if not computed[r]:
                     req_of_n[reqs[r].n] = (reqs[r], layer)
             out = torch.full_like(q, float("nan"), device=DEVICE)
-            worker.forward(layer, q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), cache[layer],
-                           tail[layer], md, scale, out)
+            qd, kd, vd = q.to(DEVICE), k.to(DEVICE), v.to(DEVICE)
+            with sync_free():  # no host-device synchronisation in the forward
+                worker.forward(layer, qd, kd, vd, cache[layer], tail[layer], md, scale, out)
             for i, r in enumerate(batch):
                 a, b = int(cu[i]), int(cu[i + 1])
                 req = reqs[r]
@@ -180,3 +202,24 @@ def test_device_worker_matches_fastgen_attention(seed, monkeypatch):
     live_pages = sum(int(np.sum(seq.entries[layer, h, s] >= 0)) for layer in range(L)
                      for h in range(H) for s in (0, 1)) - int(seq.recycled.sum())
     assert live_pages == seq.used - len(seq.free)
+
+
+def test_profile_mirror_hands_out_entries_in_order_and_checks_the_allocation():
+    """settle_profile: entries in (layer, head, stream) order; more pages than the
+    scheduler gave the request is an error, not a silent overwrite."""
+    window = 5
+    packed = np.zeros((L, H * (3 + window - 1)), np.int64)
+    packed[:, :H] = Policy.LOCAL
+    lengths = np.array([[[70, 3], [31, 32]], [[0, 64], [33, 1]]])  # [L, H, 2] tokens
+    packed[:, H : 3 * H] = lengths.reshape(L, 2 * H)
+    pages = lengths // G  # 2, 0, 0, 1, 0, 2, 1, 0: 6 pages
+    seq = fg.DeviceSeq(0, L, H, 8, window=window, held=6, group=G)
+    seq.settle_profile(packed)
+    assert seq.used == 6 and seq.layer_pages == [3, 3]
+    got = [list(seq.entries[la, h, s][seq.entries[la, h, s] >= 0])
+           for la in range(L) for h in range(H) for s in (0, 1)]
+    assert got == [[0, 1], [], [], [2], [], [3, 4], [5], []]
+    assert (seq.length == lengths).all() and pages.sum() == 6
+    short = fg.DeviceSeq(0, L, H, 8, window=window, held=5, group=G)
+    with pytest.raises(RuntimeError, match="holds 5"):
+        short.settle_profile(packed)

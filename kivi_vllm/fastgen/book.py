@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections import OrderedDict
 from typing import Any
 
+import numpy as np
+
 from kivi_vllm.fastgen.manager import PageReport
 
 HISTORY = 64  # finished requests whose summary stays readable (tests, metrics)
@@ -45,12 +47,20 @@ class PageEntries:
 
     def new_entry(self) -> int:
         """A list entry for a new head-page: a recycled one, else the next unused."""
-        if self.free:
-            return self.free.pop()
-        if self.used >= self.held:
+        return int(self.new_entries(1)[0])
+
+    def new_entries(self, count: int) -> np.ndarray:
+        """``count`` entries, as :meth:`new_entry` ``count`` times: recycled ones first
+        (last freed first), then unused ones in order."""
+        count = int(count)
+        take = min(count, len(self.free))
+        recycled = self.free[len(self.free) - take :][::-1]
+        fresh = count - take
+        if self.used + fresh > self.held:
             raise RuntimeError(
-                f"FastGen: request needs head-page {self.used + 1} but holds "
+                f"FastGen: request needs head-page {self.used + fresh} but holds "
                 f"{self.held} (scheduler and worker disagree)"
             )
-        self.used += 1
-        return self.used - 1
+        del self.free[len(self.free) - take :]
+        self.used += fresh
+        return np.array(recycled + list(range(self.used - fresh, self.used)), np.int64)

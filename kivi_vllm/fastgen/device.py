@@ -20,8 +20,10 @@ the KIVI kernels read and write it unchanged:
   request's row shrinks at the step's end with no page moves.
 
 The host keeps a mirror of every stream (lengths, pages, window progress) and plans
-each step once (one set of host-to-device copies); profiling copies the layer's kept
-masks to the host (one synchronisation per prefilled request and layer).
+each step once (one set of host-to-device copies). Profiling and the prompt's stores run
+on the device with no synchronisation (list entries are handed out in order by a device
+counter); the mirror of the step's profiled prompts (policies, stream lengths, local
+window masks) is read back once, in :meth:`DeviceFastGen.end_step`.
 
 Deviation from the CPU path: local-window pages recycle as there, but only whole pages
 (tokens below ``first_valid`` in a kept page are masked, as on the CPU).
@@ -29,6 +31,7 @@ Deviation from the CPU path: local-window pages recycle as there, but only whole
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -49,7 +52,7 @@ from kivi_vllm.fastgen.profile import profile_heads
 from kivi_vllm.page_format import PageFormat
 
 PLAIN, SPECIAL, PUNCT = 0, 1, 2  # token classes (special wins over punctuation)
-PROFILE_CHUNK = 256
+PROFILE_BYTES = 128 << 20  # fp32 attention rows per profiling chunk
 
 
 @dataclass
@@ -68,7 +71,7 @@ class DeviceSeq(PageEntries):
     entries: np.ndarray | None = None  # [L, H, 2, P] list entries of the streams' pages
     first_valid: np.ndarray | None = None  # [L, H] local tokens that left the window
     recycled: np.ndarray | None = None  # [L, H] local pages given back
-    local_prompt: np.ndarray | None = None  # [L, H, window] prompt positions in local
+    local_prompt: np.ndarray | None = None  # [window - 1, L, H] prompt positions in local
     cut: int = 0  # positions <= cut have been checked against the windows
     used: int = 0
     free: list[int] = field(default_factory=list)
@@ -77,6 +80,15 @@ class DeviceSeq(PageEntries):
     pages_after_profile: int = 0
     layer_pages: list[int] = field(default_factory=list)  # per layer, after profiling
     group: int = 32  # kivi.group_size
+    # profiling on the device (the prompt's step): inputs, the list-entry counter, and
+    # each layer's packed result (policy, stream lengths, local masks) for end_step
+    dev_classes: torch.Tensor | None = None
+    dev_blocks: torch.Tensor | None = None
+    dev_used: torch.Tensor | None = None
+    pending: list[torch.Tensor] = field(default_factory=list)
+    local_heads: np.ndarray | None = None  # [L, H] policy == LOCAL, once profiled
+    has_local: bool = False
+    slack: int = 0  # window moves before a local page may empty (a lower bound)
 
     def __post_init__(self) -> None:
         shape = (self.layers, self.heads)
@@ -88,29 +100,58 @@ class DeviceSeq(PageEntries):
 
     @property
     def profiled(self) -> bool:
-        return bool((self.policy >= 0).all())
+        """Whether the prompt is profiled (:meth:`settle_profile` sets every layer)."""
+        return bool(self.policy[0, 0] >= 0)
 
     def advance_window(self, qpos: int) -> None:
         """Count the local tokens that left the window of a query at ``qpos``; give back
         the local pages whose tokens all left it."""
-        local_head = self.policy == Policy.LOCAL
-        if not local_head.any():
+        if self.local_heads is None:  # policies are fixed once profiled
+            self.local_heads = self.policy == Policy.LOCAL
+            self.has_local, self.slack = bool(self.local_heads.any()), 0
+        if not self.has_local:
             return
         base = self.n - self.window + 1  # first prompt position a local stream may hold
-        for c in range(self.cut + 1, qpos - self.window + 1):
-            if c < base:
-                continue
+        for c in range(max(self.cut + 1, base), qpos - self.window + 1):
             if c < self.n:
-                self.first_valid += self.local_prompt[:, :, c - base]
+                self.first_valid += self.local_prompt[c - base]
             elif self.classes[c] == PLAIN:
-                self.first_valid += local_head
+                self.first_valid += self.local_heads
+            self.slack -= 1  # each position moves a head's first_valid by at most one
         self.cut = max(self.cut, qpos - self.window)
+        if self.slack > 0:  # no head reached its next page boundary
+            return
         g = self.group
         for layer, head in zip(*np.nonzero(self.first_valid // g > self.recycled), strict=True):
             while (self.recycled[layer, head] + 1) * g <= self.first_valid[layer, head]:
                 entry = int(self.entries[layer, head, 1, self.recycled[layer, head]])
                 self.free.append(entry)
                 self.recycled[layer, head] += 1
+        self.slack = int(((self.recycled + 1) * g - self.first_valid).min())
+
+    def settle_profile(self, packed: np.ndarray) -> None:
+        """Mirror the prompt's profiling done on the device. ``packed`` [L, H * (3 + w)]:
+        per layer the heads' policies, the streams' lengths ([H, 2]) and the local streams'
+        masks over the window's prompt positions ([H, w], w = window - 1); list entries
+        went out in (layer, head, stream) order, as :meth:`DeviceFastGen._compact` counts."""
+        L, H, g = self.layers, self.heads, self.group  # noqa: N806
+        w = max(self.window - 1, 0)
+        self.policy[:] = packed[:, :H]
+        self.length[:] = packed[:, H : 3 * H].reshape(L, H, 2)
+        self.local_prompt = packed[:, 3 * H :].reshape(L, H, w).transpose(2, 0, 1).astype(bool)
+        pages = self.length // g
+        ends = np.cumsum(pages.ravel()).reshape(pages.shape)
+        if ends[-1, -1, -1] > self.held:
+            raise RuntimeError(
+                f"FastGen: request needs {ends[-1, -1, -1]} head-pages after profiling but "
+                f"holds {self.held} (scheduler and worker disagree)")
+        idx = np.arange(self.max_pages)
+        self.entries[:] = np.where(idx < pages[..., None], (ends - pages)[..., None] + idx, -1)
+        self.used, self.free = int(ends[-1, -1, -1]), []
+        self.layer_pages = pages.sum(axis=(1, 2)).tolist()
+        self.pages_after_profile = self.used
+        self.pending, self.dev_classes, self.dev_blocks, self.dev_used = [], None, None, None
+        self.local_heads = None
 
     def report(self) -> PageReport:
         exists = np.stack([np.ones_like(self.policy, bool), self.policy == Policy.LOCAL], -1)
@@ -150,7 +191,7 @@ class DeviceFastGen(RequestBook):
         self.row_ids: list[str] = []
         self.plan = _Plan()
         self.peak_rows = 0
-        self.profile_s = 0.0
+        self.timer = _Timer(cuda=False)
 
     @property
     def enabled(self) -> bool:
@@ -165,9 +206,10 @@ class DeviceFastGen(RequestBook):
         self.fmt = PageFormat(kivi.bits, g, head_dim, 1)
         self.max_pages = -(-max_model_len // g)
         self.device = device
+        self.timer = _Timer(cuda=device.type == "cuda")
         self.vbt = torch.zeros((layers, (slots + 1) * heads * 2, self.max_pages),
                                dtype=torch.int32, device=device)
-        self.arange = torch.arange(max(slots, 1) * heads * 2 + 1, dtype=torch.int32,
+        self.arange = torch.arange((slots + 1) * heads * 2 + 1, dtype=torch.int32,
                                    device=device)
         self.zeros = torch.zeros_like(self.arange)
 
@@ -202,6 +244,9 @@ class DeviceFastGen(RequestBook):
                 seq.classes = np.concatenate([seq.classes, cls])
             seq.held = int(held[row])
             seq.block_ids = block_rows[row]
+            if not seq.profiled:  # a prompt this step: profiled on the device
+                seq.dev_classes = _to(self.device, seq.classes, np.int8)
+                seq.dev_blocks = _to(self.device, seq.block_ids, np.int32)
             self.rows.append(seq)
         self._plan_decode()
 
@@ -229,36 +274,41 @@ class DeviceFastGen(RequestBook):
         lens[:, 2] = np.stack([seq.first_valid for seq in decode]).transpose(1, 0, 2).reshape(
             L, rows)
         admit = admissions(policy, cls)  # [B, L, H, 2]
-        b, layer, head, stream = np.nonzero(admit)
+        # admitted (layer, row, head, stream), layer-major: each layer's records in one run
+        flat = np.flatnonzero(admit.transpose(1, 0, 2, 3))  # (np.nonzero is slower here)
+        stream, head = flat % 2, flat // 2 % H
+        b, layer = flat // (2 * H) % len(decode), flat // (2 * H * len(decode))
         idx = length[b, layer, head, stream]
         block = np.zeros(len(idx), np.int64)
-        vbt_idx, vbt_val = [], []
-        for j in np.nonzero((idx + 1) % g == 0)[0]:  # the token completes a page
-            seq, page = decode[b[j]], int(idx[j] // g)
-            entry = seq.new_entry()
-            seq.entries[layer[j], head[j], stream[j], page] = entry
-            block[j] = seq.block_ids[entry]
-            vrow = layer[j] * self.vbt.shape[1] + vslots[b[j], head[j], stream[j]]
-            vbt_idx.append(int(vrow) * self.max_pages + page)
-            vbt_val.append(int(block[j]))
+        done = np.nonzero((idx + 1) % g == 0)[0]  # the token completes a page
+        done = done[np.argsort(b[done], kind="stable")]  # grouped by row
+        page = idx[done] // g
+        rows_done, first = np.unique(b[done], return_index=True)
+        bounds = np.append(first, len(done))
+        for i, j0, j1 in zip(rows_done, bounds[:-1], bounds[1:], strict=True):
+            seq, part = decode[i], slice(j0, j1)
+            entry = seq.new_entries(j1 - j0)
+            at = done[part]
+            seq.entries[layer[at], head[at], stream[at], page[part]] = entry
+            block[at] = seq.block_ids[entry]
         for seq, adm in zip(decode, admit, strict=True):
             seq.length += adm
-        rec = np.stack([layer, b * H + head, block * g + idx % g, idx + 1,
-                        vslots[b, head, stream]])  # by layer (np.nonzero order is b-major)
-        rec = rec[:, np.argsort(layer, kind="stable")]
+        vbt_idx = ((layer[done] * self.vbt.shape[1] + vslots[b[done], head[done], stream[done]])
+                   * self.max_pages + page)
+        rec = np.stack([b * H + head, block * g + idx % g, idx + 1, vslots[b, head, stream]])
         dev = self.device
         self.plan = _Plan(
             rows=rows,
             slots=_to(dev, vslots.transpose(2, 0, 1).reshape(2, rows), np.int32),
             lens=_to(dev, lens, np.int32),
             has_local=(policy == Policy.LOCAL).any(axis=(0, 2)),
-            store=_to(dev, rec[1:3], np.int64),
-            store32=_to(dev, rec[3:5], np.int32),
-            store_at=np.searchsorted(rec[0], np.arange(L + 1)),
+            store=_to(dev, rec[0:2], np.int64),
+            store32=_to(dev, rec[2:4], np.int32),
+            store_at=np.searchsorted(layer, np.arange(L + 1)),
         )
-        if vbt_idx:
+        if len(done):
             self.vbt.view(-1).index_copy_(0, _to(dev, vbt_idx, np.int64),
-                                          _to(dev, vbt_val, np.int32))
+                                          _to(dev, block[done], np.int32))
 
     # --- the backend's call ---------------------------------------------------------------
 
@@ -320,76 +370,81 @@ class DeviceFastGen(RequestBook):
 
     def _compact(self, seq: DeviceSeq, layer: int, q: torch.Tensor, k: torch.Tensor,
                  v: torch.Tensor, cache: torch.Tensor, tail: torch.Tensor, scale: float) -> None:
-        """Profile one layer on a whole prompt and store each head's kept tokens."""
-        import time
+        """Profile one layer on a whole prompt and store each head's kept tokens, on the
+        device and without synchronising (the host mirror follows in :meth:`end_step`).
 
+        Streams ``(head, stream)`` are laid out in order: stream ``i`` of ``S = 2H`` holds
+        its kept tokens at rows ``qsl[i]:qsl[i + 1]`` of one store launch (the unused rest
+        of the ``S * n`` rows is padding), its complete pages take list entries from the
+        request's device counter, and its vbt row and tail ring are row ``slot * S + i``.
+        """
         from kivi_vllm.kernels.store import store_step
 
         assert self.cfg is not None and self.kivi is not None
-        n, dev, g = k.shape[0], k.device, self.kivi.group_size
+        assert seq.dev_classes is not None and seq.dev_blocks is not None
+        n, dev, g, H = k.shape[0], k.device, self.kivi.group_size, self.heads  # noqa: N806
+        S = 2 * H  # noqa: N806
         if seq.classes.size != n:
             raise KiviConfigError(
                 "kivi.fastgen on the GPU profiles each prompt in the step that prefills it "
                 "whole; start the engine with enable_chunked_prefill=False")
-        t0 = time.perf_counter()
-        cls = torch.from_numpy(seq.classes).to(dev, non_blocking=True)
-        special, punct = cls == SPECIAL, cls == PUNCT
+        self.timer.start()
+        special, punct = seq.dev_classes == SPECIAL, seq.dev_classes == PUNCT
         prof = profile_heads(q, k, special, punct, recovery=self.cfg.recovery,
                              frequent_ratio=self.cfg.frequent_ratio,
                              local_ratio=self.cfg.local_ratio, scale=scale,
-                             chunk=PROFILE_CHUNK, rows=self.cfg.profile_rows or None)
-        streams = prompt_streams(prof.policy.to(dev), special, punct, prof.frequent.to(dev),
-                                 prof.window)
-        masks = torch.stack(streams, dim=1).cpu().numpy()  # [H, 2, n]; synchronises
-        self.profile_s += time.perf_counter() - t0
+                             chunk=max(64, PROFILE_BYTES // (4 * q.shape[1] * n)),
+                             rows=self.cfg.profile_rows or None)
         if layer == 0:
             seq.n, seq.window, seq.cut = n, prof.window, n - prof.window
-            seq.local_prompt = np.zeros((self.layers, self.heads, max(prof.window - 1, 0)),
-                                        bool)
-            seq.used, seq.free, seq.layer_pages = 0, [], []
-        first = seq.used
-        seq.policy[layer] = prof.policy.cpu().numpy()
-        base = n - prof.window + 1
-        seq.local_prompt[layer] = masks[:, 1, base:] if base < n else False
-        toks, heads, slots, qsl, lens, tails, vbt_idx, vbt_val = [], [], [], [0], [], [], [], []
-        for h in range(self.heads):
-            for s in (0, 1):
-                kept = np.nonzero(masks[h, s])[0]
-                c = len(kept)
-                seq.length[layer, h, s] = c
-                if c == 0:
-                    continue
-                pages = np.array([seq.new_entry() for _ in range(c // g)], np.int64)
-                seq.entries[layer, h, s, : len(pages)] = pages
-                block = np.zeros(-(-c // g), np.int64)
-                block[: len(pages)] = seq.block_ids[pages]
-                i = np.arange(c)
-                toks.append(kept)
-                heads.append(np.full(c, h))
-                slots.append(block[i // g] * g + i % g)
-                qsl.append(qsl[-1] + c)
-                lens.append(c)
-                tails.append(self.vslot(seq.slot, h, s))
-                vrow = layer * self.vbt.shape[1] + self.vslot(seq.slot, h, s)
-                vbt_idx.append(vrow * self.max_pages + np.arange(len(pages)))
-                vbt_val.append(block[: len(pages)])
-        if toks:  # (a layer whose heads keep nothing: special-only heads, no special token)
-            tok = _to(dev, np.concatenate(toks), np.int64)
-            head = _to(dev, np.concatenate(heads), np.int64)
-            kk, vv = k[tok, head].unsqueeze(1), v[tok, head].unsqueeze(1)
-            self.vbt.view(-1).index_copy_(0, _to(dev, np.concatenate(vbt_idx), np.int64),
-                                          _to(dev, np.concatenate(vbt_val), np.int32))
-            store_step(kk, vv, cache, tail, _to(dev, np.concatenate(slots), np.int64),
-                       _to(dev, qsl, np.int32), _to(dev, lens, np.int32),
-                       _to(dev, tails, np.int32), self.fmt, self.kivi.residual)
-        seq.layer_pages.append(seq.used - first)
-        if layer == self.layers - 1:
-            seq.pages_after_profile = seq.used
+            seq.dev_used = torch.zeros((), dtype=torch.int64, device=dev)
+            seq.pending = []
+        policy = prof.policy.to(dev)
+        masks = torch.stack(prompt_streams(policy, special, punct, prof.frequent.to(dev),
+                                           prof.window), dim=1).view(S, n)
+        counts = masks.sum(dim=1)
+        pages = counts // g
+        start = seq.dev_used + pages.cumsum(0) - pages  # first list entry of each stream
+        seq.dev_used = seq.dev_used + pages.sum()
+        qsl = torch.nn.functional.pad(counts.cumsum(0), (1, 0))
+        rank = masks.cumsum(dim=1) - 1  # of each kept token in its stream
+        page = rank.div(g, rounding_mode="floor")
+        last = seq.dev_blocks.shape[0] - 1
+        entry = (start[:, None] + page).clamp(0, last)
+        # a token of a complete page goes to its block; a tail token only needs slot >= 0
+        slot = torch.where(page < pages[:, None], seq.dev_blocks[entry].long() * g, 0)
+        slot = torch.cat([(slot + rank % g).view(-1), slot.new_full((1,), -1)])
+        row = torch.full((S * n + 1,), S * n, dtype=torch.int64, device=dev)
+        row.scatter_(0, torch.where(masks, qsl[:-1, None] + rank, S * n).view(-1),
+                     torch.arange(S * n, device=dev))
+        row = row[: S * n]  # store row -> (stream, position); S * n: padding
+        src = row.clamp(max=S * n - 1)
+        tok, head = src % n, src // n // 2
+        first = self.vslot(seq.slot, 0, 0)
+        p = torch.arange(-(-n // g), device=dev)
+        vbt = self.vbt[layer, first : first + S, : p.shape[0]]
+        vbt.copy_(torch.where(p < pages[:, None], seq.dev_blocks[
+            (start[:, None] + p).clamp(0, last)], vbt))
+        store_step(k[tok, head].unsqueeze(1), v[tok, head].unsqueeze(1), cache, tail,
+                   slot[row], qsl.to(torch.int32), counts.to(torch.int32),
+                   self.arange[first : first + S], self.fmt, self.kivi.residual)
+        base = n - prof.window + 1  # the window's prompt positions a local stream may hold
+        seq.pending.append(torch.cat([policy, counts, masks[1::2, base:].reshape(-1).long()]))
+        self.timer.stop()
 
     # --- after the forward ------------------------------------------------------------------
 
     def end_step(self, block_table: Any, req_index: dict[str, int]) -> None:
-        """Truncate profiled requests' block-table rows and queue their page reports."""
+        """Mirror the step's profiling (one synchronisation), then truncate profiled
+        requests' block-table rows and queue their page reports."""
+        profiled = [seq for seq in self.rows if seq.pending]
+        if profiled:
+            sizes = [len(seq.pending) * seq.pending[0].numel() for seq in profiled]
+            packed = torch.cat([t for seq in profiled for t in seq.pending]).cpu().numpy()
+            for seq, part in zip(profiled, np.split(packed, np.cumsum(sizes)[:-1]),
+                                 strict=True):
+                seq.settle_profile(part.reshape(self.layers, -1))
+            self.timer.collect()
         for req_id, seq in zip(self.row_ids, self.rows, strict=True):
             if not seq.profiled:
                 continue
@@ -400,7 +455,7 @@ class DeviceFastGen(RequestBook):
 
     def stats(self) -> dict[str, Any]:
         return {"requests": len(self.seqs), "peak_rows": self.peak_rows,
-                "profile_s": self.profile_s,
+                "profile_s": self.timer.seconds,
                 "live": {r: s.summary() for r, s in self.seqs.items()},
                 "history": dict(self.history)}
 
@@ -411,6 +466,36 @@ def admissions(policy: np.ndarray, cls: np.ndarray) -> np.ndarray:
     c = cls[:, None, None]
     perm = permanent(policy, c == SPECIAL, c == PUNCT)
     return np.stack([perm, ~perm & (policy == Policy.LOCAL)], axis=-1)
+
+
+class _Timer:
+    """Seconds between :meth:`start` and :meth:`stop`: CUDA events on the GPU (read by
+    :meth:`collect` after a synchronisation), the host clock otherwise."""
+
+    def __init__(self, cuda: bool) -> None:
+        self.cuda, self.seconds = cuda, 0.0
+        self.spans: list[Any] = []
+        self.t0 = 0.0
+
+    def start(self) -> None:
+        if self.cuda:
+            self.spans.append(torch.cuda.Event(enable_timing=True))
+            self.spans[-1].record()
+        else:
+            self.t0 = time.perf_counter()
+
+    def stop(self) -> None:
+        if self.cuda:
+            end = torch.cuda.Event(enable_timing=True)
+            end.record()
+            self.spans[-1] = (self.spans[-1], end)
+        else:
+            self.seconds += time.perf_counter() - self.t0
+
+    def collect(self) -> None:
+        for begin, end in self.spans:
+            self.seconds += begin.elapsed_time(end) / 1e3
+        self.spans = []
 
 
 def _to(dev: torch.device, x: Any, dtype: Any) -> torch.Tensor:
