@@ -17,7 +17,6 @@ import argparse
 import datetime
 import json
 import os
-import re
 import subprocess
 import sys
 import time
@@ -190,8 +189,10 @@ def main() -> None:
         return
     runs = DEFAULT_RUNS
     if args.runs:
+        from benchmarks.quality import split_settings
+
         runs = [(r.rsplit("@", 1)[0], int(r.rsplit("@", 1)[1]))
-                for r in re.split(r",(?=bf16|kivi)", args.runs)]
+                for r in split_settings(args.runs)]
     records: list[dict] = []
     for name, n in runs:
         start = time.perf_counter()

@@ -37,6 +37,13 @@ DEFAULT_KV = {
 }
 
 
+def split_settings(spec: str) -> list[str]:
+    """A comma-separated list of setting names -> names: a new name starts at ``bf16``,
+    ``fp8``, ``int4_per_token_head`` or ``kivi<bits>`` (a KIVI setting's own options, such
+    as ``fp8_scales=true``, hold commas too)."""
+    return re.split(r",(?=(?:bf16|fp8|int4_per_token_head|kivi\d)(?![a-z_]))", spec)
+
+
 def parse_kv(name: str) -> dict[str, Any]:
     """Setting name -> {"kv", "kivi" (dict or None), "kv_cache_dtype"}."""
     if name in ("bf16", "fp8"):
@@ -51,7 +58,7 @@ def parse_kv(name: str) -> dict[str, Any]:
         "residual": int(parts[2][1:]),
     }
     # options split at a comma that starts ``name=`` (JSON values may hold commas)
-    for item in filter(None, re.split(r",(?=[a-z_]+=)", extra)):
+    for item in filter(None, re.split(r",(?=[a-z_][a-z0-9_]*=)", extra)):
         key, _, value = item.partition("=")
         kivi[key] = json.loads(value)
     return {"kv": name, "kivi": kivi, "kv_cache_dtype": "auto"}
@@ -242,7 +249,7 @@ def main() -> None:
     )
     records = {r["kv"]: r for r in doc["records"]}
     # a comma starts a new setting only before bf16/fp8/kivi (else it separates options)
-    for name in re.split(r",(?=bf16|fp8|kivi)", args.kv or DEFAULT_KV[args.model]):
+    for name in split_settings(args.kv or DEFAULT_KV[args.model]):
         setting = parse_kv(name)
         print(f"[quality] {args.model} {name} ...", flush=True)
         rec = {"model": Path(model_path).name, "kv": name,

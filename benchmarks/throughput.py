@@ -21,7 +21,6 @@ import argparse
 import datetime
 import json
 import os
-import re
 import subprocess
 import sys
 import time
@@ -37,7 +36,9 @@ def parse_workloads(spec: str) -> list[tuple[int, int, int]]:
 
 def split_kv(spec: str) -> list[str]:
     """``--kv`` -> setting names (commas inside a KIVI setting separate its options)."""
-    names = re.split(r",(?=bf16|fp8|int4|kivi)", spec)
+    from benchmarks.quality import split_settings
+
+    names = split_settings(spec)
     for name in names:
         kv_setting(name)  # fail before any engine starts
     return names
