@@ -19,6 +19,9 @@ scored tokens are the harness's (``kivi_vllm.quality.ppl_windows``). Levers:
 * ``rotate_seed``: with ``rotate``, the randomized Hadamard ``diag(+-1) @ H`` of
   ``reference.random_hadamard`` (signs from this seed) instead of the plain one
 * ``rotate_values``: the same for values (per-token groups of G channels)
+* ``value_group``: channels per value group (default: G)
+* ``scale8``: scales rounded up to float8 e4m3 (1 byte; mins stay float16, the codes are
+  computed against the rounded scale)
 
 With ``--passkey``, each lever also answers the harness's passkey trials
 (``kivi_vllm.quality.passkey_trials``) teacher-forced on the exact model's greedy answer:
@@ -61,6 +64,8 @@ class Lever:
     rotate: bool = False
     rotate_values: bool = False
     rotate_seed: int | None = None  # randomized Hadamard (with rotate)
+    value_group: int = 0  # channels per value group (0: group)
+    scale8: bool = False  # float8 e4m3 scales
     exact: bool = False  # no quantization at all (the fp32 reference)
 
     def __post_init__(self) -> None:
@@ -82,7 +87,9 @@ class Lever:
             s += "k" if self.hi_keys else "v" if self.hi_values else ""
         if self.rotate:
             s += "+rotate" if self.rotate_seed is None else f"+rotate_s{self.rotate_seed}"
-        return s + ("+rotv" if self.rotate_values else "")
+        s += "+rotv" if self.rotate_values else ""
+        s += f"+vg{self.value_group}" if self.value_group else ""
+        return s + ("+scale8" if self.scale8 else "")
 
     def is_hi(self, layer: int, layers: int) -> bool:
         """Whether ``layer`` (of ``layers``) is one of the 4-bit layers."""
@@ -105,24 +112,39 @@ def fake_kv(k: torch.Tensor, v: torch.Tensor, lv: Lever, kbits: int, vbits: int)
     from kivi_vllm import reference
 
     g, d = lv.group, k.shape[-1]
+    vgs = lv.value_group or g
     kh, vh = k.clone(), v.clone()
     rot = lv.key_rotation(d)
     rot_v = reference.hadamard(d) if lv.rotate_values else None
     for j in range(k.shape[2] // g):
         sl = slice(j * g, (j + 1) * g)
         kg = k[:, :, sl] @ rot if rot is not None else k[:, :, sl]
-        codes, scale, mn = reference.quantize(kg, dim=2, bits=kbits)
-        kq = reference.dequantize(codes, scale, mn)
+        kq = fake_quant(kg, 2, kbits, lv.scale8)
         if lv.outliers:
             rng = kg.amax(2, keepdim=True) - kg.amin(2, keepdim=True)
             top = rng.topk(lv.outliers, dim=-1).indices.expand(-1, -1, g, -1)
             kq.scatter_(-1, top, kg.half().float().gather(-1, top))
         kh[:, :, sl] = kq @ rot.T if rot is not None else kq
         vg = v[:, :, sl] @ rot_v if rot_v is not None else v[:, :, sl]
-        codes, scale, mn = reference.quantize(vg.unflatten(-1, (d // g, g)), -1, vbits)
-        vq = reference.dequantize(codes, scale, mn).flatten(-2)
+        vq = fake_quant(vg.unflatten(-1, (d // vgs, vgs)), -1, vbits, lv.scale8).flatten(-2)
         vh[:, :, sl] = vq @ rot_v.T if rot_v is not None else vq
     return kh, vh
+
+
+def fake_quant(x: torch.Tensor, dim: int, bits: int, scale8: bool) -> torch.Tensor:
+    """KIVI reconstruction of ``x`` with one (scale, min) per slice along ``dim``."""
+    from kivi_vllm import reference
+
+    if not scale8:
+        return reference.dequantize(*reference.quantize(x, dim, bits))
+    qmax = (1 << bits) - 1
+    mn = reference.fp16_floor(x.amin(dim, keepdim=True)).float()
+    scale = (x.amax(dim, keepdim=True) - mn) / qmax
+    s8 = scale.to(torch.float8_e4m3fn)
+    up = (s8.view(torch.uint8) + 1).view(torch.float8_e4m3fn)  # next e4m3 (scale >= 0)
+    s8 = torch.where(s8.float() < scale, up.float(), s8.float())
+    codes = torch.floor((x - mn) / s8.clamp_min(2.0**-9) + 0.5).clamp_(0, qmax)
+    return mn + codes * s8
 
 
 _STATE: dict[str, Any] = {}
@@ -176,7 +198,9 @@ def cost(lv: Lever, hf: Any) -> dict[str, float]:
     # key and value codes have the same size
     extra_hi = (hi - lo) / 2 if lv.hi_keys or lv.hi_values else hi - lo
     per_layer_extra = heads * lv.outliers * (2 + 1 / lv.group)  # fp16 values + index byte
-    pages = lo * layers + extra_hi * n_hi + per_layer_extra * layers
+    vgs, s = lv.value_group or lv.group, 1 if lv.scale8 else 2  # scale bytes
+    meta_saved = heads * (4 * d / lv.group * 2 - d * (2 + s) / lv.group - d / vgs * (2 + s))
+    pages = (lo - meta_saved) * layers + extra_hi * n_hi + per_layer_extra * layers
     tail_tokens = lv.residual + lv.sink * lv.group
     tails = (MAX_SEQS + 1) * tail_tokens * bf16
     return {
