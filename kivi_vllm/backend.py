@@ -87,7 +87,7 @@ class KiviAttentionBackend(AttentionBackend):
     ) -> tuple[int, ...]:
         cfg = state.active_config()
         heads = 1 if cfg.fastgen is not None else num_kv_heads  # FastGen: head-pages
-        fmt = PageFormat(cfg.bits, cfg.group_size, head_size, heads)
+        fmt = PageFormat(cfg.bits, cfg.group_size, head_size, heads, fp8_scales=cfg.fp8_scales)
         assert block_size == fmt.block_size, (block_size, fmt.block_size)
         if cfg.layer_key_bits:  # pages differ by layer; each layer's tensor holds its own
             return (num_blocks, -1)
@@ -334,7 +334,8 @@ class KiviAttentionImpl(AttentionImpl[KiviMetadata]):
         self.cfg.check_head_size(head_size)
         # the layer's own format (kivi.layer_key_bits) is resolved from its name on the
         # first forward: vLLM builds the impl without the layer's name
-        self.fmt = PageFormat(self.cfg.bits, self.cfg.group_size, head_size, self.num_kv_heads)
+        self.fmt = PageFormat(self.cfg.bits, self.cfg.group_size, head_size, self.num_kv_heads,
+                              fp8_scales=self.cfg.fp8_scales)
         self._layer_resolved = not self.cfg.layer_key_bits
         # kivi.rotate_keys: one orthogonal matrix for queries and keys (moved on first use)
         self.rotation = reference.hadamard(head_size) if self.cfg.rotate_keys else None

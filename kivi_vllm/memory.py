@@ -26,6 +26,7 @@ def layer_format(vllm_config: Any, cfg: KiviConfig) -> PageFormat:
         group_size=cfg.group_size,
         head_dim=model_config.get_head_size(),
         num_kv_heads=model_config.get_num_kv_heads(vllm_config.parallel_config),
+        fp8_scales=cfg.fp8_scales,
     )
 
 

@@ -7,9 +7,9 @@ section               logical shape                       dtype
 ====================  ==================================  =========
 key codes             [kv_heads, group, head_dim / kcpb]  uint8
 value codes           [kv_heads, head_dim / vcpb, group]  uint8
-key scale             [kv_heads, head_dim]                float16
+key scale             [kv_heads, head_dim]                float16 (or float8 e4m3)
 key min               [kv_heads, head_dim]                float16
-value scale           [kv_heads, head_dim / group, group] float16
+value scale           [kv_heads, head_dim / group, group] float16 (or float8 e4m3)
 value min             [kv_heads, head_dim / group, group] float16
 ====================  ==================================  =========
 
@@ -19,7 +19,8 @@ value min             [kv_heads, head_dim / group, group] float16
 (``P = head_dim // cpb``), so unpacking is a shift and a mask per plane, with no
 interleaving.
 Keys are quantized per channel over the group's tokens, values per token over
-groups of ``group_size`` channels. Scales and mins are float16. Value sections are
+groups of ``group_size`` channels. Mins are float16; scales are float16, or float8 e4m3
+(``fp8_scales``, ``kivi.fp8_scales``: one byte each, rounded up). Value sections are
 token-minor (a byte column or a channel group's scales hold the group's tokens
 contiguously): the attention kernel reads values with tokens as the reduction axis.
 """
@@ -37,7 +38,7 @@ class PageFormat:
     """Byte layout of one KIVI page for (bits, group_size, head_dim, num_kv_heads).
 
     ``bits`` is the value code width and, unless ``key_bits`` is set (non-zero), the
-    key code width too.
+    key code width too. ``fp8_scales``: scales in float8 e4m3 instead of float16.
     """
 
     bits: int
@@ -45,6 +46,7 @@ class PageFormat:
     head_dim: int
     num_kv_heads: int
     key_bits: int = 0
+    fp8_scales: bool = False
 
     def __post_init__(self) -> None:
         for name, value in (("bits", self.bits), ("key_bits", self.k_bits)):
@@ -87,16 +89,22 @@ class PageFormat:
         """Channel groups per token for the values."""
         return self.head_dim // self.group_size
 
+    @property
+    def scale_dtype(self) -> torch.dtype:
+        """dtype of the key and value scales."""
+        return torch.float8_e4m3fn if self.fp8_scales else torch.float16
+
     @cached_property
     def sections(self) -> dict[str, tuple[int, tuple[int, ...], torch.dtype]]:
         """Name -> (byte offset, logical shape, dtype), in page order."""
         h, g, d = self.num_kv_heads, self.group_size, self.head_dim
+        scale = self.scale_dtype
         layout = [
             ("k_codes", (h, g, self.k_packed_dim), torch.uint8),
             ("v_codes", (h, self.v_packed_dim, g), torch.uint8),
-            ("k_scale", (h, d), torch.float16),
+            ("k_scale", (h, d), scale),
             ("k_min", (h, d), torch.float16),
-            ("v_scale", (h, self.value_groups, g), torch.float16),
+            ("v_scale", (h, self.value_groups, g), scale),
             ("v_min", (h, self.value_groups, g), torch.float16),
         ]
         out: dict[str, tuple[int, tuple[int, ...], torch.dtype]] = {}
@@ -158,7 +166,8 @@ def layer_page_format(cfg, layer: int, head_dim: int, num_kv_heads: int) -> Page
     """The page format of decoder layer ``layer`` under a ``KiviConfig``."""
     key_bits = cfg.key_bits_of(layer)
     return PageFormat(cfg.bits, cfg.group_size, head_dim, num_kv_heads,
-                      key_bits=0 if key_bits == cfg.bits else key_bits)
+                      key_bits=0 if key_bits == cfg.bits else key_bits,
+                      fp8_scales=cfg.fp8_scales)
 
 
 def kivi_bytes_per_token(cfg, head_dim: int, num_kv_heads: int, num_layers: int,

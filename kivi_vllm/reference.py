@@ -35,20 +35,32 @@ def fp16_ceil(x: torch.Tensor) -> torch.Tensor:
     return torch.where(too_small, up, y)
 
 
+FP8_MAX = 448.0  # largest finite float8 e4m3fn
+
+
+def fp8_ceil(x: torch.Tensor) -> torch.Tensor:
+    """Smallest float8 e4m3 value >= x (x float32 >= 0); above 448 it saturates to 448."""
+    x = x.clamp(max=FP8_MAX)
+    y = x.to(torch.float8_e4m3fn)
+    bits = y.view(torch.uint8)
+    return torch.where(y.float() < x, bits + 1, bits).view(torch.float8_e4m3fn)
+
+
 def quantize(
-    x: torch.Tensor, dim: int, bits: int
+    x: torch.Tensor, dim: int, bits: int, fp8_scale: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Asymmetric quantization of ``x`` with one (scale, min) per slice along ``dim``.
 
-    The min is rounded down and the scale up to float16, so every element lies in
-    ``[min, min + (2**bits - 1) * scale]`` and ``|x - dequantize| <= scale / 2``.
-    Returns (codes uint8 shaped like x, scale fp16, min fp16), scale/min keep ``dim``.
+    The min is rounded down to float16 and the scale up to float16 (``fp8_scale``: to
+    float8 e4m3), so every element lies in ``[min, min + (2**bits - 1) * scale]`` and
+    ``|x - dequantize| <= scale / 2`` (unless a float8 scale saturates at 448).
+    Returns (codes uint8 shaped like x, scale, min fp16), scale/min keep ``dim``.
     """
     qmax = (1 << bits) - 1
     xf = x.float()
     mn = fp16_floor(xf.amin(dim=dim, keepdim=True))
     mx = xf.amax(dim=dim, keepdim=True)
-    scale = fp16_ceil((mx - mn.float()) / qmax)
+    scale = (fp8_ceil if fp8_scale else fp16_ceil)((mx - mn.float()) / qmax)
     scale_f = scale.float()
     safe = torch.where(scale_f > 0, scale_f, torch.ones_like(scale_f))
     # NaN quotients (non-finite input, overflowed scale) -> code 0: casting NaN to uint8
@@ -89,9 +101,10 @@ def quantize_page(
     g, h, d = keys.shape
     assert (g, h, d) == (fmt.group_size, fmt.num_kv_heads, fmt.head_dim)
     k = keys.float().permute(1, 0, 2)  # [h, g, d]: per-channel groups over tokens
-    k_codes, k_scale, k_min = quantize(k, dim=1, bits=fmt.k_bits)
+    k_codes, k_scale, k_min = quantize(k, dim=1, bits=fmt.k_bits, fp8_scale=fmt.fp8_scales)
     v = values.float().permute(1, 0, 2).unflatten(-1, (fmt.value_groups, g))
-    v_codes, v_scale, v_min = quantize(v, dim=-1, bits=fmt.v_bits)  # [h, g, vg, G]
+    v_codes, v_scale, v_min = quantize(v, dim=-1, bits=fmt.v_bits,  # [h, g, vg, G]
+                                       fp8_scale=fmt.fp8_scales)
     return {
         "k_codes": pack_planar(k_codes, fmt.k_bits),
         "v_codes": pack_planar(v_codes.flatten(-2), fmt.v_bits).transpose(-1, -2),  # [h, P, g]

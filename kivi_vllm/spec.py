@@ -18,20 +18,22 @@ class KiviAttentionSpec(FullAttentionSpec):
     ``kivi_config`` is the fingerprint (:func:`config_fingerprint`) of the whole KIVI
     config the pages were sized for; the worker checks it where the cache is bound.
     ``kivi_key_bits``: this layer's key width where ``kivi.layer_key_bits`` sets one (0 =
-    ``kivi_bits``). Layers whose widths differ do not merge: vLLM then keeps one KV cache
-    group of per-layer specs (``UniformTypeKVCacheSpecs``: one block table, one tensor
-    per layer sized by its own page).
+    ``kivi_bits``); ``kivi_fp8_scales``: ``kivi.fp8_scales``. Layers whose widths differ
+    do not merge: vLLM then keeps one KV cache group of per-layer specs
+    (``UniformTypeKVCacheSpecs``: one block table, one tensor per layer sized by its own
+    page).
     """
 
     kivi_bits: int = 2
     kivi_group: int = 32
     kivi_config: str = ""
     kivi_key_bits: int = 0
+    kivi_fp8_scales: bool = False
 
     @property
     def page_format(self) -> PageFormat:
         return PageFormat(self.kivi_bits, self.kivi_group, self.head_size, self.num_kv_heads,
-                          key_bits=self.kivi_key_bits)
+                          key_bits=self.kivi_key_bits, fp8_scales=self.kivi_fp8_scales)
 
     @property
     def real_page_size_bytes(self) -> int:
@@ -53,7 +55,8 @@ class KiviAttentionSpec(FullAttentionSpec):
         assert len({s.kivi_key_bits for s in specs}) == 1, (
             "KIVI layers with different key bits have different page sizes")
         return replace(merged, kivi_bits=first.kivi_bits, kivi_group=first.kivi_group,
-                       kivi_config=first.kivi_config, kivi_key_bits=first.kivi_key_bits)
+                       kivi_config=first.kivi_config, kivi_key_bits=first.kivi_key_bits,
+                       kivi_fp8_scales=first.kivi_fp8_scales)
 
     def check_config(self, cfg: KiviConfig | None, who: str) -> None:
         """Fail unless ``cfg`` (the KIVI config ``who`` reads pages with) is the one

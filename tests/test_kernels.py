@@ -38,6 +38,10 @@ KEY_BITS = [  # kivi.layer_key_bits: (bits, group, head_dim, kv_heads, q_heads, 
     (2, 32, 128, 1, 8, 64, 4),
     (4, 32, 64, 1, 2, 32, 2),
 ]
+FP8_SCALES = [  # kivi.fp8_scales: (..., key bits or 0, True): float8 e4m3 scales
+    (2, 32, 64, 2, 4, 32, 0, True),
+    (2, 32, 128, 1, 8, 64, 4, True),
+]
 SINKS = [  # (case, sink tokens): kivi.sink_groups, sink rows read instead of pages
     ((2, 32, 64, 2, 4, 96), 32),
     ((4, 32, 128, 1, 4, 96), 64),
@@ -45,13 +49,14 @@ SINKS = [  # (case, sink tokens): kivi.sink_groups, sink rows read instead of pa
 
 
 def _format(case: tuple) -> PageFormat:
-    bits, group, d, hk, _hq, _residual, *key_bits = case
-    return PageFormat(bits, group, d, hk, key_bits=key_bits[0] if key_bits else 0)
+    bits, group, d, hk, _hq, _residual, key_bits, fp8 = (*case, 0, False)[:8]
+    return PageFormat(bits, group, d, hk, key_bits=key_bits, fp8_scales=fp8)
 
 
 @pytest.mark.parametrize("max_slots", [1, 4])  # one page per loop iteration, or several
 @pytest.mark.parametrize("splits", [1, 3])
-@pytest.mark.parametrize(("case", "sinks"), [(c, 0) for c in SMALL + KEY_BITS] + SINKS)
+@pytest.mark.parametrize(("case", "sinks"),
+                         [(c, 0) for c in SMALL + KEY_BITS + FP8_SCALES] + SINKS)
 def test_decode_attention_matches_reference(case, sinks, splits, max_slots, monkeypatch):
     from kivi_vllm.kernels import attention
 
@@ -116,7 +121,8 @@ def test_fastgen_stream_decode_matches_reference(case, add_self, max_slots, monk
 
 
 @pytest.mark.parametrize(("case", "sinks"),
-                         [(c, 0) for c in SMALL[:2] + KEY_BITS[:1]] + SINKS[:1])
+                         [(c, 0) for c in SMALL[:2] + KEY_BITS[:1] + FP8_SCALES[:1]]
+                         + SINKS[:1])
 def test_prefill_context_attention_matches_reference(case, sinks):
     _, group, _, _, hq, residual, *_ = case
     fmt = _format(case)
@@ -150,7 +156,8 @@ def test_prefill_context_attention_matches_reference(case, sinks):
     assert torch.allclose(results[1], results[2], rtol=1e-4, atol=1e-4)  # both natural log
 
 
-@pytest.mark.parametrize(("case", "sinks"), [(c, 0) for c in SMALL + KEY_BITS] + SINKS[:1])
+@pytest.mark.parametrize(("case", "sinks"),
+                         [(c, 0) for c in SMALL + KEY_BITS + FP8_SCALES] + SINKS[:1])
 def test_store_matches_reference(case, sinks):
     _, group, _, _, hq, residual, *_ = case
     fmt = _format(case)

@@ -1,5 +1,5 @@
-"""Levers ``kivi.rotate_keys`` and ``kivi.layer_key_bits``: KiviAttentionImpl.forward
-driven directly (no engine).
+"""Levers ``kivi.rotate_keys``, ``kivi.layer_key_bits`` and ``kivi.fp8_scales``:
+KiviAttentionImpl.forward driven directly (no engine).
 
 The backend multiplies queries and keys by a normalized Hadamard matrix before both the
 attention and the store; a layer named in ``layer_key_bits`` stores its keys with that
@@ -116,6 +116,9 @@ LEVER_CASES = {  # name -> (config options, key bits of LAYER)
     "key4": ({"layer_key_bits": {"0": 4}}, 4),
     "rotate+key4": ({"rotate_keys": True, "layer_key_bits": {"0": 4, "5": 4}}, 4),
     "other-layer": ({"layer_key_bits": {"1": 4}}, 2),
+    "fp8": ({"fp8_scales": True}, 2),
+    "rotate+key4+fp8": ({"rotate_keys": True, "layer_key_bits": {"0": 4},
+                         "fp8_scales": True}, 4),
 }
 
 
@@ -129,7 +132,9 @@ def test_levers_store_and_read_consistently(fresh_state, chunk, case) -> None:
     q, k, v = _qkv(n, seed=1)
     out, impl, kv_cache, _ = _run(cfg, q, k, v, chunk, torch.float32)
     assert (impl.fmt.k_bits, impl.fmt.v_bits) == (key_bits, 2)
-    assert kv_cache.shape[1] == PageFormat(2, G, D, KV_HEADS, key_bits=key_bits).page_bytes
+    fp8 = cfg.fp8_scales
+    assert kv_cache.shape[1] == PageFormat(2, G, D, KV_HEADS, key_bits=key_bits,
+                                           fp8_scales=fp8).page_bytes
     h = reference.hadamard(D) if cfg.rotate_keys else torch.eye(D)
     kr = k @ h
     views = impl.fmt.views(kv_cache)
@@ -137,9 +142,10 @@ def test_levers_store_and_read_consistently(fresh_state, chunk, case) -> None:
     want_k, want_v = kr.clone(), v.clone()
     for j in range(n // G):  # the pages: independent (de)quantization of each group
         sl = slice(j * G, (j + 1) * G)
-        c, s, m = reference.quantize(kr[sl], dim=0, bits=key_bits)
+        c, s, m = reference.quantize(kr[sl], dim=0, bits=key_bits, fp8_scale=fp8)
         want_k[sl] = reference.dequantize(c, s, m)
-        c, s, m = reference.quantize(v[sl].unflatten(-1, (D // G, G)), dim=-1, bits=2)
+        c, s, m = reference.quantize(v[sl].unflatten(-1, (D // G, G)), dim=-1, bits=2,
+                                     fp8_scale=fp8)
         want_v[sl] = reference.dequantize(c, s, m).flatten(-2)
     assert torch.allclose(pk, want_k[: n // G * G], atol=1e-5)
     assert torch.allclose(pv, want_v[: n // G * G], atol=1e-6)
@@ -243,3 +249,36 @@ def test_offline_lever_raising_values_only() -> None:
     _, vh2 = fake_kv(k, v, values_only, 2, 2)
     assert (v - vh4).norm() < 0.5 * (v - vh2).norm()
     assert (k - kh4).norm() < 0.5 * (k - kh2).norm()
+
+
+def test_fp8_scales_round_up_to_e4m3_and_are_refused_where_not_served() -> None:
+    """Scales become the smallest float8 e4m3 >= the float32 scale (every code's
+    reconstruction stays within half a step); the page shrinks by a byte per scale;
+    config validation; the GPU and FastGen refuse the option at start-up."""
+    from kivi_vllm.patches.platform import check_levers_supported
+
+    grid = torch.arange(127, dtype=torch.uint8).view(torch.float8_e4m3fn).float()  # >= 0
+    x = torch.rand(4000) * 500 * torch.rand(4000) ** 6
+    got = reference.fp8_ceil(x).float()
+    assert torch.all((got >= x) | (x > 448)) and torch.all(got <= 448)
+    below = grid[None, :] < got[:, None]
+    prev = torch.where(below, grid[None, :], -1.0).amax(dim=1)
+    assert torch.all((prev < x) | (x > 448))  # no smaller e4m3 value would do
+    xs = torch.randn(64, 8) * 3 + 5
+    codes, scale, mn = reference.quantize(xs, dim=0, bits=2, fp8_scale=True)
+    assert scale.dtype == torch.float8_e4m3fn and mn.dtype == torch.float16
+    assert torch.all((reference.dequantize(codes, scale, mn) - xs).abs()
+                     <= scale.float() / 2 + 1e-6)
+    per_token = {fp8: PageFormat(2, G, D, 3, fp8_scales=fp8).page_bytes / G
+                 for fp8 in (False, True)}
+    assert per_token == {False: 144, True: 132}  # (64 + 64 / 32) scales x 3 heads
+    cfg = KiviConfig(bits=2, fp8_scales=True)
+    assert cfg.name == "kivi2-g32-r32-fp8s" and cfg.to_dict()["fp8_scales"] is True
+    assert "fp8_scales" not in KiviConfig().to_dict()
+    with pytest.raises(KiviConfigError, match="kivi.fp8_scales must be true or false"):
+        KiviConfig(fp8_scales="yes")
+    with pytest.raises(KiviConfigError, match="fp8_scales cannot be combined with kivi.fastgen"):
+        KiviConfig(fp8_scales=True, fastgen={"recovery": 0.95})
+    check_levers_supported(cfg, on_cpu=True)
+    with pytest.raises(KiviConfigError, match="fp8_scales"):
+        check_levers_supported(cfg, on_cpu=False)

@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kivi_vllm.kernels.common import format_constants, require_unit_stride
+from kivi_vllm.kernels.common import e4m3_to_f16, format_constants, require_unit_stride, scale_ptr
 from kivi_vllm.kernels.store import ring_row
 from kivi_vllm.page_format import PageFormat
 
@@ -115,44 +115,56 @@ def _page_chunks(rows, half, s0, m0, s1, m1, s2, m2, s3, m3, W: tl.constexpr,
 
 
 @triton.jit
-def _key_params(ptr, w, W: tl.constexpr, NCH: tl.constexpr):
-    """Per-channel key scales (or mins) of each chunk as [1, W] rows (unused ones repeat)."""
-    p0 = tl.load(ptr + w)[None, :]
-    p1 = tl.load(ptr + W + w)[None, :]
+def _key_params(ptr, w, W: tl.constexpr, NCH: tl.constexpr, FP8: tl.constexpr):
+    """Per-channel key scales (or mins) of each chunk as [1, W] float16 rows (unused ones
+    repeat); ``FP8``: ``ptr`` holds float8 e4m3 bytes."""
+    p0 = _f16(tl.load(ptr + w)[None, :], FP8)
+    p1 = _f16(tl.load(ptr + W + w)[None, :], FP8)
     p2 = p0
     p3 = p1
     if NCH == 4:
-        p2 = tl.load(ptr + 2 * W + w)[None, :]
-        p3 = tl.load(ptr + 3 * W + w)[None, :]
+        p2 = _f16(tl.load(ptr + 2 * W + w)[None, :], FP8)
+        p3 = _f16(tl.load(ptr + 3 * W + w)[None, :], FP8)
     return p0, p1, p2, p3
 
 
 @triton.jit
-def _value_params(ptr, t, W: tl.constexpr, NCH: tl.constexpr, G: tl.constexpr, ok):
+def _f16(x, FP8: tl.constexpr):
+    """Loaded scales or mins as float16 (``FP8``: from float8 e4m3 bytes)."""
+    if FP8:
+        x = e4m3_to_f16(x)
+    return x
+
+
+@triton.jit
+def _value_params(ptr, t, W: tl.constexpr, NCH: tl.constexpr, G: tl.constexpr, ok,
+                  FP8: tl.constexpr):
     """Per-token value scales (or mins) of the group holding each chunk, as [N, 1]
-    (stored token-minor: one contiguous row of G per channel group); 0 where not ``ok``."""
-    p0 = tl.load(ptr + t, mask=ok, other=0.0)[:, None]
-    p1 = tl.load(ptr + (W // G) * G + t, mask=ok, other=0.0)[:, None]
+    (stored token-minor: one contiguous row of G per channel group); 0 where not ``ok``;
+    ``FP8``: ``ptr`` holds float8 e4m3 bytes."""
+    p0 = _f16(tl.load(ptr + t, mask=ok, other=0)[:, None], FP8)
+    p1 = _f16(tl.load(ptr + (W // G) * G + t, mask=ok, other=0)[:, None], FP8)
     p2 = p0
     p3 = p1
     if NCH == 4:
-        p2 = tl.load(ptr + ((2 * W) // G) * G + t, mask=ok, other=0.0)[:, None]
-        p3 = tl.load(ptr + ((3 * W) // G) * G + t, mask=ok, other=0.0)[:, None]
+        p2 = _f16(tl.load(ptr + ((2 * W) // G) * G + t, mask=ok, other=0)[:, None], FP8)
+        p3 = _f16(tl.load(ptr + ((3 * W) // G) * G + t, mask=ok, other=0)[:, None], FP8)
     return p0, p1, p2, p3
 
 
 @triton.jit
-def _row_key_params(ptr, ok, w, W: tl.constexpr, NCH: tl.constexpr):
+def _row_key_params(ptr, ok, w, W: tl.constexpr, NCH: tl.constexpr, FP8: tl.constexpr):
     """Per-channel key scales (or mins) of each row's page as float32 [M, W] chunks
-    (``ptr``: [M] pointers into the rows' pages); 0 where not ``ok``."""
+    (``ptr``: [M] pointers into the rows' pages); 0 where not ``ok``; ``FP8``: ``ptr``
+    holds float8 e4m3 bytes."""
     base = ptr[:, None] + w[None, :]
-    p0 = tl.load(base, mask=ok[:, None], other=0.0).to(tl.float32)
-    p1 = tl.load(base + W, mask=ok[:, None], other=0.0).to(tl.float32)
+    p0 = _f16(tl.load(base, mask=ok[:, None], other=0), FP8).to(tl.float32)
+    p1 = _f16(tl.load(base + W, mask=ok[:, None], other=0), FP8).to(tl.float32)
     p2 = p0
     p3 = p1
     if NCH == 4:
-        p2 = tl.load(base + 2 * W, mask=ok[:, None], other=0.0).to(tl.float32)
-        p3 = tl.load(base + 3 * W, mask=ok[:, None], other=0.0).to(tl.float32)
+        p2 = _f16(tl.load(base + 2 * W, mask=ok[:, None], other=0), FP8).to(tl.float32)
+        p3 = _f16(tl.load(base + 3 * W, mask=ok[:, None], other=0), FP8).to(tl.float32)
     return p0, p1, p2, p3
 
 
@@ -173,7 +185,8 @@ def _attend_page(page, q0, q1, q2, q3, m_i, l_i, acc0, acc1, acc2, acc3, kvh, t,
                  OFF_KC: tl.constexpr, OFF_VC: tl.constexpr, OFF_KS: tl.constexpr,
                  OFF_KM: tl.constexpr, OFF_VS: tl.constexpr, OFF_VM: tl.constexpr, G: tl.constexpr,
                  D: tl.constexpr, VG: tl.constexpr, KP: tl.constexpr, VP: tl.constexpr,
-                 KBITS: tl.constexpr, VBITS: tl.constexpr, USE_ASM: tl.constexpr):
+                 KBITS: tl.constexpr, VBITS: tl.constexpr, USE_ASM: tl.constexpr,
+                 FP8S: tl.constexpr):
     """Online-softmax update of the running (m, l, acc) with one page of one KV head.
 
     Keys and values are dequantized straight into the dot's B operand (float16
@@ -181,10 +194,10 @@ def _attend_page(page, q0, q1, q2, q3, m_i, l_i, acc0, acc1, acc2, acc3, kvh, t,
     probabilities change layout once per page. ``WINDOWED``: the page's tokens
     ``tok0 + t`` below ``tok_lo`` are masked.
     """
-    ks = (page + OFF_KS).to(tl.pointer_type(tl.float16)) + kvh * D
+    ks = scale_ptr(page + OFF_KS, FP8S) + kvh * D
     km = (page + OFF_KM).to(tl.pointer_type(tl.float16)) + kvh * D
-    s0, s1, s2, s3 = _key_params(ks, w, W, NCH)
-    m0, m1, m2, m3 = _key_params(km, w, W, NCH)
+    s0, s1, s2, s3 = _key_params(ks, w, W, NCH, FP8S)
+    m0, m1, m2, m3 = _key_params(km, w, W, NCH, False)
     k0, k1, k2, k3 = _page_chunks(page + OFF_KC + k_off, W, s0, m0, s1, m1, s2, m2, s3, m3,
                                   W, KP, KBITS, True, USE_ASM)
     s = tl.dot(q0, tl.trans(k0))
@@ -197,22 +210,22 @@ def _attend_page(page, q0, q1, q2, q3, m_i, l_i, acc0, acc1, acc2, acc3, kvh, t,
     m_i, l_i, acc0, acc1, acc2, acc3, p16 = _online_softmax(s, m_i, l_i, acc0, acc1, acc2,
                                                             acc3)
 
-    vs = (page + OFF_VS).to(tl.pointer_type(tl.float16)) + kvh * VG * G
+    vs = scale_ptr(page + OFF_VS, FP8S) + kvh * VG * G
     vm = (page + OFF_VM).to(tl.pointer_type(tl.float16)) + kvh * VG * G
     acc0, acc1, acc2, acc3 = _accumulate_values(
         p16, vs, vm, page + OFF_VC + v_off, t, t < G, acc0, acc1, acc2, acc3, W, NCH, G, VP,
-        VBITS, USE_ASM)  # every token of the page
+        VBITS, USE_ASM, FP8S)  # every token of the page
     return m_i, l_i, acc0, acc1, acc2, acc3
 
 
 @triton.jit
 def _accumulate_values(p16, vs, vm, v_ptrs, t, ok, acc0, acc1, acc2, acc3, W: tl.constexpr,
                        NCH: tl.constexpr, G: tl.constexpr, VP: tl.constexpr,
-                       VBITS: tl.constexpr, USE_ASM: tl.constexpr):
+                       VBITS: tl.constexpr, USE_ASM: tl.constexpr, FP8S: tl.constexpr):
     """``acc += p . (s*v + m)`` over N tokens: value codes at ``v_ptrs`` [N, W], per-token
     scales and mins at ``vs + t`` / ``vm + t`` (0 where not ``ok``)."""
-    s0, s1, s2, s3 = _value_params(vs, t, W, NCH, G, ok)
-    m0, m1, m2, m3 = _value_params(vm, t, W, NCH, G, ok)
+    s0, s1, s2, s3 = _value_params(vs, t, W, NCH, G, ok, FP8S)
+    m0, m1, m2, m3 = _value_params(vm, t, W, NCH, G, ok, False)
     v0, v1, v2, v3 = _page_chunks(v_ptrs, W * G, s0, m0, s1, m1, s2, m2, s3, m3, W, VP,
                                   VBITS, True, USE_ASM)
     acc0 = tl.dot(p16, v0, acc0)
@@ -249,7 +262,7 @@ def _attend_slots(cache, bt_row, p, p_hi, q0, q1, q2, q3, m_i, l_i, acc0, acc1, 
                   OFF_KS: tl.constexpr, OFF_KM: tl.constexpr, OFF_VS: tl.constexpr,
                   OFF_VM: tl.constexpr, G: tl.constexpr, D: tl.constexpr, VG: tl.constexpr,
                   KP: tl.constexpr, VP: tl.constexpr, KBITS: tl.constexpr,
-                  VBITS: tl.constexpr, USE_ASM: tl.constexpr):
+                  VBITS: tl.constexpr, USE_ASM: tl.constexpr, FP8S: tl.constexpr):
     """Online-softmax update with pages ``p + j`` (j < SLOTS) at once: row block j (the
     same query rows) attends to page ``p + j`` only, so the scores are block-diagonal and
     one M=16 dot serves SLOTS pages instead of padding the rows.
@@ -266,16 +279,16 @@ def _attend_slots(cache, bt_row, p, p_hi, q0, q1, q2, q3, m_i, l_i, acc0, acc1, 
         tl.int64) * PAGE_BYTES
     col_page = cache + tl.load(bt_row + p + col_slot, mask=col_in, other=0).to(
         tl.int64) * PAGE_BYTES
-    ks = (row_page + OFF_KS).to(tl.pointer_type(tl.float16)) + kvh * D
+    ks = scale_ptr(row_page + OFF_KS, FP8S) + kvh * D
     km = (row_page + OFF_KM).to(tl.pointer_type(tl.float16)) + kvh * D
-    s0, s1, s2, s3 = _row_key_params(ks, row_in, w, W, NCH)
+    s0, s1, s2, s3 = _row_key_params(ks, row_in, w, W, NCH, FP8S)
     f0 = q0.to(tl.float32)
     f1 = q1.to(tl.float32)
     a0 = (f0 * s0).to(tl.float16)
     a1 = (f1 * s1).to(tl.float16)
     a2 = a0
     a3 = a1
-    n0, n1, n2, n3 = _row_key_params(km, row_in, w, W, NCH)
+    n0, n1, n2, n3 = _row_key_params(km, row_in, w, W, NCH, False)
     bias = tl.sum(f0 * n0 + f1 * n1, axis=1)
     if NCH == 4:
         f2 = q2.to(tl.float32)
@@ -299,11 +312,12 @@ def _attend_slots(cache, bt_row, p, p_hi, q0, q1, q2, q3, m_i, l_i, acc0, acc1, 
     m_i, l_i, acc0, acc1, acc2, acc3, p16 = _online_softmax(s, m_i, l_i, acc0, acc1, acc2,
                                                             acc3)
 
-    vs = (col_page + OFF_VS).to(tl.pointer_type(tl.float16)) + kvh * VG * G
+    vs = scale_ptr(col_page + OFF_VS, FP8S) + kvh * VG * G
     vm = (col_page + OFF_VM).to(tl.pointer_type(tl.float16)) + kvh * VG * G
     v_ptrs = col_page[:, None] + OFF_VC + kvh * VP * G + w[None, :] * G + t[:, None]
     acc0, acc1, acc2, acc3 = _accumulate_values(p16, vs, vm, v_ptrs, t, col_in, acc0, acc1,
-                                                acc2, acc3, W, NCH, G, VP, VBITS, USE_ASM)
+                                                acc2, acc3, W, NCH, G, VP, VBITS, USE_ASM,
+                                                FP8S)
     return m_i, l_i, acc0, acc1, acc2, acc3
 
 
@@ -386,6 +400,7 @@ def _kivi_attend_context(
     KBITS: tl.constexpr,
     VBITS: tl.constexpr,
     HK: tl.constexpr,
+    FP8S: tl.constexpr,
 ):
     tile = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -445,14 +460,15 @@ def _kivi_attend_context(
             m_i, l_i, acc0, acc1, acc2, acc3 = _attend_page(
                 page, q0, q1, q2, q3, m_i, l_i, acc0, acc1, acc2, acc3, kvh, t, k_off, v_off,
                 w, p * G, fv, WINDOWED, W, NCH, OFF_KC, OFF_VC, OFF_KS, OFF_KM, OFF_VS, OFF_VM,
-                G, D, VG, KP, VP, KBITS, VBITS, USE_ASM)
+                G, D, VG, KP, VP, KBITS, VBITS, USE_ASM, FP8S)
     else:
         col = tl.arange(0, SLOTS * G)
         for p in range(p_lo, p_hi, SLOTS):
             m_i, l_i, acc0, acc1, acc2, acc3 = _attend_slots(
                 cache, bt_row, p, p_hi, q0, q1, q2, q3, m_i, l_i, acc0, acc1, acc2, acc3,
                 kvh, row_slot, col // G, col % G, w, fv, WINDOWED, W, NCH, PAGE_BYTES, OFF_KC,
-                OFF_VC, OFF_KS, OFF_KM, OFF_VS, OFF_VM, G, D, VG, KP, VP, KBITS, VBITS, USE_ASM)
+                OFF_VC, OFF_KS, OFF_KM, OFF_VS, OFF_VM, G, D, VG, KP, VP, KBITS, VBITS, USE_ASM,
+                FP8S)
 
     if split == S - 1:
         # full-precision tail ring: sink positions [0, pinned), then [tstart, ctx) (at

@@ -30,6 +30,7 @@ def format_constants(fmt: PageFormat) -> dict[str, int]:
         "KBITS": fmt.k_bits,
         "VBITS": fmt.v_bits,
         "HK": fmt.num_kv_heads,
+        "FP8S": fmt.fp8_scales,  # scales are float8 e4m3 bytes (else float16)
     }
 
 
@@ -75,3 +76,36 @@ def fp16_ceil(x):
     up = tl.where(yb >= 0, yb + 1, yb - 1)
     up_f = up.to(tl.int16).to(tl.float16, bitcast=True)
     return tl.where(y.to(tl.float32) < x, up_f, y)
+
+
+@triton.jit
+def scale_ptr(addr, FP8S: tl.constexpr):
+    """A page section of scales as a typed pointer: bytes (float8 e4m3) or float16."""
+    ptr = addr
+    if not FP8S:
+        ptr = addr.to(tl.pointer_type(tl.float16))
+    return ptr
+
+
+@triton.jit
+def e4m3_to_f16(b):
+    """Bytes of non-negative float8 e4m3 values -> float16 (exact, integer ops only, so
+    the interpreter and the GPU agree): ``(1 + m/8) 2^(e-7)``, subnormal ``m 2^-9``."""
+    b = b.to(tl.int32)
+    e = b >> 3
+    m = b & 7
+    normal = (((e + 8) << 10) | (m << 7)).to(tl.int16).to(tl.float16, bitcast=True)
+    return tl.where(e == 0, (m.to(tl.float32) * (1.0 / 512)).to(tl.float16), normal)
+
+
+@triton.jit
+def fp8_ceil_bits(x):
+    """The smallest float8 e4m3 >= x (x float32 >= 0) as its byte, saturating at 448
+    (``reference.fp8_ceil``): integer ops on the float32 bits."""
+    xb = x.to(tl.int32, bitcast=True)
+    exp = (xb >> 23) & 255
+    man = xb & 0x7FFFFF
+    normal = ((exp - 120) << 3) + (man >> 20) + ((man & 0xFFFFF) != 0).to(tl.int32)
+    sub = tl.math.ceil(x * 512.0).to(tl.int32)  # below 2^-6: m 2^-9 (m = 8 is 2^-6)
+    code = tl.where(exp >= 121, normal, sub)
+    return tl.minimum(code, 126).to(tl.uint8)  # 0x7E = 448

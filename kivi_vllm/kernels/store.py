@@ -30,11 +30,14 @@ import triton.language as tl
 
 from kivi_vllm.kernels.common import (
     MAX_REQS_LOG2,
+    e4m3_to_f16,
     find_request,
     format_constants,
+    fp8_ceil_bits,
     fp16_ceil,
     fp16_floor,
     require_unit_stride,
+    scale_ptr,
 )
 from kivi_vllm.page_format import PageFormat
 
@@ -57,13 +60,19 @@ def ring_row(pos, R: tl.constexpr, sinks):
 
 
 @triton.jit
-def _quantize(x, mn, mx, QMAX: tl.constexpr):
-    """Codes (int32) and fp16 (scale, min) with min rounded down and scale rounded up."""
+def _quantize(x, mn, mx, QMAX: tl.constexpr, FP8S: tl.constexpr):
+    """The min rounded down to float16 and the scale up to float16 (``FP8S``: to float8
+    e4m3, returned as its byte): (min, stored scale, safe divisor, scale as float32)."""
     mn16 = fp16_floor(mn)
-    scale16 = fp16_ceil(tl.div_rn(mx - mn16.to(tl.float32), QMAX * 1.0))
-    scale = scale16.to(tl.float32)
+    raw = tl.div_rn(mx - mn16.to(tl.float32), QMAX * 1.0)
+    if FP8S:
+        stored = fp8_ceil_bits(raw)
+        scale = e4m3_to_f16(stored).to(tl.float32)
+    else:
+        stored = fp16_ceil(raw)
+        scale = stored.to(tl.float32)
     safe = tl.where(scale > 0, scale, 1.0)
-    return mn16, scale16, safe, scale
+    return mn16, stored, safe, scale
 
 
 @triton.jit(do_not_specialize=["num_reqs", "sinks"])
@@ -102,6 +111,7 @@ def _kivi_pack_groups(
     KBITS: tl.constexpr,
     VBITS: tl.constexpr,
     HK: tl.constexpr,
+    FP8S: tl.constexpr,
     LOG2: tl.constexpr,
 ):
     token = tl.program_id(0)
@@ -149,15 +159,17 @@ def _kivi_pack_groups(
     VMAX: tl.constexpr = (1 << VBITS) - 1
     page = cache + block.to(tl.int64) * PAGE_BYTES
     # keys: per channel over the group's tokens
-    k_mn16, k_sc16, k_safe, k_sc = _quantize(k, tl.min(k, axis=0), tl.max(k, axis=0), KMAX)
+    k_mn16, k_sc16, k_safe, k_sc = _quantize(k, tl.min(k, axis=0), tl.max(k, axis=0), KMAX,
+                                             FP8S)
     k_codes = tl.floor(tl.div_rn(k - k_mn16.to(tl.float32)[None, :], k_safe[None, :]) + 0.5)
     k_codes = tl.minimum(tl.maximum(k_codes, 0.0), KMAX * 1.0)
     k_codes = tl.where(k_sc[None, :] > 0, k_codes, 0.0).to(tl.int32)
-    tl.store((page + OFF_KS).to(tl.pointer_type(tl.float16)) + h * D + d, k_sc16)
+    tl.store(scale_ptr(page + OFF_KS, FP8S) + h * D + d, k_sc16)
     tl.store((page + OFF_KM).to(tl.pointer_type(tl.float16)) + h * D + d, k_mn16)
     # values: per token over groups of G channels
     v3 = tl.reshape(v, (G, VG, G))
-    v_mn16, v_sc16, v_safe, v_sc = _quantize(v3, tl.min(v3, axis=2), tl.max(v3, axis=2), VMAX)
+    v_mn16, v_sc16, v_safe, v_sc = _quantize(v3, tl.min(v3, axis=2), tl.max(v3, axis=2), VMAX,
+                                             FP8S)
     v_codes = tl.floor(
         tl.div_rn(v3 - v_mn16.to(tl.float32)[:, :, None], v_safe[:, :, None]) + 0.5
     )
@@ -165,7 +177,7 @@ def _kivi_pack_groups(
     v_codes = tl.where(v_sc[:, :, None] > 0, v_codes, 0.0).to(tl.int32)
     vg = tl.arange(0, VG)
     vs_off = h * VG * G + vg[None, :] * G + t[:, None]  # token-minor (page_format)
-    tl.store((page + OFF_VS).to(tl.pointer_type(tl.float16)) + vs_off, v_sc16)
+    tl.store(scale_ptr(page + OFF_VS, FP8S) + vs_off, v_sc16)
     tl.store((page + OFF_VM).to(tl.pointer_type(tl.float16)) + vs_off, v_mn16)
     # planar packing: channel c -> byte c % P, bits (c // P) * bits (page_format)
     KCPB: tl.constexpr = 8 // KBITS

@@ -82,6 +82,7 @@ def apply() -> None:
             kivi_group=cfg.group_size,
             kivi_config=config_fingerprint(cfg),
             kivi_key_bits=_layer_key_bits(cfg, self.layer_name, spec),
+            kivi_fp8_scales=cfg.fp8_scales,
         )
         if cfg.fastgen is not None:  # a block is one head-page of one (layer, KV head)
             heads = num_attention_layers(vllm_config) * spec.num_kv_heads
