@@ -135,16 +135,7 @@ def fake_quant(x: torch.Tensor, dim: int, bits: int, scale8: bool) -> torch.Tens
     """KIVI reconstruction of ``x`` with one (scale, min) per slice along ``dim``."""
     from kivi_vllm import reference
 
-    if not scale8:
-        return reference.dequantize(*reference.quantize(x, dim, bits))
-    qmax = (1 << bits) - 1
-    mn = reference.fp16_floor(x.amin(dim, keepdim=True)).float()
-    scale = (x.amax(dim, keepdim=True) - mn) / qmax
-    s8 = scale.to(torch.float8_e4m3fn)
-    up = (s8.view(torch.uint8) + 1).view(torch.float8_e4m3fn)  # next e4m3 (scale >= 0)
-    s8 = torch.where(s8.float() < scale, up.float(), s8.float())
-    codes = torch.floor((x - mn) / s8.clamp_min(2.0**-9) + 0.5).clamp_(0, qmax)
-    return mn + codes * s8
+    return reference.dequantize(*reference.quantize(x, dim, bits, fp8_scale=scale8))
 
 
 _STATE: dict[str, Any] = {}
