@@ -203,8 +203,8 @@ BAD_OPTIONS = [
     ({"bits": 3}, {}, ["kivi.bits", "(2, 4)"]),
     ({"group_size": 16}, {}, ["kivi.group_size", "(32, 64, 128)"]),
     ({"residual": 48}, {}, ["kivi.residual", "multiple of kivi.group_size=32"]),
-    ({"bitz": 2}, {}, ["bitz", "['bits', 'fastgen', 'group_size', 'layer_key_bits', "
-                                "'residual', 'rotate_keys', 'sink_groups']"]),
+    ({"bitz": 2}, {}, ["bitz", "['bits', 'fastgen', 'fp8_scales', 'group_size', "
+                                "'layer_key_bits', 'residual', 'rotate_keys', 'sink_groups']"]),
     ({"bits": 2, "layer_key_bits": {"30": 4}}, {},
      ["kivi.layer_key_bits", "[30]", "30 decoder layers", "0 to 29"]),
     ({"bits": "2"}, {}, ["kivi.bits", "integer"]),
