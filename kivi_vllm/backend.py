@@ -32,7 +32,7 @@ from vllm.v1.attention.backends.utils import split_decodes_and_prefills
 from kivi_vllm import reference, state
 from kivi_vllm.config import ALLOWED_GROUP_SIZES, KiviConfig, KiviConfigError
 from kivi_vllm.memory import num_ring_slots, num_tail_slots
-from kivi_vllm.page_format import PageFormat, layer_page_format
+from kivi_vllm.page_format import layer_page_format
 from kivi_vllm.spec import KiviAttentionSpec
 
 logger = init_logger("vllm.kivi")
@@ -87,7 +87,7 @@ class KiviAttentionBackend(AttentionBackend):
     ) -> tuple[int, ...]:
         cfg = state.active_config()
         heads = 1 if cfg.fastgen is not None else num_kv_heads  # FastGen: head-pages
-        fmt = PageFormat(cfg.bits, cfg.group_size, head_size, heads, fp8_scales=cfg.fp8_scales)
+        fmt = layer_page_format(cfg, None, head_size, heads)
         assert block_size == fmt.block_size, (block_size, fmt.block_size)
         if cfg.layer_key_bits:  # pages differ by layer; each layer's tensor holds its own
             return (num_blocks, -1)
@@ -334,8 +334,7 @@ class KiviAttentionImpl(AttentionImpl[KiviMetadata]):
         self.cfg.check_head_size(head_size)
         # the layer's own format (kivi.layer_key_bits) is resolved from its name on the
         # first forward: vLLM builds the impl without the layer's name
-        self.fmt = PageFormat(self.cfg.bits, self.cfg.group_size, head_size, self.num_kv_heads,
-                              fp8_scales=self.cfg.fp8_scales)
+        self.fmt = layer_page_format(self.cfg, None, head_size, self.num_kv_heads)
         self._layer_resolved = not self.cfg.layer_key_bits
         # kivi.rotate_keys: one orthogonal matrix for queries and keys (moved on first use)
         self.rotation = reference.hadamard(head_size) if self.cfg.rotate_keys else None

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from kivi_vllm.config import KiviConfig
-from kivi_vllm.page_format import PageFormat, kivi_bytes_per_token
+from kivi_vllm.page_format import PageFormat, kivi_bytes_per_token, layer_page_format
 
 
 def num_tail_slots(vllm_config: Any) -> int:
@@ -21,13 +21,8 @@ def num_ring_slots(vllm_config: Any) -> int:
 def layer_format(vllm_config: Any, cfg: KiviConfig) -> PageFormat:
     """The page format of a layer without a key-width override (``kivi.layer_key_bits``)."""
     model_config = vllm_config.model_config
-    return PageFormat(
-        bits=cfg.bits,
-        group_size=cfg.group_size,
-        head_dim=model_config.get_head_size(),
-        num_kv_heads=model_config.get_num_kv_heads(vllm_config.parallel_config),
-        fp8_scales=cfg.fp8_scales,
-    )
+    return layer_page_format(cfg, None, model_config.get_head_size(),
+                             model_config.get_num_kv_heads(vllm_config.parallel_config))
 
 
 def num_attention_layers(vllm_config: Any) -> int:

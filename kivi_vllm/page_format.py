@@ -162,9 +162,10 @@ def _numel(shape: tuple[int, ...]) -> int:
     return n
 
 
-def layer_page_format(cfg, layer: int, head_dim: int, num_kv_heads: int) -> PageFormat:
-    """The page format of decoder layer ``layer`` under a ``KiviConfig``."""
-    key_bits = cfg.key_bits_of(layer)
+def layer_page_format(cfg, layer: int | None, head_dim: int, num_kv_heads: int) -> PageFormat:
+    """The page format of decoder layer ``layer`` under a ``KiviConfig`` (``None``: a
+    layer without a ``kivi.layer_key_bits`` override)."""
+    key_bits = cfg.bits if layer is None else cfg.key_bits_of(layer)
     return PageFormat(cfg.bits, cfg.group_size, head_dim, num_kv_heads,
                       key_bits=0 if key_bits == cfg.bits else key_bits,
                       fp8_scales=cfg.fp8_scales)

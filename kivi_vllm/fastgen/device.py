@@ -49,7 +49,7 @@ from kivi_vllm.fastgen.policy import (
     prompt_streams,
 )
 from kivi_vllm.fastgen.profile import profile_heads
-from kivi_vllm.page_format import PageFormat
+from kivi_vllm.page_format import layer_page_format
 
 PLAIN, SPECIAL, PUNCT = 0, 1, 2  # token classes (special wins over punctuation)
 PROFILE_BYTES = 128 << 20  # fp32 attention rows per profiling chunk
@@ -203,7 +203,7 @@ class DeviceFastGen(RequestBook):
         self.cfg, self.kivi, self.classes = kivi.fastgen, kivi, classes
         g = kivi.group_size
         self.layers, self.heads, self.slots = layers, heads, slots
-        self.fmt = PageFormat(kivi.bits, g, head_dim, 1)
+        self.fmt = layer_page_format(kivi, None, head_dim, 1)  # one-head stream pages
         self.max_pages = -(-max_model_len // g)
         self.device = device
         self.timer = _Timer(cuda=device.type == "cuda")
