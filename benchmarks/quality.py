@@ -248,7 +248,6 @@ def main() -> None:
                               text=True, cwd=RESULTS).stdout.strip() if shutil.which("git") else "",
     )
     records = {r["kv"]: r for r in doc["records"]}
-    # a comma starts a new setting only before bf16/fp8/kivi (else it separates options)
     for name in split_settings(args.kv or DEFAULT_KV[args.model]):
         setting = parse_kv(name)
         print(f"[quality] {args.model} {name} ...", flush=True)

@@ -66,7 +66,7 @@ class DeviceSeq(PageEntries):
     n: int = 0  # tokens profiled
     window: int = 0
     classes: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int8))
-    policy: np.ndarray | None = None  # [L, H] int8; -1 until the layer is profiled
+    policy: np.ndarray | None = None  # [L, H] int8; -1 until profiled (settle_profile)
     length: np.ndarray | None = None  # [L, H, 2] tokens per stream
     entries: np.ndarray | None = None  # [L, H, 2, P] list entries of the streams' pages
     first_valid: np.ndarray | None = None  # [L, H] local tokens that left the window
