@@ -22,6 +22,7 @@ from kivi_vllm.kernels.attention import attend_context  # noqa: E402
 from kivi_vllm.page_format import PageFormat, bf16_bytes_per_token  # noqa: E402
 
 HQ, HK, D = 32, 8, 128
+KINDS = ("kivi4", "kivi2", "kivi4-fp8s", "kivi2-fp8s")  # -fp8s: ``kivi.fp8_scales``
 
 
 def copy_bandwidth() -> float:
@@ -36,8 +37,8 @@ def copy_bandwidth() -> float:
 
 
 def kivi_case(bits: int, batch: int, ctx: int, group: int = 32, residual: int = 32,
-              q_heads: int = HQ):
-    fmt = PageFormat(bits, group, D, HK)
+              q_heads: int = HQ, fp8_scales: bool = False):
+    fmt = PageFormat(bits, group, D, HK, fp8_scales=fp8_scales)
     blocks_per = -(-(ctx + 1) // group)
     num_blocks = batch * blocks_per + 1
     cache = torch.randint(0, 256, (num_blocks, fmt.page_bytes), dtype=torch.uint8,
@@ -128,12 +129,17 @@ def main() -> None:
     parser.add_argument("--batches", default="1,16,64,256")
     parser.add_argument("--contexts", default="1024,4096,8192,32768")
     parser.add_argument("--out", default=None)
+    parser.add_argument("--kv", default="kivi4,kivi2",
+                        help=f"KIVI variants besides FlashAttention on bf16, from {KINDS}")
     parser.add_argument("--tune", action="store_true",
                         help="sweep warps and split targets at batch 64 x 8k, then exit")
     args = parser.parse_args()
     if args.tune:
         tune()
         return
+    kinds = ["bf16_fa", *args.kv.split(",")]
+    if unknown := [kv for kv in kinds[1:] if kv not in KINDS]:
+        parser.error(f"--kv: unknown {unknown}; allowed: {', '.join(KINDS)}")
     bw = copy_bandwidth()
     print(f"copy bandwidth: {bw / 1e12:.2f} TB/s (read + write)")
     gpu = torch.cuda.get_device_name()
@@ -143,9 +149,9 @@ def main() -> None:
             if batch * ctx > 256 * 32768:
                 continue
             row = {}
-            for kv in ("bf16_fa", "kivi4", "kivi2"):
+            for kv in kinds:
                 run, nbytes = fa_case(batch, ctx) if kv == "bf16_fa" else kivi_case(
-                    4 if kv == "kivi4" else 2, batch, ctx)
+                    int(kv[4]), batch, ctx, fp8_scales=kv.endswith("-fp8s"))
                 ms = triton.testing.do_bench(run, warmup=25, rep=100, return_mode="median")
                 rec = {"kv": kv, "batch": batch, "context": ctx, "time_us": round(ms * 1e3, 2),
                        "bytes": nbytes, "bytes_per_s": round(nbytes / (ms * 1e-3)),
@@ -157,11 +163,10 @@ def main() -> None:
                 del run
                 torch.cuda.empty_cache()
             fa = row["bf16_fa"]["time_us"]
-            print(f"B={batch:4d} ctx={ctx:6d}  FA-bf16 {fa:9.1f}us  "
-                  f"KIVI-4 {row['kivi4']['time_us']:9.1f}us ({fa / row['kivi4']['time_us']:.2f}x, "
-                  f"{row['kivi4']['fraction_of_copy_bw']:.0%} bw)  "
-                  f"KIVI-2 {row['kivi2']['time_us']:9.1f}us ({fa / row['kivi2']['time_us']:.2f}x, "
-                  f"{row['kivi2']['fraction_of_copy_bw']:.0%} bw)", flush=True)
+            print(f"B={batch:4d} ctx={ctx:6d}  FA-bf16 {fa:9.1f}us  " + "  ".join(
+                f"{kv} {r['time_us']:9.1f}us ({fa / r['time_us']:.2f}x, "
+                f"{r['fraction_of_copy_bw']:.0%} bw)" for kv, r in row.items() if kv != "bf16_fa"),
+                flush=True)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(records, f, indent=1)
