@@ -20,8 +20,8 @@ scored tokens are the harness's (``kivi_vllm.quality.ppl_windows``). Levers:
   ``reference.random_hadamard`` (signs from this seed) instead of the plain one
 * ``rotate_values``: the same for values (per-token groups of G channels)
 * ``value_group``: channels per value group (default: G)
-* ``scale8``: scales rounded up to float8 e4m3 (1 byte; mins stay float16, the codes are
-  computed against the rounded scale)
+* ``scale8``: scales rounded to the nearest float8 e4m3 (1 byte; mins stay float16, the
+  codes are computed against the rounded scale and clamped; ``reference.quantize``)
 
 With ``--passkey``, each lever also answers the harness's passkey trials
 (``kivi_vllm.quality.passkey_trials``) teacher-forced on the exact model's greedy answer:

@@ -121,9 +121,9 @@ class KiviConfig:
     layer_key_bits: key code width per decoder layer index, e.g. ``{"0": 4, "18": 4}``
     (the other layers' keys, and every layer's values, use ``bits``); kept as sorted
     ``(layer, bits)`` pairs.
-    fp8_scales: store the key and value scales as float8 e4m3 (rounded up; the codes are
-    computed against the stored scale) instead of float16: one byte less per scale, mins
-    stay float16.
+    fp8_scales: store the key and value scales as float8 e4m3 (rounded to nearest; the
+    codes are computed against the stored scale and clamped) instead of float16: one byte
+    less per scale, mins stay float16.
     """
 
     bits: int = 4

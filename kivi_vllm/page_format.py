@@ -20,7 +20,7 @@ value min             [kv_heads, head_dim / group, group] float16
 interleaving.
 Keys are quantized per channel over the group's tokens, values per token over
 groups of ``group_size`` channels. Mins are float16; scales are float16, or float8 e4m3
-(``fp8_scales``, ``kivi.fp8_scales``: one byte each, rounded up). Value sections are
+(``fp8_scales``, ``kivi.fp8_scales``: one byte each, rounded to nearest). Value sections are
 token-minor (a byte column or a channel group's scales hold the group's tokens
 contiguously): the attention kernel reads values with tokens as the reduction axis.
 """

@@ -38,12 +38,9 @@ def fp16_ceil(x: torch.Tensor) -> torch.Tensor:
 FP8_MAX = 448.0  # largest finite float8 e4m3fn
 
 
-def fp8_ceil(x: torch.Tensor) -> torch.Tensor:
-    """Smallest float8 e4m3 value >= x (x float32 >= 0); above 448 it saturates to 448."""
-    x = x.clamp(max=FP8_MAX)
-    y = x.to(torch.float8_e4m3fn)
-    bits = y.view(torch.uint8)
-    return torch.where(y.float() < x, bits + 1, bits).view(torch.float8_e4m3fn)
+def fp8_nearest(x: torch.Tensor) -> torch.Tensor:
+    """The float8 e4m3 value nearest x (x float32 >= 0; ties to even), saturating at 448."""
+    return x.clamp(max=FP8_MAX).to(torch.float8_e4m3fn)
 
 
 def quantize(
@@ -51,16 +48,18 @@ def quantize(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Asymmetric quantization of ``x`` with one (scale, min) per slice along ``dim``.
 
-    The min is rounded down to float16 and the scale up to float16 (``fp8_scale``: to
-    float8 e4m3), so every element lies in ``[min, min + (2**bits - 1) * scale]`` and
-    ``|x - dequantize| <= scale / 2`` (unless a float8 scale saturates at 448).
+    The min is rounded down to float16 and the scale up to float16, so every element lies
+    in ``[min, min + (2**bits - 1) * scale]`` and ``|x - dequantize| <= scale / 2``.
+    ``fp8_scale``: the scale is rounded to the nearest float8 e4m3 instead (at most 1/16
+    off) and codes are clamped, so an element may lie up to ``(2**bits - 1) * (exact -
+    scale)`` further out.
     Returns (codes uint8 shaped like x, scale, min fp16), scale/min keep ``dim``.
     """
     qmax = (1 << bits) - 1
     xf = x.float()
     mn = fp16_floor(xf.amin(dim=dim, keepdim=True))
     mx = xf.amax(dim=dim, keepdim=True)
-    scale = (fp8_ceil if fp8_scale else fp16_ceil)((mx - mn.float()) / qmax)
+    scale = (fp8_nearest if fp8_scale else fp16_ceil)((mx - mn.float()) / qmax)
     scale_f = scale.float()
     safe = torch.where(scale_f > 0, scale_f, torch.ones_like(scale_f))
     # NaN quotients (non-finite input, overflowed scale) -> code 0: casting NaN to uint8

@@ -15,7 +15,11 @@ DEVICE = os.environ.get("KIVI_KERNEL_DEVICE", "cuda" if torch.cuda.is_available(
 if DEVICE == "cpu":
     os.environ["TRITON_INTERPRET"] = "1"
 
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
 from kivi_vllm.kernels.attention import attend_context  # noqa: E402
+from kivi_vllm.kernels.common import e4m3_to_f16, fp8_nearest_bits  # noqa: E402
 from kivi_vllm.kernels.store import store_step  # noqa: E402
 from kivi_vllm.page_format import PageFormat  # noqa: E402
 from tests.kernel_cases import (  # noqa: E402
@@ -227,3 +231,32 @@ def test_per_row_vectors_need_unit_stride():
     lens = torch.ones(2, dtype=torch.int32)
     with pytest.raises(ValueError, match="slot_mapping must have unit stride"):
         store_step(key, key, cache, tail, plan[0], qsl, lens, lens, fmt, 32)
+
+
+@triton.jit
+def _fp8_codec(x_ptr, b_ptr, enc_ptr, dec_ptr, N: tl.constexpr):
+    i = tl.arange(0, N)
+    tl.store(enc_ptr + i, fp8_nearest_bits(tl.load(x_ptr + i)))
+    tl.store(dec_ptr + i, e4m3_to_f16(tl.load(b_ptr + i)))
+
+
+def test_float8_scale_codes_match_torch():
+    """The kernels' integer float8 e4m3 routines equal torch's casts: every non-negative
+    byte decodes to its value, and float32 scales (normal, subnormal, exact ties, above
+    448) encode to the nearest e4m3, ties to even, saturating at 448."""
+    from kivi_vllm import reference
+
+    grid = torch.arange(127, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
+    mids = (grid[1:] + grid[:-1]) / 2  # exact ties
+    gen = torch.Generator().manual_seed(8)
+    spread = torch.rand(512, generator=gen) * 600 * torch.rand(512, generator=gen) ** 8
+    x = torch.cat([grid, mids, spread, torch.tensor([449.0, 464.0, 1e4, 0.0])])
+    n = 1 << (x.numel() - 1).bit_length()
+    x = torch.cat([x, torch.zeros(n - x.numel())]).to(DEVICE)
+    b = (torch.arange(n) % 127).to(torch.uint8).to(DEVICE)
+    enc = torch.empty(n, dtype=torch.uint8, device=DEVICE)
+    dec = torch.empty(n, dtype=torch.float16, device=DEVICE)
+    _fp8_codec[(1,)](x, b, enc, dec, N=n)
+    want = reference.fp8_nearest(x.cpu()).view(torch.uint8)
+    assert torch.equal(enc.cpu(), want)
+    assert torch.equal(dec.cpu().float(), b.cpu().view(torch.float8_e4m3fn).float())

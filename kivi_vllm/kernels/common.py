@@ -99,13 +99,19 @@ def e4m3_to_f16(b):
 
 
 @triton.jit
-def fp8_ceil_bits(x):
-    """The smallest float8 e4m3 >= x (x float32 >= 0) as its byte, saturating at 448
-    (``reference.fp8_ceil``): integer ops on the float32 bits."""
+def fp8_nearest_bits(x):
+    """The float8 e4m3 nearest x (x float32 >= 0; ties to even) as its byte, saturating at
+    448 (``reference.fp8_nearest``): integer ops on the float32 bits."""
     xb = x.to(tl.int32, bitcast=True)
     exp = (xb >> 23) & 255
     man = xb & 0x7FFFFF
-    normal = ((exp - 120) << 3) + (man >> 20) + ((man & 0xFFFFF) != 0).to(tl.int32)
-    sub = tl.math.ceil(x * 512.0).to(tl.int32)  # below 2^-6: m 2^-9 (m = 8 is 2^-6)
+    base = ((exp - 120) << 3) + (man >> 20)  # a carry out of the mantissa bumps the exponent
+    rest = man & 0xFFFFF
+    normal = base + ((rest > 0x80000) | ((rest == 0x80000) & ((base & 1) == 1))).to(tl.int32)
+    y = x * 512.0  # below 2^-6: m 2^-9 (m = 8 is 2^-6), exact
+    f = tl.floor(y)
+    r = y - f
+    fi = f.to(tl.int32)
+    sub = fi + ((r > 0.5) | ((r == 0.5) & ((fi & 1) == 1))).to(tl.int32)
     code = tl.where(exp >= 121, normal, sub)
     return tl.minimum(code, 126).to(tl.uint8)  # 0x7E = 448

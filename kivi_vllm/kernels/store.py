@@ -33,7 +33,7 @@ from kivi_vllm.kernels.common import (
     e4m3_to_f16,
     find_request,
     format_constants,
-    fp8_ceil_bits,
+    fp8_nearest_bits,
     fp16_ceil,
     fp16_floor,
     require_unit_stride,
@@ -61,12 +61,13 @@ def ring_row(pos, R: tl.constexpr, sinks):
 
 @triton.jit
 def _quantize(x, mn, mx, QMAX: tl.constexpr, FP8S: tl.constexpr):
-    """The min rounded down to float16 and the scale up to float16 (``FP8S``: to float8
-    e4m3, returned as its byte): (min, stored scale, safe divisor, scale as float32)."""
+    """The min rounded down to float16 and the scale up to float16 (``FP8S``: to the
+    nearest float8 e4m3, returned as its byte): (min, stored scale, safe divisor, scale as
+    float32)."""
     mn16 = fp16_floor(mn)
     raw = tl.div_rn(mx - mn16.to(tl.float32), QMAX * 1.0)
     if FP8S:
-        stored = fp8_ceil_bits(raw)
+        stored = fp8_nearest_bits(raw)
         scale = e4m3_to_f16(stored).to(tl.float32)
     else:
         stored = fp16_ceil(raw)
