@@ -39,6 +39,9 @@ SERVE_CONFIGS = [
     # ... with 4-bit keys in two layers: two page formats, two attention groups
     {"bits": 2, "group_size": 32, "residual": 96, "sink_groups": 1, "rotate_keys": True,
      "layer_key_bits": {"0": 4, "2": 4}},
+    # ... with float8 scales (the F8 setting of docs/benchmarks.md, fewer 4-bit layers)
+    {"bits": 2, "group_size": 32, "residual": 96, "sink_groups": 1, "rotate_keys": True,
+     "fp8_scales": True, "layer_key_bits": {"0": 4, "2": 4}},
 ]
 
 
@@ -176,6 +179,7 @@ LEVER_CASES = [  # (config with the lever(s), the same without them)
      {"bits": 2, "residual": 96}),
     ({"bits": 4, "residual": 64, "sink_groups": 1}, {"bits": 4, "residual": 64}),
     ({"bits": 2, "residual": 32, "layer_key_bits": {"0": 4}}, {"bits": 2, "residual": 32}),
+    ({"bits": 2, "residual": 32, "fp8_scales": True}, {"bits": 2, "residual": 32}),
 ]
 
 

@@ -115,8 +115,9 @@ def check_gpu_kernel_shape(cfg: KiviConfig, head_size: int, kv_heads: int) -> No
 
 # Levers (KiviConfig.levers) the CUDA path serves: rotate_keys is applied before dispatch
 # (KiviAttentionImpl.forward), sink_groups and layer_key_bits (per-layer key widths of the
-# page format) are read and written by the Triton kernels.
-GPU_LEVERS = ("rotate_keys", "sink_groups", "layer_key_bits")
+# page format) and fp8_scales (float8 scales, decoded with integer ops) are read and
+# written by the Triton kernels.
+GPU_LEVERS = ("rotate_keys", "sink_groups", "layer_key_bits", "fp8_scales")
 
 
 def check_levers_supported(cfg: KiviConfig, on_cpu: bool | None = None) -> None:
