@@ -94,6 +94,9 @@ for step in "$@"; do
       python3 benchmarks/throughput.py --kv "$kvs" --tp 2 --workloads 64x512x64 --eager \
         --out "$OUT/throughput-tp2-${kvs//,/-}.json" 2>&1 \
         | tee "$OUT/throughput-tp2-${kvs//,/-}.log" | tail -8 ;;
+    fastgen-profile-cost)
+      python3 benchmarks/fastgen_profile_cost.py --out "$OUT/fastgen-profile-cost.json" 2>&1 \
+        | tee "$OUT/fastgen-profile-cost.log" | tail -6 ;;
     kernels-quick)
       python3 benchmarks/kernels.py --batches 1,64 --contexts 1024,8192 2>&1 \
         | grep -v "^INFO\|^WARNING" | tail -8 ;;

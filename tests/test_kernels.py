@@ -260,3 +260,32 @@ def test_float8_scale_codes_match_torch():
     want = reference.fp8_nearest(x.cpu()).view(torch.uint8)
     assert torch.equal(enc.cpu(), want)
     assert torch.equal(dec.cpu().float(), b.cpu().view(torch.float8_e4m3fn).float())
+
+
+@pytest.mark.parametrize(("n", "m", "rows", "hq", "hk", "d"), [
+    (77, 77, None, 4, 2, 32),   # whole prompt, GQA 2, lengths not multiples of the block
+    (96, 40, None, 2, 2, 16),   # q holds the last 40 positions only
+    (70, 70, 23, 4, 1, 64),     # profile_rows: the last 23 rows
+])
+def test_fused_profile_equals_chunked_probabilities(n, m, rows, hq, hk, d):
+    """FastGen's two-pass profiling kernels give the chunked float32 path's masses (each
+    policy's recovery per head, float32 sums), heavy hitters and policies."""
+    from kivi_vllm.fastgen.profile import profile_heads
+
+    gen = torch.Generator().manual_seed(n + d)
+    k = (torch.randn(n, hk, d, generator=gen) * 2).to(torch.bfloat16)
+    q = (torch.randn(m, hq, d, generator=gen) * 2).to(torch.bfloat16)
+    k[3] *= 4  # an attention sink, so the policies differ
+    special = torch.zeros(n, dtype=torch.bool)
+    special[0] = True
+    punct = torch.rand(n, generator=gen) < 0.1
+    kwargs = dict(recovery=0.9, frequent_ratio=0.1, local_ratio=0.2, scale=d ** -0.5,
+                  rows=rows)
+    want = profile_heads(q.float(), k.float(), special, punct, chunk=16, fused=False, **kwargs)
+    dev = torch.device(DEVICE)
+    got = profile_heads(q.to(dev), k.to(dev), special.to(dev), punct.to(dev), fused=True,
+                        **kwargs)
+    assert got.rows == want.rows and got.window == want.window
+    assert (got.recovery.cpu() - want.recovery).abs().max() < 2e-5
+    assert torch.equal(got.policy.cpu(), want.policy)
+    assert torch.equal(got.frequent.cpu(), want.frequent)

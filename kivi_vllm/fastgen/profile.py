@@ -59,21 +59,37 @@ def profile_heads(
     scale: float,
     chunk: int = 256,
     rows: int | None = None,
+    fused: bool | None = None,
 ) -> HeadProfile:
     """Profile the heads of one layer on a prompt and choose their policies.
 
     k: ``[n, kv_heads, D]`` after RoPE; q: ``[m, q_heads, D]`` for the last ``m <= n``
     positions (e.g. a prefill's last chunk); special/punct: bool ``[n]``. ``rows``:
-    profile only the last ``rows`` query positions (default: all of ``q``).
+    profile only the last ``rows`` query positions (default: all of ``q``). ``fused``:
+    the sums come from the two-pass Triton kernels of ``kernels.profile`` (default: on
+    CUDA, for head sizes they take) instead of float32 probabilities ``chunk`` rows at a
+    time.
     """
     n, m = k.shape[0], q.shape[0]
     if m > n:
         raise ValueError(f"q has {m} rows but only {n} keys")
     rows = m if rows is None else min(rows, m)
-    return _profile(
-        lambda lo, hi: _probs(q, k, lo, hi, scale), n, q.shape[1], k.shape[1],
-        special, punct, recovery, frequent_ratio, local_ratio, chunk, rows,
-    )
+    d = q.shape[-1]
+    if fused is None:
+        fused = q.is_cuda and d >= 16 and d & (d - 1) == 0  # as kernels.profile takes
+    if not fused:
+        return _profile(
+            lambda lo, hi: _probs(q, k, lo, hi, scale), n, q.shape[1], k.shape[1],
+            special, punct, recovery, frequent_ratio, local_ratio, chunk, rows,
+        )
+    from kivi_vllm.kernels.profile import profile_sums  # Triton: imported when used
+
+    if rows < 1:
+        raise ValueError(f"rows must be >= 1, got {rows}")
+    first = max(0, n - rows)
+    n_frequent, window = budgets(n, frequent_ratio, local_ratio)
+    sums = (x.double() for x in profile_sums(q, k, first, window, scale))
+    return _choose(*sums, k.shape[1], special, punct, recovery, n_frequent, window, first)
 
 
 def profile_attention(
@@ -114,7 +130,6 @@ def _profile(
     if rows is not None and rows < 1:
         raise ValueError(f"rows must be >= 1, got {rows}")
     first = 0 if rows is None else max(0, n - rows)
-    group = hq // hk
     dev = special.device
     n_frequent, window = budgets(n, frequent_ratio, local_ratio)
     # per query head and key: attention from all profiled rows (colsum), from the rows
@@ -130,6 +145,25 @@ def _profile(
         colsum[:, :hi] += p.sum(dim=1, dtype=torch.float64)
         band[:, :hi] += (p * in_window).sum(dim=1, dtype=torch.float64)
         own[:, lo:hi] = p.diagonal(offset=lo, dim1=1, dim2=2).double()
+    return _choose(colsum, band, own, hk, special, punct, recovery, n_frequent, window, first)
+
+
+def _choose(
+    colsum: torch.Tensor,
+    band: torch.Tensor,
+    own: torch.Tensor,
+    hk: int,
+    special: torch.Tensor,
+    punct: torch.Tensor,
+    recovery: float,
+    n_frequent: int,
+    window: int,
+    first: int,
+) -> HeadProfile:
+    """Heavy hitters, each policy's mass and the policies, from the float64 sums."""
+    hq, n = colsum.shape
+    group = hq // hk
+    dev = colsum.device
     per_kv = colsum.view(hk, group, n).sum(dim=1)
     top = per_kv.topk(min(n_frequent, n), dim=1).indices
     frequent = torch.zeros(hk, n, dtype=torch.bool, device=dev).scatter_(1, top, True)

@@ -1,0 +1,85 @@
+"""Cost of FastGen's per-layer profiling on a GPU: fused Triton kernels vs float32 chunks.
+
+For each prompt length, one layer of ``--heads`` query heads over ``--kv-heads`` KV heads
+(head size ``--head-dim``, bfloat16, random queries and keys) is profiled by
+``fastgen.profile.profile_heads`` both ways, and the policies are compared. Prints a table
+and writes JSON. GPU only:
+
+    python benchmarks/fastgen_profile_cost.py --out $OUT/fastgen-profile-cost.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import functools
+import json
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from kivi_vllm.fastgen.profile import profile_heads  # noqa: E402
+
+CHUNK_BYTES = 128 << 20  # the GPU worker's float32 chunk size (fastgen.device.PROFILE_BYTES)
+
+
+def time_ms(fn, reps: int = 5) -> float:
+    """Median milliseconds of ``fn()`` (CUDA events, after one warm-up call)."""
+    fn()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
+
+
+def measure(n: int, heads: int, kv_heads: int, head_dim: int) -> dict:
+    """Both profiling paths on one random layer of an ``n``-token prompt."""
+    gen = torch.Generator(device="cuda").manual_seed(n)
+    q = torch.randn((n, heads, head_dim), generator=gen, device="cuda").to(torch.bfloat16)
+    k = torch.randn((n, kv_heads, head_dim), generator=gen, device="cuda").to(torch.bfloat16)
+    special = torch.zeros(n, dtype=torch.bool, device="cuda")
+    special[0] = True
+    punct = torch.rand(n, generator=gen, device="cuda") < 0.1
+    run = functools.partial(profile_heads, q, k, special, punct, recovery=0.9,
+                            frequent_ratio=0.1, local_ratio=0.2, scale=head_dim ** -0.5,
+                            chunk=max(64, CHUNK_BYTES // (4 * heads * n)))
+    same = torch.equal(run(fused=True).policy, run(fused=False).policy)
+    fused = time_ms(functools.partial(run, fused=True))
+    chunked = time_ms(functools.partial(run, fused=False))
+    return {"prompt": n, "q_heads": heads, "kv_heads": kv_heads, "head_dim": head_dim,
+            "fused_ms": round(fused, 3), "chunked_ms": round(chunked, 3),
+            "same_policies": same, "gpu": torch.cuda.get_device_name(),
+            "date": str(datetime.date.today())}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--lengths", default="512,2048,8192")
+    p.add_argument("--heads", type=int, default=32)
+    p.add_argument("--kv-heads", type=int, default=8)
+    p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--out", default=None)
+    args = p.parse_args()
+    records = []
+    print(f"{'prompt':>7} {'fused ms':>9} {'chunked ms':>11} {'speed-up':>9} {'same policies':>14}")
+    for n in map(int, args.lengths.split(",")):
+        r = measure(n, args.heads, args.kv_heads, args.head_dim)
+        print(f"{n:>7} {r['fused_ms']:>9.2f} {r['chunked_ms']:>11.2f} "
+              f"{r['chunked_ms'] / r['fused_ms']:>8.1f}x {str(r['same_policies']):>14}",
+              flush=True)
+        records.append(r)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(records, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
