@@ -32,7 +32,8 @@ ALIGNED_STRIDES = ("stride_bt", "stride_tail_kv", "stride_tail_slot", "stride_ta
 
 
 def compile_decode(bits: int, group: int, head_dim: int, kv_heads: int, qpk: int,
-                   residual: int, warps: int, stages: int, maxnreg: int | None):
+                   residual: int, warps: int, stages: int, maxnreg: int | None,
+                   fp8_scales: bool = False):
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -41,7 +42,7 @@ def compile_decode(bits: int, group: int, head_dim: int, kv_heads: int, qpk: int
     from kivi_vllm.kernels.common import format_constants
     from kivi_vllm.page_format import PageFormat
 
-    fmt = PageFormat(bits, group, head_dim, kv_heads)
+    fmt = PageFormat(bits, group, head_dim, kv_heads, fp8_scales=fp8_scales)
     width, nch = attention.chunking(fmt)
     fn = attention._kivi_attend_context
     names = fn.arg_names
@@ -97,10 +98,11 @@ def main() -> None:
     p.add_argument("--residual", type=int, default=32)
     p.add_argument("--warps", type=int, default=2)
     p.add_argument("--stages", type=int, default=3)
-    p.add_argument("--maxnreg", type=int, default=128)
+    p.add_argument("--maxnreg", type=int, default=128, help="0: no register cap")
+    p.add_argument("--fp8-scales", action="store_true", help="the kivi.fp8_scales variant")
     a = p.parse_args()
     kernel = compile_decode(a.bits, a.group, a.head_dim, a.kv_heads, a.qpk, a.residual,
-                            a.warps, a.stages, a.maxnreg)
+                            a.warps, a.stages, a.maxnreg or None, a.fp8_scales)
     sass_report(kernel.asm["cubin"])
 
 

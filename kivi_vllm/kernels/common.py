@@ -89,13 +89,10 @@ def scale_ptr(addr, FP8S: tl.constexpr):
 
 @triton.jit
 def e4m3_to_f16(b):
-    """Bytes of non-negative float8 e4m3 values -> float16 (exact, integer ops only, so
-    the interpreter and the GPU agree): ``(1 + m/8) 2^(e-7)``, subnormal ``m 2^-9``."""
-    b = b.to(tl.int32)
-    e = b >> 3
-    m = b & 7
-    normal = (((e + 8) << 10) | (m << 7)).to(tl.int16).to(tl.float16, bitcast=True)
-    return tl.where(e == 0, (m.to(tl.float32) * (1.0 / 512)).to(tl.float16), normal)
+    """Bytes of non-negative float8 e4m3 values -> float16, exact with integer ops (so the
+    interpreter and the GPU agree): the byte shifted under float16's exponent field reads
+    as the value / 256, normal (``(1 + m/8) 2^(e-15)``) and subnormal (``m 2^-17``) alike."""
+    return (b.to(tl.int16) << 7).to(tl.float16, bitcast=True) * 256.0
 
 
 @triton.jit
