@@ -31,7 +31,7 @@ from vllm.v1.attention.backends.utils import split_decodes_and_prefills
 
 from kivi_vllm import reference, state
 from kivi_vllm.config import ALLOWED_GROUP_SIZES, KiviConfig, KiviConfigError
-from kivi_vllm.memory import num_ring_slots, num_tail_slots
+from kivi_vllm.memory import num_ring_slots, num_tail_slots, tail_streams
 from kivi_vllm.page_format import layer_page_format
 from kivi_vllm.spec import KiviAttentionSpec
 
@@ -176,7 +176,8 @@ class KiviMetadataBuilder(AttentionMetadataBuilder[KiviMetadata]):
         self.cfg = state.active_config()
         state.STEP.ensure(num_tail_slots(vllm_config))
         # kivi.fastgen on the GPU: one ring per (slot, KV head, stream), one head each
-        streams = 2 * kv_cache_spec.num_kv_heads if self._fastgen_on(device) else 1
+        self._stream_rows = tail_streams(self.cfg) > 1
+        streams = 2 * kv_cache_spec.num_kv_heads if self._stream_rows else 1
         state.allocate_tails(
             layer_names,
             num_slots=num_ring_slots(vllm_config) * streams,
@@ -198,11 +199,11 @@ class KiviMetadataBuilder(AttentionMetadataBuilder[KiviMetadata]):
             mc = vllm_config.model_config
             num_heads = mc.get_num_attention_heads(vllm_config.parallel_config)
             fmt = kv_cache_spec.page_format
-            if self._fastgen_on(device):  # stream rows: one KV head, its query heads
+            if self._stream_rows:  # one KV head and its query heads per row
                 num_heads //= kv_cache_spec.num_kv_heads
                 fmt = replace(fmt, num_kv_heads=1)
             warm_up(fmt, self.cfg.residual, num_heads, mc.dtype, device,
-                    streams=self._fastgen_on(device))
+                    streams=self._stream_rows)
         if self.cfg.fastgen is not None:
             from kivi_vllm.fastgen.engine import WORKER
             from kivi_vllm.fastgen.manager import FastGenAttentionSpec
@@ -221,9 +222,6 @@ class KiviMetadataBuilder(AttentionMetadataBuilder[KiviMetadata]):
                               mc.max_model_len, device)
             else:
                 WORKER.enable(self.cfg, classes, layers)
-
-    def _fastgen_on(self, device: torch.device) -> bool:
-        return self.cfg.fastgen is not None and device.type == "cuda"
 
     def build(
         self,

@@ -43,6 +43,9 @@ from kivi_vllm.fastgen.book import PageEntries, RequestBook
 from kivi_vllm.fastgen.manager import PageReport
 from kivi_vllm.fastgen.policy import (
     NUM_POLICIES,
+    PLAIN,
+    PUNCT,
+    SPECIAL,
     Policy,
     TokenClasses,
     permanent,
@@ -51,7 +54,6 @@ from kivi_vllm.fastgen.policy import (
 from kivi_vllm.fastgen.profile import profile_heads
 from kivi_vllm.page_format import layer_page_format
 
-PLAIN, SPECIAL, PUNCT = 0, 1, 2  # token classes (special wins over punctuation)
 PROFILE_BYTES = 128 << 20  # fp32 attention rows per profiling chunk
 
 
@@ -237,11 +239,8 @@ class DeviceFastGen(RequestBook):
             end = computed + int(num_scheduled.get(req_id, 0))
             have = seq.classes.size
             if end > have:
-                sp, pu = self.classes.special_ids, self.classes.punct_ids
-                ids = token_ids[row, have:end].tolist()
-                cls = np.fromiter((SPECIAL if t in sp else PUNCT if t in pu else PLAIN
-                                   for t in ids), np.int8, len(ids))
-                seq.classes = np.concatenate([seq.classes, cls])
+                codes = self.classes.codes(token_ids[row, have:end].tolist())
+                seq.classes = np.concatenate([seq.classes, codes])
             seq.held = int(held[row])
             seq.block_ids = block_rows[row]
             if not seq.profiled:  # a prompt this step: profiled on the device

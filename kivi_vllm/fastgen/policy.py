@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any
 
+import numpy as np
 import torch
 
 
@@ -37,6 +38,7 @@ NUM_POLICIES = len(Policy)
 # Characters a punctuation token may consist of (after stripping spaces); tokens made
 # only of newlines count as punctuation too (line breaks delimit like full stops).
 PUNCT_CHARS = frozenset(".,;:!?\n")
+PLAIN, SPECIAL, PUNCT = 0, 1, 2  # token class codes (special wins over punctuation)
 
 
 @dataclass(frozen=True)
@@ -70,12 +72,17 @@ class TokenClasses:
         return cls.from_tokenizer(AutoTokenizer.from_pretrained(
             model_config.tokenizer, trust_remote_code=model_config.trust_remote_code))
 
+    def codes(self, token_ids: Iterable[int]) -> np.ndarray:
+        """int8 class code (``PLAIN``, ``SPECIAL``, ``PUNCT``) of each of ``token_ids``."""
+        sp, pu = self.special_ids, self.punct_ids
+        ids = [int(t) for t in token_ids]
+        return np.fromiter((SPECIAL if t in sp else PUNCT if t in pu else PLAIN for t in ids),
+                           np.int8, len(ids))
+
     def masks(self, token_ids: Iterable[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """(special, punct) boolean masks over the positions of ``token_ids``."""
-        ids = [int(t) for t in token_ids]
-        special = torch.tensor([t in self.special_ids for t in ids], dtype=torch.bool)
-        punct = torch.tensor([t in self.punct_ids for t in ids], dtype=torch.bool)
-        return special, punct
+        codes = torch.from_numpy(self.codes(token_ids))
+        return codes == SPECIAL, codes == PUNCT
 
 
 def budgets(num_tokens: int, frequent_ratio: float, local_ratio: float) -> tuple[int, int]:
