@@ -20,15 +20,16 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _scores(q_ptr, k_ptr, rows, keys, off, n, stride_qt, stride_kt, D: tl.constexpr,
-            IEEE: tl.constexpr):
-    """Scores of query rows x keys, [BM, BN] float32 (``IEEE``: float32 operands and
-    products, for float32 inputs and the interpreter, whose bfloat16 dot is wrong)."""
+def _rows(ptr, idx, n, stride, D: tl.constexpr):
+    """Vectors ``idx`` of one head ([B, D]; zeros past ``n``)."""
     d = tl.arange(0, D)
-    q = tl.load(q_ptr + (rows - off)[:, None] * stride_qt + d[None, :],
-                mask=(rows < n)[:, None], other=0.0)
-    k = tl.load(k_ptr + keys[:, None] * stride_kt + d[None, :], mask=(keys < n)[:, None],
-                other=0.0)
+    return tl.load(ptr + idx[:, None] * stride + d[None, :], mask=(idx < n)[:, None], other=0.0)
+
+
+@triton.jit
+def _scores(q, k, IEEE: tl.constexpr):
+    """q [BM, D] . k [BN, D]^T as float32 (``IEEE``: float32 operands and products, for
+    float32 inputs and the interpreter, whose bfloat16 dot is wrong)."""
     if IEEE:
         s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
     else:
@@ -45,12 +46,13 @@ def _profile_row_lse(q_ptr, k_ptr, lse_ptr, n, first, off, qk_scale, stride_qt, 
     rows = first + tl.program_id(1) * BM + tl.arange(0, BM)
     qh = q_ptr + h * stride_qh
     kh = k_ptr + (h // GROUP) * stride_kh
+    q = _rows(qh, rows - off, n - off, stride_qt, D)  # q holds positions off..n-1
     m_i = tl.full((BM,), float("-inf"), tl.float32)
     l_i = tl.zeros((BM,), tl.float32)
     hi = tl.minimum(first + (tl.program_id(1) + 1) * BM, n)
     for start in range(0, hi, BN):
         keys = start + tl.arange(0, BN)
-        s = _scores(qh, kh, rows, keys, off, n, stride_qt, stride_kt, D, IEEE) * qk_scale
+        s = _scores(q, _rows(kh, keys, n, stride_kt, D), IEEE) * qk_scale
         s = tl.where(keys[None, :] <= rows[:, None], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         l_i = l_i * tl.exp2(m_i - m_new) + tl.sum(tl.exp2(s - m_new[:, None]), axis=1)
@@ -71,9 +73,11 @@ def _profile_key_sums(q_ptr, k_ptr, lse_ptr, out_ptr, n, first, off, window, qk_
     colsum = tl.zeros((BN,), tl.float32)
     band = tl.zeros((BN,), tl.float32)
     own = tl.zeros((BN,), tl.float32)
+    k = _rows(kh, keys, n, stride_kt, D)
     for start in range(tl.maximum(first, tl.program_id(1) * BN), n, BM):
         rows = start + tl.arange(0, BM)
-        s = _scores(qh, kh, rows, keys, off, n, stride_qt, stride_kt, D, IEEE) * qk_scale
+        q = _rows(qh, rows - off, n - off, stride_qt, D)
+        s = _scores(q, k, IEEE) * qk_scale
         lse = tl.load(lse_ptr + h * n + rows, mask=rows < n, other=0.0)
         gap = rows[:, None] - keys[None, :]
         p = tl.where((gap >= 0) & (rows < n)[:, None], tl.exp2(s - lse[:, None]), 0.0)
