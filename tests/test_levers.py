@@ -251,7 +251,7 @@ def test_offline_lever_raising_values_only() -> None:
     assert (k - kh4).norm() < 0.5 * (k - kh2).norm()
 
 
-def test_fp8_scales_round_up_to_e4m3_and_are_validated() -> None:
+def test_fp8_scales_round_to_the_nearest_e4m3_and_are_validated() -> None:
     """Scales become the nearest float8 e4m3 to the float32 scale (reconstruction within
     half a step plus the clamped codes' share of the rounding); the page shrinks by a byte
     per scale;
