@@ -131,6 +131,10 @@ def run_one(kv: str, workloads: list[tuple[int, int, int]], args) -> list[dict]:
         })
         if fastgen:
             records[-1].update(fastgen_figures(llm, fields["group_size"], in_len))
+        elif fields["kv"].startswith("kivi"):  # sequences holding a tail slot at once
+            from kivi_vllm.introspect import kivi_stats
+
+            records[-1]["peak_running"] = llm.collective_rpc(kivi_stats)[0]["tail_slots_peak"]
         print("RESULT " + json.dumps(records[-1]), flush=True)
     return records
 
