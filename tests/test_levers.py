@@ -254,8 +254,8 @@ def test_offline_lever_raising_values_only() -> None:
 def test_fp8_scales_round_to_the_nearest_e4m3_and_are_validated() -> None:
     """Scales become the nearest float8 e4m3 to the float32 scale (reconstruction within
     half a step plus the clamped codes' share of the rounding); the page shrinks by a byte
-    per scale;
-    config validation; FastGen refuses the option at start-up, the GPU serves it."""
+    per scale; config validation; FastGen refuses the option at start-up, the GPU serves
+    it."""
     from kivi_vllm.patches.platform import check_levers_supported
 
     grid = torch.arange(127, dtype=torch.uint8).view(torch.float8_e4m3fn).float()  # >= 0
