@@ -73,23 +73,20 @@ def profile_heads(
     n, m = k.shape[0], q.shape[0]
     if m > n:
         raise ValueError(f"q has {m} rows but only {n} keys")
-    rows = m if rows is None else min(rows, m)
     d = q.shape[-1]
     if fused is None:
         fused = q.is_cuda and d >= 16 and d & (d - 1) == 0  # as kernels.profile takes
-    if not fused:
-        return _profile(
-            lambda lo, hi: _probs(q, k, lo, hi, scale), n, q.shape[1], k.shape[1],
-            special, punct, recovery, frequent_ratio, local_ratio, chunk, rows,
-        )
-    from kivi_vllm.kernels.profile import profile_sums  # Triton: imported when used
+    if fused:
+        from kivi_vllm.kernels.profile import profile_sums  # Triton: imported when used
 
-    if rows < 1:
-        raise ValueError(f"rows must be >= 1, got {rows}")
-    first = max(0, n - rows)
-    n_frequent, window = budgets(n, frequent_ratio, local_ratio)
-    sums = (x.double() for x in profile_sums(q, k, first, window, scale))
-    return _choose(*sums, k.shape[1], special, punct, recovery, n_frequent, window, first)
+        def sums(first: int, window: int) -> tuple[torch.Tensor, ...]:
+            return tuple(x.double() for x in profile_sums(q, k, first, window, scale))
+    else:
+        def sums(first: int, window: int) -> tuple[torch.Tensor, ...]:
+            return _chunked_sums(lambda lo, hi: _probs(q, k, lo, hi, scale), n, q.shape[1],
+                                 first, window, chunk, k.device)
+    return _profile(sums, n, k.shape[1], special, punct, recovery, frequent_ratio,
+                    local_ratio, m if rows is None else min(rows, m))
 
 
 def profile_attention(
@@ -107,34 +104,48 @@ def profile_attention(
     """:func:`profile_heads` on given causal attention probabilities ``[q_heads, n, n]``."""
     hq, n, _ = probs.shape
     return _profile(
-        lambda lo, hi: probs[:, lo:hi, :hi].float(), n, hq, num_kv_heads,
-        special, punct, recovery, frequent_ratio, local_ratio, chunk, rows,
+        lambda first, window: _chunked_sums(lambda lo, hi: probs[:, lo:hi, :hi].float(), n,
+                                            hq, first, window, chunk, probs.device),
+        n, num_kv_heads, special, punct, recovery, frequent_ratio, local_ratio, rows,
     )
 
 
 def _profile(
-    probs_rows: Callable[[int, int], torch.Tensor],
+    sums: Callable[[int, int], tuple[torch.Tensor, ...]],
     n: int,
-    hq: int,
     hk: int,
     special: torch.Tensor,
     punct: torch.Tensor,
     recovery: float,
     frequent_ratio: float,
     local_ratio: float,
-    chunk: int,
     rows: int | None,
 ) -> HeadProfile:
-    if chunk < 1:
-        raise ValueError(f"chunk must be >= 1, got {chunk}")
+    """Profile of the last ``rows`` rows (all if None) from ``sums(first, window)``: the
+    float64 (colsum, band, own) ``[q_heads, n]`` of the rows ``first..n-1``."""
     if rows is not None and rows < 1:
         raise ValueError(f"rows must be >= 1, got {rows}")
     first = 0 if rows is None else max(0, n - rows)
-    dev = special.device
     n_frequent, window = budgets(n, frequent_ratio, local_ratio)
-    # per query head and key: attention from all profiled rows (colsum), from the rows
-    # whose local window holds the key (band, the row's own key included), and each
-    # row's attention to itself (own)
+    colsum, band, own = sums(first, window)
+    return _choose(colsum, band, own, hk, special, punct, recovery, n_frequent, window, first)
+
+
+def _chunked_sums(
+    probs_rows: Callable[[int, int], torch.Tensor],
+    n: int,
+    hq: int,
+    first: int,
+    window: int,
+    chunk: int,
+    dev: torch.device,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(colsum, band, own) from float32 probabilities ``probs_rows(lo, hi)`` ``[hq, hi-lo,
+    hi]``, ``chunk`` rows at a time: per query head and key, the attention from all
+    profiled rows, from the rows whose local window holds the key (the row's own key
+    included), and from the key's own row."""
+    if chunk < 1:
+        raise ValueError(f"chunk must be >= 1, got {chunk}")
     colsum, band, own = (torch.zeros(hq, n, dtype=torch.float64, device=dev) for _ in range(3))
     keys = torch.arange(n, device=dev)
     for lo in range(first, n, chunk):
@@ -145,7 +156,7 @@ def _profile(
         colsum[:, :hi] += p.sum(dim=1, dtype=torch.float64)
         band[:, :hi] += (p * in_window).sum(dim=1, dtype=torch.float64)
         own[:, lo:hi] = p.diagonal(offset=lo, dim1=1, dim2=2).double()
-    return _choose(colsum, band, own, hk, special, punct, recovery, n_frequent, window, first)
+    return colsum, band, own
 
 
 def _choose(
