@@ -96,6 +96,12 @@ def e4m3_to_f16(b):
 
 
 @triton.jit
+def _ties_to_even(q, above_half, at_half):
+    """``q`` rounded up where the dropped part is above half, or exactly half and ``q`` odd."""
+    return q + (above_half | (at_half & ((q & 1) == 1))).to(tl.int32)
+
+
+@triton.jit
 def fp8_nearest_bits(x):
     """The float8 e4m3 nearest x (x float32 >= 0; ties to even) as its byte, saturating at
     448 (``reference.fp8_nearest``): integer ops on the float32 bits."""
@@ -104,11 +110,9 @@ def fp8_nearest_bits(x):
     man = xb & 0x7FFFFF
     base = ((exp - 120) << 3) + (man >> 20)  # a carry out of the mantissa bumps the exponent
     rest = man & 0xFFFFF
-    normal = base + ((rest > 0x80000) | ((rest == 0x80000) & ((base & 1) == 1))).to(tl.int32)
+    normal = _ties_to_even(base, rest > 0x80000, rest == 0x80000)
     y = x * 512.0  # below 2^-6: m 2^-9 (m = 8 is 2^-6), exact
     f = tl.floor(y)
-    r = y - f
-    fi = f.to(tl.int32)
-    sub = fi + ((r > 0.5) | ((r == 0.5) & ((fi & 1) == 1))).to(tl.int32)
+    sub = _ties_to_even(f.to(tl.int32), y - f > 0.5, y - f == 0.5)
     code = tl.where(exp >= 121, normal, sub)
     return tl.minimum(code, 126).to(tl.uint8)  # 0x7E = 448
