@@ -21,9 +21,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from kivi_vllm.fastgen.device import profile_chunk  # noqa: E402
 from kivi_vllm.fastgen.profile import profile_heads  # noqa: E402
-
-CHUNK_BYTES = 128 << 20  # the GPU worker's float32 chunk size (fastgen.device.PROFILE_BYTES)
 
 
 def time_ms(fn, reps: int = 5) -> float:
@@ -50,7 +49,7 @@ def measure(n: int, heads: int, kv_heads: int, head_dim: int) -> dict:
     punct = torch.rand(n, generator=gen, device="cuda") < 0.1
     run = functools.partial(profile_heads, q, k, special, punct, recovery=0.9,
                             frequent_ratio=0.1, local_ratio=0.2, scale=head_dim ** -0.5,
-                            chunk=max(64, CHUNK_BYTES // (4 * heads * n)))
+                            chunk=profile_chunk(heads, n))
     same = torch.equal(run(fused=True).policy, run(fused=False).policy)
     fused = time_ms(functools.partial(run, fused=True))
     chunked = time_ms(functools.partial(run, fused=False))

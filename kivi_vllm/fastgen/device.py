@@ -57,6 +57,11 @@ from kivi_vllm.page_format import layer_page_format
 PROFILE_BYTES = 128 << 20  # fp32 attention rows per profiling chunk
 
 
+def profile_chunk(q_heads: int, n: int) -> int:
+    """Query rows per float32 profiling chunk of an ``n``-token prompt (unfused path)."""
+    return max(64, PROFILE_BYTES // (4 * q_heads * n))
+
+
 @dataclass
 class DeviceSeq(PageEntries):
     """Host mirror of one request's streams (``[layers, kv_heads, 2]``: permanent, local)."""
@@ -392,7 +397,7 @@ class DeviceFastGen(RequestBook):
         prof = profile_heads(q, k, special, punct, recovery=self.cfg.recovery,
                              frequent_ratio=self.cfg.frequent_ratio,
                              local_ratio=self.cfg.local_ratio, scale=scale,
-                             chunk=max(64, PROFILE_BYTES // (4 * q.shape[1] * n)),
+                             chunk=profile_chunk(q.shape[1], n),
                              rows=self.cfg.profile_rows or None)
         if layer == 0:
             seq.n, seq.window, seq.cut = n, prof.window, n - prof.window
