@@ -73,8 +73,9 @@ def run_one(kv: str, workloads: list[tuple[int, int, int]], args) -> list[dict]:
     max_len = max(i + o for _, i, o in workloads) + 16
     engine_kwargs, fields = kv_setting(kv)
     fastgen = "fastgen" in engine_kwargs.get("additional_config", {}).get("kivi", {})
+    if fields["kv"].startswith("kivi"):  # collective_rpc(kivi_stats / fastgen_stats)
+        os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"
     if fastgen:  # the GPU profiles each prompt in the step that prefills it whole
-        os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"  # collective_rpc(fastgen_stats)
         engine_kwargs = {**engine_kwargs, "enable_chunked_prefill": False,
                          "max_num_batched_tokens": max(max_len, 8192)}
     if args.model == "dummy8b":
