@@ -73,7 +73,8 @@ def run_one(kv: str, workloads: list[tuple[int, int, int]], args) -> list[dict]:
     max_len = max(i + o for _, i, o in workloads) + 16
     engine_kwargs, fields = kv_setting(kv)
     fastgen = "fastgen" in engine_kwargs.get("additional_config", {}).get("kivi", {})
-    if fields["kv"].startswith("kivi"):  # collective_rpc(kivi_stats / fastgen_stats)
+    is_kivi = fields["kv"].startswith("kivi")
+    if is_kivi:  # collective_rpc(kivi_stats / fastgen_stats)
         os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"
     if fastgen:  # the GPU profiles each prompt in the step that prefills it whole
         engine_kwargs = {**engine_kwargs, "enable_chunked_prefill": False,
@@ -132,7 +133,7 @@ def run_one(kv: str, workloads: list[tuple[int, int, int]], args) -> list[dict]:
         })
         if fastgen:
             records[-1].update(fastgen_figures(llm, fields["group_size"], in_len))
-        elif fields["kv"].startswith("kivi"):  # sequences holding a tail slot at once
+        elif is_kivi:  # sequences holding a tail slot at once
             from kivi_vllm.introspect import kivi_stats
 
             records[-1]["peak_running"] = llm.collective_rpc(kivi_stats)[0]["tail_slots_peak"]
