@@ -2,8 +2,10 @@
 
 For each prompt length, one layer of ``--heads`` query heads over ``--kv-heads`` KV heads
 (head size ``--head-dim``, bfloat16, random queries and keys) is profiled by
-``fastgen.profile.profile_heads`` both ways, and the policies are compared. Prints a table
-and writes JSON. GPU only:
+``fastgen.profile.profile_heads`` both ways, and the policies are compared; then
+``--batch`` such prompts are profiled together by ``fastgen.profile.profile_prompts`` (as
+one engine step that prefills several prompts does) and the time per prompt is reported.
+Prints a table and writes JSON. GPU only:
 
     python benchmarks/fastgen_profile_cost.py --out $OUT/fastgen-profile-cost.json
 """
@@ -22,7 +24,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from kivi_vllm.fastgen.device import profile_chunk  # noqa: E402
-from kivi_vllm.fastgen.profile import profile_heads  # noqa: E402
+from kivi_vllm.fastgen.profile import Prompts, profile_heads, profile_prompts  # noqa: E402
 
 
 def time_ms(fn, reps: int = 5) -> float:
@@ -39,23 +41,36 @@ def time_ms(fn, reps: int = 5) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def measure(n: int, heads: int, kv_heads: int, head_dim: int) -> dict:
-    """Both profiling paths on one random layer of an ``n``-token prompt."""
+def measure(n: int, heads: int, kv_heads: int, head_dim: int, batch: int) -> dict:
+    """Both profiling paths on one random layer of an ``n``-token prompt, and the fused
+    path on ``batch`` such prompts at once."""
     gen = torch.Generator(device="cuda").manual_seed(n)
-    q = torch.randn((n, heads, head_dim), generator=gen, device="cuda").to(torch.bfloat16)
-    k = torch.randn((n, kv_heads, head_dim), generator=gen, device="cuda").to(torch.bfloat16)
-    special = torch.zeros(n, dtype=torch.bool, device="cuda")
-    special[0] = True
-    punct = torch.rand(n, generator=gen, device="cuda") < 0.1
-    run = functools.partial(profile_heads, q, k, special, punct, recovery=0.9,
-                            frequent_ratio=0.1, local_ratio=0.2, scale=head_dim ** -0.5,
-                            chunk=profile_chunk(heads, n))
+    total = n * batch
+    q = torch.randn((total, heads, head_dim), generator=gen, device="cuda").to(torch.bfloat16)
+    k = torch.randn((total, kv_heads, head_dim), generator=gen, device="cuda").to(torch.bfloat16)
+    special = torch.zeros(total, dtype=torch.bool, device="cuda")
+    special[::n] = True
+    punct = torch.rand(total, generator=gen, device="cuda") < 0.1
+    ratios = dict(frequent_ratio=0.1, local_ratio=0.2)
+    run = functools.partial(profile_heads, q[:n], k[:n], special[:n], punct[:n], recovery=0.9,
+                            scale=head_dim ** -0.5, chunk=profile_chunk(heads, n), **ratios)
     same = torch.equal(run(fused=True).policy, run(fused=False).policy)
     fused = time_ms(functools.partial(run, fused=True))
     chunked = time_ms(functools.partial(run, fused=False))
+    prompts = Prompts.build([n] * batch, **ratios, rows=None, device="cuda")
+    together = functools.partial(profile_prompts, q, k, prompts, special, punct,
+                                 recovery=0.9, scale=head_dim ** -0.5, fused=True)
+    alone = [profile_heads(q[i * n : (i + 1) * n], k[i * n : (i + 1) * n],
+                           special[i * n : (i + 1) * n], punct[i * n : (i + 1) * n],
+                           recovery=0.9, scale=head_dim ** -0.5, fused=True, **ratios).policy
+             for i in range(batch)]
+    same_batched = torch.equal(together().policy, torch.stack(alone))
+    batched = time_ms(together)
     return {"prompt": n, "q_heads": heads, "kv_heads": kv_heads, "head_dim": head_dim,
             "fused_ms": round(fused, 3), "chunked_ms": round(chunked, 3),
-            "same_policies": same, "gpu": torch.cuda.get_device_name(),
+            "same_policies": same, "batch": batch,
+            "batched_ms_per_prompt": round(batched / batch, 3),
+            "same_policies_batched": same_batched, "gpu": torch.cuda.get_device_name(),
             "date": str(datetime.date.today())}
 
 
@@ -65,14 +80,17 @@ def main() -> None:
     p.add_argument("--heads", type=int, default=32)
     p.add_argument("--kv-heads", type=int, default=8)
     p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--batch", type=int, default=4, help="prompts profiled together")
     p.add_argument("--out", default=None)
     args = p.parse_args()
     records = []
-    print(f"{'prompt':>7} {'fused ms':>9} {'chunked ms':>11} {'speed-up':>9} {'same policies':>14}")
+    print(f"{'prompt':>7} {'fused ms':>9} {'chunked ms':>11} {'speed-up':>9} {'same policies':>14}"
+          f" {f'x{args.batch} ms/prompt':>15} {'same':>6}")
     for n in map(int, args.lengths.split(",")):
-        r = measure(n, args.heads, args.kv_heads, args.head_dim)
+        r = measure(n, args.heads, args.kv_heads, args.head_dim, args.batch)
         print(f"{n:>7} {r['fused_ms']:>9.2f} {r['chunked_ms']:>11.2f} "
-              f"{r['chunked_ms'] / r['fused_ms']:>8.1f}x {str(r['same_policies']):>14}",
+              f"{r['chunked_ms'] / r['fused_ms']:>8.1f}x {str(r['same_policies']):>14}"
+              f" {r['batched_ms_per_prompt']:>15.2f} {str(r['same_policies_batched']):>6}",
               flush=True)
         records.append(r)
     if args.out:

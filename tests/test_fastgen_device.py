@@ -24,7 +24,7 @@ from kivi_vllm.config import KiviConfig  # noqa: E402
 from kivi_vllm.fastgen import device as fg  # noqa: E402
 from kivi_vllm.fastgen.attention import attend_heads, kivi_kept_kv  # noqa: E402
 from kivi_vllm.fastgen.policy import Policy, TokenClasses  # noqa: E402
-from kivi_vllm.fastgen.profile import HeadProfile  # noqa: E402
+from kivi_vllm.fastgen.profile import PromptsProfile  # noqa: E402
 from tests.kernel_cases import rel_err  # noqa: E402
 
 pytestmark = pytest.mark.triton
@@ -103,14 +103,16 @@ class Request:
 
 
 def _profile_stub(req_of_n):
-    """profile_heads returning the given policies and heavy hitters (device tensors)."""
+    """profile_prompts returning the given policies and heavy hitters (device tensors)."""
     policies = [torch.tensor([int(p) for p in ps], device=DEVICE) for ps in POLICIES]
 
-    def profile(q, k, special, punct, **kwargs):
-        req, layer = req_of_n[k.shape[0]]
-        return HeadProfile(recovery=torch.zeros(H * QPK, 5, device=DEVICE),
-                           frequent=req.on_device[layer], policy=policies[layer],
-                           window=math.ceil(0.3 * req.n), rows=req.n)
+    def profile(q, k, prompts, special, punct, **kwargs):
+        found = [req_of_n[n] for n in prompts.lengths]
+        assert prompts.windows == [math.ceil(0.3 * req.n) for req, _ in found]
+        return PromptsProfile(
+            recovery=torch.zeros(len(found), H * QPK, 5, device=DEVICE),
+            frequent=torch.cat([req.on_device[layer] for req, layer in found], dim=1),
+            policy=torch.stack([policies[layer] for _, layer in found]))
     return profile
 
 
@@ -125,20 +127,21 @@ def test_device_worker_matches_fastgen_attention(seed, monkeypatch):
     classes = TokenClasses(frozenset({SPECIAL_ID}), frozenset({PUNCT_ID}))
     slots = 3
     worker.enable(cfg, classes, L, H, D, slots, 256, torch.device(DEVICE))
-    blocks = 400
+    blocks = 600
     cache = [torch.randint(0, 256, (blocks, worker.fmt.page_bytes), dtype=torch.uint8,
                            device=DEVICE) for _ in range(L)]
     tail = [torch.randn(2, (slots + 1) * H * 2, R, 1, D, device=DEVICE) for _ in range(L)]
-    rows_of = torch.randperm(blocks, generator=gen).numpy().astype(np.int32).reshape(2, -1)
-    reqs = {"a": Request(90, gen), "b": Request(70, gen)}
-    slot_of = {"a": 2, "b": 0}
+    rows_of = torch.randperm(blocks, generator=gen).numpy().astype(np.int32).reshape(3, -1)
+    reqs = {"a": Request(90, gen), "b": Request(70, gen), "c": Request(45, gen)}
+    slot_of = {"a": 2, "b": 0, "c": 1}
+    begins = {"a": 0, "b": 5, "c": 5}  # b and c: two prompts profiled in one step
     req_of_n: dict = {}
-    monkeypatch.setattr(fg, "profile_heads", _profile_stub(req_of_n))
+    monkeypatch.setattr(fg, "profile_prompts", _profile_stub(req_of_n))
     scale = D ** -0.5
-    computed = {"a": 0, "b": 0}
+    computed = dict.fromkeys(reqs, 0)
     reports = {}
     for step in range(int(os.environ.get("FGSTEPS", 48))):
-        batch = [r for r in ("a", "b") if computed[r] or step == {"a": 0, "b": 5}[r]]
+        batch = [r for r in reqs if computed[r] or step == begins[r]]
         batch.sort(key=lambda r: computed[r] == 0)  # decodes first
         sched = {r: 1 if computed[r] else reqs[r].n for r in batch}
         for r in batch:  # a decode step appends a generated token
@@ -153,7 +156,7 @@ def test_device_worker_matches_fastgen_attention(seed, monkeypatch):
         held = np.array([10_000] * len(batch))
         worker.begin_step(set(), batch, np.array([computed[r] for r in batch]), sched,
                           np.array([slot_of[r] for r in batch]), token_ids, held,
-                          np.stack([rows_of[0 if r == "a" else 1] for r in batch]))
+                          np.stack([rows_of["abc".index(r)] for r in batch]))
         qlens = [sched[r] for r in batch]
         cu = torch.tensor([0, *np.cumsum(qlens)], dtype=torch.int32)
         nd = sum(1 for r in batch if computed[r])

@@ -289,3 +289,33 @@ def test_fused_profile_equals_chunked_probabilities(n, m, rows, hq, hk, d):
     assert (got.recovery.cpu() - want.recovery).abs().max() < 2e-5
     assert torch.equal(got.policy.cpu(), want.policy)
     assert torch.equal(got.frequent.cpu(), want.frequent)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("rows", [None, 23])
+def test_profile_prompts_equals_each_prompt_alone(fused, rows):
+    """One step's prompts profiled together (one launch pair, one policy choice) give
+    each prompt's own profile: masses, heavy hitters, policies."""
+    from kivi_vllm.fastgen.profile import Prompts, profile_heads, profile_prompts
+
+    lengths, hq, hk, d = [77, 40, 129], 4, 2, 32
+    gen = torch.Generator().manual_seed(7)
+    total = sum(lengths)
+    k = (torch.randn(total, hk, d, generator=gen) * 2).to(torch.bfloat16)
+    q = (torch.randn(total, hq, d, generator=gen) * 2).to(torch.bfloat16)
+    k[3] *= 4  # an attention sink in the first prompt
+    special = torch.rand(total, generator=gen) < 0.05
+    punct = torch.rand(total, generator=gen) < 0.1
+    ratios = dict(frequent_ratio=0.1, local_ratio=0.2)
+    dev = torch.device(DEVICE)
+    prompts = Prompts.build(lengths, **ratios, rows=rows, device=dev)
+    got = profile_prompts(q.to(dev), k.to(dev), prompts, special.to(dev), punct.to(dev),
+                          recovery=0.9, scale=d ** -0.5, chunk=16, fused=fused)
+    assert got.recovery.shape == (3, hq, 5) and got.frequent.shape == (hk, total)
+    for p, (a, b) in enumerate(zip(prompts.starts[:-1], prompts.starts[1:], strict=True)):
+        want = profile_heads(q[a:b].float(), k[a:b].float(), special[a:b], punct[a:b],
+                             recovery=0.9, scale=d ** -0.5, chunk=16, fused=False, rows=rows,
+                             **ratios)
+        assert (got.recovery[p].cpu() - want.recovery).abs().max() < 2e-5, p
+        assert torch.equal(got.policy[p].cpu(), want.policy), p
+        assert torch.equal(got.frequent[:, a:b].cpu(), want.frequent), p

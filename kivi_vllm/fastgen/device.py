@@ -51,7 +51,7 @@ from kivi_vllm.fastgen.policy import (
     permanent,
     prompt_streams,
 )
-from kivi_vllm.fastgen.profile import profile_heads
+from kivi_vllm.fastgen.profile import Prompts, profile_prompts
 from kivi_vllm.page_format import layer_page_format
 
 PROFILE_BYTES = 128 << 20  # fp32 attention rows per profiling chunk
@@ -87,12 +87,6 @@ class DeviceSeq(PageEntries):
     pages_after_profile: int = 0
     layer_pages: list[int] = field(default_factory=list)  # per layer, after profiling
     group: int = 32  # kivi.group_size
-    # profiling on the device (the prompt's step): inputs, the list-entry counter, and
-    # each layer's packed result (policy, stream lengths, local masks) for end_step
-    dev_classes: torch.Tensor | None = None
-    dev_blocks: torch.Tensor | None = None
-    dev_used: torch.Tensor | None = None
-    pending: list[torch.Tensor] = field(default_factory=list)
     local_heads: np.ndarray | None = None  # [L, H] policy == LOCAL, once profiled
     has_local: bool = False
     slack: int = 0  # window moves before a local page may empty (a lower bound)
@@ -157,7 +151,6 @@ class DeviceSeq(PageEntries):
         self.used, self.free = int(ends[-1, -1, -1]), []
         self.layer_pages = pages.sum(axis=(1, 2)).tolist()
         self.pages_after_profile = self.used
-        self.pending, self.dev_classes, self.dev_blocks, self.dev_used = [], None, None, None
         self.local_heads = None
 
     def report(self) -> PageReport:
@@ -171,6 +164,26 @@ class DeviceSeq(PageEntries):
         return {"tokens": int(self.classes.size), "prompt_len": self.n,
                 "policy_counts": counts, "pages_after_profile": self.pages_after_profile,
                 "layer_pages": self.layer_pages, "pages": self.used - len(self.free)}
+
+
+@dataclass
+class _PromptStep:
+    """The prompts a step prefills (rows after the decode rows, back to back): what their
+    profiling and stores need on the device, built once per step, and each layer's packed
+    result for :meth:`DeviceFastGen.end_step`."""
+
+    seqs: list[DeviceSeq]
+    layout: Prompts
+    special: torch.Tensor  # [T] bool
+    punct: torch.Tensor  # [T] bool
+    blocks: torch.Tensor  # [P * width] int32: each prompt's block-table row, flattened
+    width: int
+    vrows: torch.Tensor  # [P * S] int64: vbt row / tail ring of each (prompt, stream)
+    vrows32: torch.Tensor  # the same, int32 (the store kernel's tail slots)
+    window_tokens: torch.Tensor  # [W] int64: each prompt's window positions, back to back
+    window_widths: list[int]  # W per prompt
+    used: torch.Tensor  # [P] int64: list entries handed out so far (device counter)
+    pending: list[torch.Tensor] = field(default_factory=list)  # per layer
 
 
 @dataclass
@@ -197,6 +210,7 @@ class DeviceFastGen(RequestBook):
         self.rows: list[DeviceSeq] = []
         self.row_ids: list[str] = []
         self.plan = _Plan()
+        self.prompts: _PromptStep | None = None
         self.peak_rows = 0
         self.timer = _Timer(cuda=False)
 
@@ -248,11 +262,36 @@ class DeviceFastGen(RequestBook):
                 seq.classes = np.concatenate([seq.classes, codes])
             seq.held = int(held[row])
             seq.block_ids = block_rows[row]
-            if not seq.profiled:  # a prompt this step: profiled on the device
-                seq.dev_classes = _to(self.device, seq.classes, np.int8)
-                seq.dev_blocks = _to(self.device, seq.block_ids, np.int32)
             self.rows.append(seq)
         self._plan_decode()
+        self._plan_prompts()
+
+    def _plan_prompts(self) -> None:
+        """The step's prompts (profiled on the device in this step): their layout, token
+        classes, block rows and stream rows, in one set of copies."""
+        assert self.cfg is not None
+        seqs = [seq for seq in self.rows if not seq.profiled]
+        self.prompts = None
+        if not seqs:
+            return
+        dev, H = self.device, self.heads  # noqa: N806
+        layout = Prompts.build([seq.classes.size for seq in seqs], self.cfg.frequent_ratio,
+                               self.cfg.local_ratio, self.cfg.profile_rows or None, dev)
+        widths, window_tokens = [], []
+        for seq, n, window, start in zip(seqs, layout.lengths, layout.windows,
+                                         layout.starts, strict=False):
+            seq.n, seq.window, seq.cut = n, window, n - window
+            widths.append(max(window - 1, 0))  # prompt positions a local stream may hold
+            window_tokens.append(start + np.arange(n - widths[-1], n))
+        classes = _to(dev, np.concatenate([seq.classes for seq in seqs]), np.int8)
+        blocks = np.stack([seq.block_ids for seq in seqs])
+        vrows = self.vslot(np.array([seq.slot for seq in seqs])[:, None], 0, 0) + np.arange(2 * H)
+        self.prompts = _PromptStep(
+            seqs, layout, classes == SPECIAL, classes == PUNCT,
+            _to(dev, blocks.reshape(-1), np.int32), blocks.shape[1],
+            _to(dev, vrows.reshape(-1), np.int64), _to(dev, vrows.reshape(-1), np.int32),
+            _to(dev, np.concatenate(window_tokens), np.int64), widths,
+            torch.zeros(len(seqs), dtype=torch.int64, device=dev))
 
     def _plan_decode(self) -> None:
         """Host plan of the decode rows (profiled requests, one token each, first in the
@@ -366,74 +405,72 @@ class DeviceFastGen(RequestBook):
 
             _chunk_attention(q[ndt:n], k[ndt:n], v[ndt:n], md.prefill_cu_seqlens,
                              md.max_query_len, scale, out[ndt:n])
-            bounds = md.query_start_loc_cpu.numpy()
-            for row in range(md.num_decodes, md.num_reqs):
-                a, b = int(bounds[row]), int(bounds[row + 1])
-                self._compact(self.rows[row], layer, q[a:b], k[a:b], v[a:b], cache, tail,
-                              scale)
+            lengths = np.diff(md.query_start_loc_cpu.numpy()[md.num_decodes : md.num_reqs + 1])
+            self._compact(layer, lengths, q[ndt:n], k[ndt:n], v[ndt:n], cache, tail, scale)
 
-    def _compact(self, seq: DeviceSeq, layer: int, q: torch.Tensor, k: torch.Tensor,
+    def _compact(self, layer: int, lengths: np.ndarray, q: torch.Tensor, k: torch.Tensor,
                  v: torch.Tensor, cache: torch.Tensor, tail: torch.Tensor, scale: float) -> None:
-        """Profile one layer on a whole prompt and store each head's kept tokens, on the
-        device and without synchronising (the host mirror follows in :meth:`end_step`).
+        """Profile one layer on the step's prompts (``lengths``, back to back in q/k/v)
+        and store each head's kept tokens, on the device, in one set of launches and
+        without synchronising (the host mirror follows in :meth:`end_step`).
 
-        Streams ``(head, stream)`` are laid out in order: stream ``i`` of ``S = 2H`` holds
-        its kept tokens at rows ``qsl[i]:qsl[i + 1]`` of one store launch (the unused rest
-        of the ``S * n`` rows is padding), its complete pages take list entries from the
-        request's device counter, and its vbt row and tail ring are row ``slot * S + i``.
+        Streams ``(prompt, head, stream)`` are laid out in order: stream ``i`` holds its
+        kept tokens at rows ``qsl[i]:qsl[i + 1]`` of one store launch (the unused rest of
+        the ``S * T`` rows is padding), its complete pages take list entries from its
+        prompt's device counter, and its vbt row and tail ring are ``vrows[i]``.
         """
         from kivi_vllm.kernels.store import store_step
 
         assert self.cfg is not None and self.kivi is not None
-        assert seq.dev_classes is not None and seq.dev_blocks is not None
-        n, dev, g, H = k.shape[0], k.device, self.kivi.group_size, self.heads  # noqa: N806
-        S = 2 * H  # noqa: N806
-        if seq.classes.size != n:
+        st = self.prompts
+        assert st is not None
+        lay = st.layout
+        if lengths.tolist() != lay.lengths:
             raise KiviConfigError(
                 "kivi.fastgen on the GPU profiles each prompt in the step that prefills it "
                 "whole; start the engine with enable_chunked_prefill=False")
+        T, dev, g, H = k.shape[0], k.device, self.kivi.group_size, self.heads  # noqa: N806
+        S, P = 2 * H, lay.count  # noqa: N806
         self.timer.start()
-        special, punct = seq.dev_classes == SPECIAL, seq.dev_classes == PUNCT
-        prof = profile_heads(q, k, special, punct, recovery=self.cfg.recovery,
-                             frequent_ratio=self.cfg.frequent_ratio,
-                             local_ratio=self.cfg.local_ratio, scale=scale,
-                             chunk=profile_chunk(q.shape[1], n),
-                             rows=self.cfg.profile_rows or None)
-        if layer == 0:
-            seq.n, seq.window, seq.cut = n, prof.window, n - prof.window
-            seq.dev_used = torch.zeros((), dtype=torch.int64, device=dev)
-            seq.pending = []
-        policy = prof.policy.to(dev)
-        masks = torch.stack(prompt_streams(policy, special, punct, prof.frequent.to(dev),
-                                           prof.window), dim=1).view(S, n)
-        counts = masks.sum(dim=1)
+        prof = profile_prompts(q, k, lay, st.special, st.punct, recovery=self.cfg.recovery,
+                               scale=scale, chunk=profile_chunk(q.shape[1], max(lay.lengths)))
+        pid = lay.prompt_of
+        masks = torch.stack(prompt_streams(prof.policy.t()[:, pid], st.special, st.punct,
+                                           prof.frequent, lay.in_window), dim=1).view(S, T)
+        cums = masks.cumsum(dim=1)
+        edge = torch.nn.functional.pad(cums, (1, 0))[:, lay.bounds]  # [S, P + 1]
+        counts = (edge[:, 1:] - edge[:, :-1]).t().reshape(-1)  # [P * S]
+        rank = cums - edge[:, :-1][:, pid] - 1  # of each kept token in its stream
         pages = counts // g
-        start = seq.dev_used + pages.cumsum(0) - pages  # first list entry of each stream
-        seq.dev_used = seq.dev_used + pages.sum()
+        per_prompt = pages.view(P, S)
+        start = st.used[:, None] + per_prompt.cumsum(1) - per_prompt  # first list entries
+        st.used = st.used + per_prompt.sum(1)
         qsl = torch.nn.functional.pad(counts.cumsum(0), (1, 0))
-        rank = masks.cumsum(dim=1) - 1  # of each kept token in its stream
         page = rank.div(g, rounding_mode="floor")
-        last = seq.dev_blocks.shape[0] - 1
-        entry = (start[:, None] + page).clamp(0, last)
+        base = pid * st.width
+        entry = (start.t()[:, pid] + page).clamp(0, st.width - 1)
         # a token of a complete page goes to its block; a tail token only needs slot >= 0
-        slot = torch.where(page < pages[:, None], seq.dev_blocks[entry].long() * g, 0)
+        slot = torch.where(page < per_prompt.t()[:, pid],
+                           st.blocks[base + entry].long() * g, 0)
         slot = torch.cat([(slot + rank % g).view(-1), slot.new_full((1,), -1)])
-        row = torch.full((S * n + 1,), S * n, dtype=torch.int64, device=dev)
-        row.scatter_(0, torch.where(masks, qsl[:-1, None] + rank, S * n).view(-1),
-                     torch.arange(S * n, device=dev))
-        row = row[: S * n]  # store row -> (stream, position); S * n: padding
-        src = row.clamp(max=S * n - 1)
-        tok, head = src % n, src // n // 2
-        first = self.vslot(seq.slot, 0, 0)
-        p = torch.arange(-(-n // g), device=dev)
-        vbt = self.vbt[layer, first : first + S, : p.shape[0]]
-        vbt.copy_(torch.where(p < pages[:, None], seq.dev_blocks[
-            (start[:, None] + p).clamp(0, last)], vbt))
+        row = torch.full((S * T + 1,), S * T, dtype=torch.int64, device=dev)
+        row.scatter_(0, torch.where(masks, qsl[:-1].view(P, S).t()[:, pid] + rank, S * T)
+                     .view(-1), torch.arange(S * T, device=dev))
+        row = row[: S * T]  # store row -> (stream, token); S * T: padding
+        src = row.clamp(max=S * T - 1)
+        tok, head = src % T, src // T // 2
+        p = torch.arange(-(-max(lay.lengths) // g), device=dev)
+        vbt = self.vbt[layer]
+        old = vbt[st.vrows, : p.shape[0]]
+        prompt = torch.arange(P, device=dev).repeat_interleave(S)[:, None]
+        ent = (start.view(-1, 1) + p).clamp(0, st.width - 1)
+        vbt[st.vrows, : p.shape[0]] = torch.where(p < pages[:, None],
+                                                  st.blocks[prompt * st.width + ent], old)
         store_step(k[tok, head].unsqueeze(1), v[tok, head].unsqueeze(1), cache, tail,
                    slot[row], qsl.to(torch.int32), counts.to(torch.int32),
-                   self.arange[first : first + S], self.fmt, self.kivi.residual)
-        base = n - prof.window + 1  # the window's prompt positions a local stream may hold
-        seq.pending.append(torch.cat([policy, counts, masks[1::2, base:].reshape(-1).long()]))
+                   st.vrows32, self.fmt, self.kivi.residual)
+        st.pending.append(torch.cat([prof.policy.view(-1), counts,
+                                     masks[1::2][:, st.window_tokens].reshape(-1).long()]))
         self.timer.stop()
 
     # --- after the forward ------------------------------------------------------------------
@@ -441,14 +478,20 @@ class DeviceFastGen(RequestBook):
     def end_step(self, block_table: Any, req_index: dict[str, int]) -> None:
         """Mirror the step's profiling (one synchronisation), then truncate profiled
         requests' block-table rows and queue their page reports."""
-        profiled = [seq for seq in self.rows if seq.pending]
-        if profiled:
-            sizes = [len(seq.pending) * seq.pending[0].numel() for seq in profiled]
-            packed = torch.cat([t for seq in profiled for t in seq.pending]).cpu().numpy()
-            for seq, part in zip(profiled, np.split(packed, np.cumsum(sizes)[:-1]),
-                                 strict=True):
-                seq.settle_profile(part.reshape(self.layers, -1))
+        st = self.prompts
+        if st is not None and st.pending:
+            packed = torch.stack(st.pending).cpu().numpy()  # [L, P*H + P*S + H*W]
+            P, H = len(st.seqs), self.heads  # noqa: N806
+            policy = packed[:, : P * H].reshape(-1, P, H)
+            counts = packed[:, P * H : 3 * P * H].reshape(-1, P, 2 * H)
+            local = packed[:, 3 * P * H :].reshape(self.layers, H, -1)
+            at = np.cumsum([0, *st.window_widths])
+            for i, seq in enumerate(st.seqs):
+                seq.settle_profile(np.concatenate(
+                    [policy[:, i], counts[:, i],
+                     local[:, :, at[i] : at[i + 1]].reshape(self.layers, -1)], axis=1))
             self.timer.collect()
+        self.prompts = None
         for req_id, seq in zip(self.row_ids, self.rows, strict=True):
             if not seq.profiled:
                 continue

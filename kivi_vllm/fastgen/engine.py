@@ -238,8 +238,8 @@ class FastGenWorker(RequestBook):
         assert seq.scratch is not None
         scratch, n = seq.scratch, keys.shape[0]
         pos = torch.arange(n)
-        perm, local = prompt_streams(prof.policy, seq.special[:n], seq.punct[:n],
-                                     prof.frequent[:, :n], prof.window)
+        perm, local = prompt_streams(prof.policy[:, None], seq.special[:n], seq.punct[:n],
+                                     prof.frequent[:, :n], pos > n - prof.window)
         new_page = self._new_page(seq, scratch)
         out = []
         for h, old in enumerate(streams):

@@ -99,17 +99,16 @@ def permanent(policy: Any, special: Any, punct: Any) -> Any:
 
 def prompt_streams(
     policy: torch.Tensor, special: torch.Tensor, punct: torch.Tensor, frequent: torch.Tensor,
-    window: int,
+    in_window: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Each head's kept prompt tokens after profiling: bool ``[H, n]`` (permanent, local).
 
-    policy ``[H]``; special/punct ``[n]``; frequent ``[H, n]``. A ``local`` head's local
-    stream holds its other tokens in the window of the prompt's last position."""
-    pol = policy[:, None]
-    perm = permanent(pol, special, punct) | ((pol >= Policy.FREQUENT) & frequent)
-    n = special.shape[0]
-    pos = torch.arange(n, device=special.device)
-    return perm, (pol == Policy.LOCAL) & ~perm & (pos > n - window)
+    policy ``[H, 1]`` (or ``[H, n]``: per token, for prompts back to back); special /
+    punct / in_window ``[n]``; frequent ``[H, n]``. ``in_window``: the token lies in the
+    local window of its prompt's last position, where a ``local`` head's local stream
+    holds its other tokens."""
+    perm = permanent(policy, special, punct) | ((policy >= Policy.FREQUENT) & frequent)
+    return perm, (policy == Policy.LOCAL) & ~perm & in_window
 
 
 def kept_rows(
@@ -146,12 +145,13 @@ def choose_policies(recovery: torch.Tensor, num_kv_heads: int, threshold: float)
     """Cheapest policy per KV head whose recovery is >= ``threshold`` for every query
     head of its group.
 
-    recovery: ``[num_q_heads, NUM_POLICIES]`` attention mass each policy keeps.
-    Returns int64 ``[num_kv_heads]`` (``Policy`` values).
+    recovery: ``[..., num_q_heads, NUM_POLICIES]`` attention mass each policy keeps
+    (leading dimensions: e.g. prompts). Returns int64 ``[..., num_kv_heads]`` (``Policy``
+    values).
     """
-    hq, num = recovery.shape
+    *lead, hq, num = recovery.shape
     if num != NUM_POLICIES or hq % num_kv_heads:
         raise ValueError(f"recovery must be [q_heads, {NUM_POLICIES}] with q_heads % kv_heads == 0")
-    ok = (recovery >= threshold).view(num_kv_heads, hq // num_kv_heads, num).all(dim=1)
-    ok[:, Policy.FULL] = True
-    return ok.to(torch.int8).argmax(dim=1).to(torch.int64)
+    ok = (recovery >= threshold).view(*lead, num_kv_heads, hq // num_kv_heads, num).all(dim=-2)
+    ok[..., Policy.FULL] = True
+    return ok.to(torch.int8).argmax(dim=-1).to(torch.int64)

@@ -9,6 +9,7 @@ follow from these sums. Peak extra memory: ``q_heads x chunk x n`` floats.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -16,7 +17,6 @@ import torch
 
 from kivi_vllm.fastgen.policy import (
     NUM_POLICIES,
-    Policy,
     budgets,
     choose_policies,
 )
@@ -31,6 +31,71 @@ class HeadProfile:
     policy: torch.Tensor  # [kv_heads] int64 Policy values
     window: int  # local window (tokens)
     rows: int  # query rows profiled
+
+
+@dataclass(frozen=True)
+class PromptsProfile:
+    """The profiles of one layer on several prompts (their tokens back to back)."""
+
+    recovery: torch.Tensor  # [prompts, q_heads, NUM_POLICIES] float64
+    frequent: torch.Tensor  # [kv_heads, tokens] bool
+    policy: torch.Tensor  # [prompts, kv_heads] int64
+
+
+@dataclass(frozen=True)
+class Prompts:
+    """Whole prompts back to back (``starts``): the host figures and device index tensors
+    profiling needs, built once (e.g. per engine step) and shared by every layer."""
+
+    starts: list[int]
+    firsts: list[int]  # first profiled position of each prompt (from its start)
+    windows: list[int]  # local window of each prompt
+    frequent: list[int]  # heavy hitters each prompt keeps
+    meta: torch.Tensor  # int32 [starts, firsts, windows] on the device (kernel arguments)
+    bounds: torch.Tensor  # [prompts + 1] int64: the starts
+    prompt_of: torch.Tensor  # [tokens] int64: the prompt of each token
+    position: torch.Tensor  # [tokens] int64: its position in its prompt
+    in_window: torch.Tensor  # [tokens] bool: in the local window of its prompt's end
+    padded: torch.Tensor  # [prompts, longest] int64: token at (prompt, position), clamped
+    valid: torch.Tensor  # [prompts, longest] bool: (prompt, position) is a token
+    frequent_of: torch.Tensor  # [prompts] int64: heavy hitters kept
+    rows_of: torch.Tensor  # [prompts] float64: query rows profiled
+
+    @property
+    def count(self) -> int:
+        return len(self.firsts)
+
+    @property
+    def lengths(self) -> list[int]:
+        return [b - a for a, b in zip(self.starts[:-1], self.starts[1:], strict=True)]
+
+    @classmethod
+    def build(cls, lengths: list[int], frequent_ratio: float, local_ratio: float,
+              rows: int | None, device: torch.device | str) -> Prompts:
+        """Layout of prompts of ``lengths`` tokens, each profiled on its last ``rows``
+        query rows (all if None)."""
+        if rows is not None and rows < 1:
+            raise ValueError(f"rows must be >= 1, got {rows}")
+        firsts = [0 if rows is None else max(0, n - rows) for n in lengths]
+        frequent, windows = zip(*(budgets(n, frequent_ratio, local_ratio) for n in lengths),
+                                strict=True)
+        starts = [0, *itertools.accumulate(lengths)]
+        ids = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
+        position = torch.arange(starts[-1]) - torch.tensor(starts[:-1])[ids]
+        in_window = position > torch.tensor(lengths)[ids] - torch.tensor(windows)[ids]
+        grid = torch.arange(max(lengths))[None, :]
+        valid = grid < torch.tensor(lengths)[:, None]
+        padded = (torch.tensor(starts[:-1])[:, None] + grid).clamp(max=starts[-1] - 1)
+        meta = torch.tensor([*starts, *firsts, *windows], dtype=torch.int32)
+        rows_of = torch.tensor([n - f for n, f in zip(lengths, firsts, strict=True)],
+                               dtype=torch.float64)
+
+        def dev(x: torch.Tensor) -> torch.Tensor:
+            return x.to(device, non_blocking=True)
+
+        return cls(starts, firsts, list(windows), list(frequent), dev(meta),
+                   dev(torch.tensor(starts)), dev(ids), dev(position), dev(in_window),
+                   dev(padded), dev(valid), dev(torch.tensor(frequent)), dev(rows_of))
 
 
 def _probs(q: torch.Tensor, k: torch.Tensor, lo: int, hi: int, scale: float) -> torch.Tensor:
@@ -73,20 +138,64 @@ def profile_heads(
     n, m = k.shape[0], q.shape[0]
     if m > n:
         raise ValueError(f"q has {m} rows but only {n} keys")
-    d = q.shape[-1]
-    if fused is None:
-        fused = q.is_cuda and d >= 16 and d & (d - 1) == 0  # as kernels.profile takes
-    if fused:
+    prompts = Prompts.build([n], frequent_ratio, local_ratio, m if rows is None else min(rows, m),
+                            k.device)
+    first, window = prompts.firsts[0], prompts.windows[0]
+    if _fused(q, fused):
         from kivi_vllm.kernels.profile import profile_sums  # Triton: imported when used
 
-        def sums(first: int, window: int) -> tuple[torch.Tensor, ...]:
-            return tuple(x.double() for x in profile_sums(q, k, first, window, scale))
+        sums = tuple(x.double() for x in profile_sums(q, k, first, window, scale))
     else:
-        def sums(first: int, window: int) -> tuple[torch.Tensor, ...]:
-            return _chunked_sums(lambda lo, hi: _probs(q, k, lo, hi, scale), n, q.shape[1],
-                                 first, window, chunk, k.device)
-    return _profile(sums, n, k.shape[1], special, punct, recovery, frequent_ratio,
-                    local_ratio, m if rows is None else min(rows, m))
+        sums = _chunked_sums(lambda lo, hi: _probs(q, k, lo, hi, scale), n, q.shape[1],
+                             first, window, chunk, k.device)
+    prof = _choose(*sums, k.shape[1], special, punct, recovery, prompts)
+    return HeadProfile(prof.recovery[0], prof.frequent, prof.policy[0], window, n - first)
+
+
+def profile_prompts(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    prompts: Prompts,
+    special: torch.Tensor,
+    punct: torch.Tensor,
+    *,
+    recovery: float,
+    scale: float,
+    chunk: int = 256,
+    fused: bool | None = None,
+) -> PromptsProfile:
+    """:func:`profile_heads` of several whole prompts at once: q ``[T, q_heads, D]`` and k
+    ``[T, kv_heads, D]`` hold them back to back as ``prompts`` lays out (its ratios and
+    rows), special/punct ``[T]``. Fused, one layer costs the same launches for any number
+    of prompts (an engine step prefills several)."""
+    hq = q.shape[1]
+    if _fused(q, fused):
+        from kivi_vllm.kernels.profile import profile_sums_prompts
+
+        num = prompts.count
+        meta = prompts.meta
+        starts = meta[: num + 1]
+        sums = profile_sums_prompts(
+            q, k, starts, starts, meta[num + 1 : 2 * num + 1], meta[2 * num + 1 :],
+            max(n - f for n, f in zip(prompts.lengths, prompts.firsts, strict=True)),
+            max(prompts.lengths), scale).double()
+    else:
+        parts = []
+        for a, b, first, window in zip(prompts.starts[:-1], prompts.starts[1:],
+                                       prompts.firsts, prompts.windows, strict=True):
+            qp, kp = q[a:b], k[a:b]
+            parts.append(torch.stack(_chunked_sums(
+                lambda lo, hi, qp=qp, kp=kp: _probs(qp, kp, lo, hi, scale), b - a, hq, first,
+                window, chunk, k.device)))
+        sums = torch.cat(parts, dim=2)
+    return _choose(sums[0], sums[1], sums[2], k.shape[1], special, punct, recovery, prompts)
+
+
+def _fused(q: torch.Tensor, fused: bool | None) -> bool:
+    """Whether profiling takes the Triton kernels: asked for, or by default on CUDA for
+    the head sizes they take (a power of two >= 16)."""
+    d = q.shape[-1]
+    return fused if fused is not None else q.is_cuda and d >= 16 and d & (d - 1) == 0
 
 
 def profile_attention(
@@ -103,32 +212,12 @@ def profile_attention(
 ) -> HeadProfile:
     """:func:`profile_heads` on given causal attention probabilities ``[q_heads, n, n]``."""
     hq, n, _ = probs.shape
-    return _profile(
-        lambda first, window: _chunked_sums(lambda lo, hi: probs[:, lo:hi, :hi].float(), n,
-                                            hq, first, window, chunk, probs.device),
-        n, num_kv_heads, special, punct, recovery, frequent_ratio, local_ratio, rows,
-    )
-
-
-def _profile(
-    sums: Callable[[int, int], tuple[torch.Tensor, ...]],
-    n: int,
-    hk: int,
-    special: torch.Tensor,
-    punct: torch.Tensor,
-    recovery: float,
-    frequent_ratio: float,
-    local_ratio: float,
-    rows: int | None,
-) -> HeadProfile:
-    """Profile of the last ``rows`` rows (all if None) from ``sums(first, window)``: the
-    float64 (colsum, band, own) ``[q_heads, n]`` of the rows ``first..n-1``."""
-    if rows is not None and rows < 1:
-        raise ValueError(f"rows must be >= 1, got {rows}")
-    first = 0 if rows is None else max(0, n - rows)
-    n_frequent, window = budgets(n, frequent_ratio, local_ratio)
-    colsum, band, own = sums(first, window)
-    return _choose(colsum, band, own, hk, special, punct, recovery, n_frequent, window, first)
+    prompts = Prompts.build([n], frequent_ratio, local_ratio, rows, probs.device)
+    first, window = prompts.firsts[0], prompts.windows[0]
+    sums = _chunked_sums(lambda lo, hi: probs[:, lo:hi, :hi].float(), n, hq, first, window,
+                         chunk, probs.device)
+    prof = _choose(*sums, num_kv_heads, special, punct, recovery, prompts)
+    return HeadProfile(prof.recovery[0], prof.frequent, prof.policy[0], window, n - first)
 
 
 def _chunked_sums(
@@ -167,17 +256,20 @@ def _choose(
     special: torch.Tensor,
     punct: torch.Tensor,
     recovery: float,
-    n_frequent: int,
-    window: int,
-    first: int,
-) -> HeadProfile:
-    """Heavy hitters, each policy's mass and the policies, from the float64 sums."""
+    prompts: Prompts,
+) -> PromptsProfile:
+    """Heavy hitters, each policy's mass and the policies, from the float64 sums
+    ``[q_heads, T]`` of the prompts ``prompts`` lays out."""
     hq, n = colsum.shape
     group = hq // hk
     dev = colsum.device
     per_kv = colsum.view(hk, group, n).sum(dim=1)
-    top = per_kv.topk(min(n_frequent, n), dim=1).indices
-    frequent = torch.zeros(hk, n, dtype=torch.bool, device=dev).scatter_(1, top, True)
+    # heavy hitters: each prompt's top ``frequent_of`` keys, ranked over [kv, prompt, pos]
+    ranked = per_kv[:, prompts.padded].masked_fill(~prompts.valid, float("-inf"))
+    top = ranked.topk(max(prompts.frequent), dim=2).indices
+    quota = torch.arange(top.shape[2], device=dev) < prompts.frequent_of[:, None]
+    hits = torch.zeros_like(ranked, dtype=torch.bool).scatter_(2, top, quota.expand_as(top))
+    frequent = hits[:, prompts.prompt_of, prompts.position]
 
     # a policy keeps a fixed key set (special, + punctuation, + heavy hitters) and each
     # row's own key (LOCAL: its window): mass = colsum over the set + own/band outside it
@@ -185,20 +277,13 @@ def _choose(
     special_set = special.double()[None].expand(hq, n)
     punct_set = (special | punct).double()[None].expand(hq, n)
     frequent_set = ((special | punct)[None] | frequent).double()[kv_of]
-    mass = torch.empty(hq, NUM_POLICIES, dtype=torch.float64, device=dev)
-    for policy, kept, rest in (
-        (Policy.SPECIAL, special_set, own),
-        (Policy.PUNCT, punct_set, own),
-        (Policy.FREQUENT, frequent_set, own),
-        (Policy.LOCAL, frequent_set, band),
-    ):
-        mass[:, policy] = (colsum * kept + rest * (1 - kept)).sum(dim=1)
-    mass[:, Policy.FULL] = colsum.sum(dim=1)
-    mass /= n - first
-    return HeadProfile(
-        recovery=mass,
-        frequent=frequent,
-        policy=choose_policies(mass, hk, recovery),
-        window=window,
-        rows=n - first,
-    )
+    per_key = torch.stack([
+        colsum * kept + rest * (1 - kept)
+        for kept, rest in ((special_set, own), (punct_set, own), (frequent_set, own),
+                           (frequent_set, band))
+    ] + [colsum], dim=1)  # [hq, NUM_POLICIES, T], in Policy order
+    mass = torch.zeros(hq, NUM_POLICIES, prompts.count, dtype=torch.float64, device=dev)
+    mass = mass.index_add_(2, prompts.prompt_of, per_key).permute(2, 0, 1)
+    mass = mass / prompts.rows_of[:, None, None]
+    return PromptsProfile(recovery=mass, frequent=frequent,
+                          policy=choose_policies(mass, hk, recovery))

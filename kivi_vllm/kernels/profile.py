@@ -38,18 +38,31 @@ def _scores(q, k, IEEE: tl.constexpr):
 
 
 @triton.jit
-def _profile_row_lse(q_ptr, k_ptr, lse_ptr, n, first, off, qk_scale, stride_qt, stride_qh,
-                     stride_kt, stride_kh, GROUP: tl.constexpr, D: tl.constexpr,
-                     BM: tl.constexpr, BN: tl.constexpr, IEEE: tl.constexpr):
-    """Per query head and profiled row: log2-sum-exp2 of its causal scores."""
+def _prompt(q_start, k_start, firsts, p):
+    """Prompt ``p``'s first q row and key, its length, q offset and first profiled row."""
+    q0 = tl.load(q_start + p)
+    k0 = tl.load(k_start + p)
+    n = tl.load(k_start + p + 1) - k0
+    off = n - (tl.load(q_start + p + 1) - q0)  # q holds positions off..n-1
+    return q0, k0, n, off, tl.load(firsts + p)
+
+
+@triton.jit
+def _profile_row_lse(q_ptr, k_ptr, lse_ptr, q_start, k_start, firsts, qk_scale, total,
+                     stride_qt, stride_qh, stride_kt, stride_kh, GROUP: tl.constexpr,
+                     D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                     IEEE: tl.constexpr):
+    """Per query head, prompt and profiled row: log2-sum-exp2 of its causal scores."""
     h = tl.program_id(0)
+    q0, k0, n, off, first = _prompt(q_start, k_start, firsts, tl.program_id(2))
     rows = first + tl.program_id(1) * BM + tl.arange(0, BM)
-    qh = q_ptr + h * stride_qh
-    kh = k_ptr + (h // GROUP) * stride_kh
-    q = _rows(qh, rows - off, n - off, stride_qt, D)  # q holds positions off..n-1
+    qh = q_ptr + q0 * stride_qt + h * stride_qh
+    kh = k_ptr + k0 * stride_kt + (h // GROUP) * stride_kh
+    q = _rows(qh, rows - off, n - off, stride_qt, D)
     m_i = tl.full((BM,), float("-inf"), tl.float32)
     l_i = tl.zeros((BM,), tl.float32)
     hi = tl.minimum(first + (tl.program_id(1) + 1) * BM, n)
+    hi = tl.where(first + tl.program_id(1) * BM < n, hi, 0)  # no rows of this prompt here
     for start in range(0, hi, BN):
         keys = start + tl.arange(0, BN)
         s = _scores(q, _rows(kh, keys, n, stride_kt, D), IEEE) * qk_scale
@@ -57,37 +70,44 @@ def _profile_row_lse(q_ptr, k_ptr, lse_ptr, n, first, off, qk_scale, stride_qt, 
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         l_i = l_i * tl.exp2(m_i - m_new) + tl.sum(tl.exp2(s - m_new[:, None]), axis=1)
         m_i = m_new
-    tl.store(lse_ptr + h * n + rows, m_i + tl.log2(l_i), mask=rows < n)
+    tl.store(lse_ptr + h * total + k0 + rows, m_i + tl.log2(l_i), mask=rows < n)
 
 
 @triton.jit
-def _profile_key_sums(q_ptr, k_ptr, lse_ptr, out_ptr, n, first, off, window, qk_scale,
-                      stride_qt, stride_qh, stride_kt, stride_kh, GROUP: tl.constexpr,
-                      D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                      IEEE: tl.constexpr):
-    """Per query head and block of keys: colsum, band and own (``out``: [3, Hq, n])."""
+def _profile_key_sums(q_ptr, k_ptr, lse_ptr, out_ptr, q_start, k_start, firsts, windows,
+                      qk_scale, total, stride_qt, stride_qh, stride_kt, stride_kh,
+                      GROUP: tl.constexpr, D: tl.constexpr, BM: tl.constexpr,
+                      BN: tl.constexpr, IEEE: tl.constexpr):
+    """Per query head, prompt and block of keys: colsum, band and own (``out``:
+    [3, Hq, total], the prompts' keys back to back)."""
     h = tl.program_id(0)
+    p = tl.program_id(2)
+    q0, k0, n, off, first = _prompt(q_start, k_start, firsts, p)
+    window = tl.load(windows + p)
     keys = tl.program_id(1) * BN + tl.arange(0, BN)
-    qh = q_ptr + h * stride_qh
-    kh = k_ptr + (h // GROUP) * stride_kh
+    qh = q_ptr + q0 * stride_qt + h * stride_qh
+    kh = k_ptr + k0 * stride_kt + (h // GROUP) * stride_kh
+    lse_h = lse_ptr + h * total + k0
     colsum = tl.zeros((BN,), tl.float32)
     band = tl.zeros((BN,), tl.float32)
     own = tl.zeros((BN,), tl.float32)
     k = _rows(kh, keys, n, stride_kt, D)
-    for start in range(tl.maximum(first, tl.program_id(1) * BN), n, BM):
+    for start in range(tl.maximum(first, tl.program_id(1) * BN), n, BM):  # none past n
         rows = start + tl.arange(0, BM)
         q = _rows(qh, rows - off, n - off, stride_qt, D)
         s = _scores(q, k, IEEE) * qk_scale
-        lse = tl.load(lse_ptr + h * n + rows, mask=rows < n, other=0.0)
+        lse = tl.load(lse_h + rows, mask=rows < n, other=0.0)
         gap = rows[:, None] - keys[None, :]
-        p = tl.where((gap >= 0) & (rows < n)[:, None], tl.exp2(s - lse[:, None]), 0.0)
-        colsum += tl.sum(p, axis=0)
-        band += tl.sum(tl.where(gap < window, p, 0.0), axis=0)
-        own += tl.sum(tl.where(gap == 0, p, 0.0), axis=0)
+        p_ij = tl.where((gap >= 0) & (rows < n)[:, None], tl.exp2(s - lse[:, None]), 0.0)
+        colsum += tl.sum(p_ij, axis=0)
+        band += tl.sum(tl.where(gap < window, p_ij, 0.0), axis=0)
+        own += tl.sum(tl.where(gap == 0, p_ij, 0.0), axis=0)
     ok = keys < n
-    tl.store(out_ptr + h * n + keys, colsum, mask=ok)
-    tl.store(out_ptr + (tl.num_programs(0) + h) * n + keys, band, mask=ok)
-    tl.store(out_ptr + (2 * tl.num_programs(0) + h) * n + keys, own, mask=ok)
+    at = out_ptr + h * total + k0 + keys
+    heads = tl.num_programs(0) * total
+    tl.store(at, colsum, mask=ok)
+    tl.store(at + heads, band, mask=ok)
+    tl.store(at + 2 * heads, own, mask=ok)
 
 
 def profile_sums(q: torch.Tensor, k: torch.Tensor, first: int, window: int, scale: float,
@@ -95,21 +115,42 @@ def profile_sums(q: torch.Tensor, k: torch.Tensor, first: int, window: int, scal
     """(colsum, band, own), float32 ``[q_heads, n]``, of causal attention of the rows
     ``first..n-1`` (``q``: ``[m, q_heads, D]`` for the last ``m`` positions of ``k``:
     ``[n, kv_heads, D]``), as ``fastgen.profile`` defines them."""
-    n, hk, d = k.shape
-    m, hq, _ = q.shape
+    n, m = k.shape[0], q.shape[0]
+    if not n - m <= first < n:
+        raise ValueError(f"first={first} must lie in the query rows [{n - m}, {n})")
+    meta = torch.tensor([0, m, 0, n, first, window], dtype=torch.int32).to(
+        q.device, non_blocking=True)
+    out = profile_sums_prompts(q, k, meta[0:2], meta[2:4], meta[4:5], meta[5:6], n - first, n,
+                               scale, block)
+    return out[0], out[1], out[2]
+
+
+def profile_sums_prompts(q: torch.Tensor, k: torch.Tensor, q_start: torch.Tensor,
+                         k_start: torch.Tensor, firsts: torch.Tensor, windows: torch.Tensor,
+                         most_rows: int, most_keys: int, scale: float,
+                         block: int = 64) -> torch.Tensor:
+    """:func:`profile_sums` of several prompts in two launches: float32 ``[3, q_heads,
+    total]`` (colsum, band, own; prompt ``p``'s keys at ``k_start[p]..k_start[p + 1]``).
+
+    Device int32 arguments: prompt ``p``'s queries are rows ``q_start[p]..q_start[p + 1]``
+    of ``q`` (the last positions of its keys), ``firsts[p]`` its first profiled position,
+    ``windows[p]`` its local window. ``most_rows`` / ``most_keys``: the largest number of
+    profiled rows and of keys of a prompt (the launch grids).
+    """
+    total, hk, d = k.shape
+    hq = q.shape[1]
     if d < 16 or d & (d - 1) or hq % hk or q.stride(-1) != 1 or k.stride(-1) != 1:
         raise ValueError(f"profile_sums needs unit-stride heads of a power-of-two size >= 16 "
                          f"and q heads a multiple of KV heads; got D={d}, {hq}/{hk} heads")
-    if not n - m <= first < n:
-        raise ValueError(f"first={first} must lie in the query rows [{n - m}, {n})")
-    lse = torch.empty((hq, n), dtype=torch.float32, device=q.device)
-    out = torch.empty((3, hq, n), dtype=torch.float32, device=q.device)
+    num = firsts.shape[0]
+    lse = torch.empty((hq, total), dtype=torch.float32, device=q.device)
+    out = torch.empty((3, hq, total), dtype=torch.float32, device=q.device)
     ieee = q.dtype == torch.float32 or not q.is_cuda
     common = dict(GROUP=hq // hk, D=d, BM=block, BN=block, IEEE=ieee)
-    args = (n, first, n - m)
     strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1))
-    _profile_row_lse[(hq, triton.cdiv(n - first, block))](
-        q, k, lse, *args, scale * LOG2E, *strides, **common)
-    _profile_key_sums[(hq, triton.cdiv(n, block))](
-        q, k, lse, out, *args, window, scale * LOG2E, *strides, **common)
-    return out[0], out[1], out[2]
+    _profile_row_lse[(hq, triton.cdiv(most_rows, block), num)](
+        q, k, lse, q_start, k_start, firsts, scale * LOG2E, total, *strides, **common)
+    _profile_key_sums[(hq, triton.cdiv(most_keys, block), num)](
+        q, k, lse, out, q_start, k_start, firsts, windows, scale * LOG2E, total, *strides,
+        **common)
+    return out
