@@ -192,7 +192,10 @@ def test_device_worker_matches_fastgen_attention(seed, monkeypatch):
                 req.v[layer] = torch.cat([req.v[layer], v[a:b]])
         worker.end_step(SimpleNamespace(num_blocks_per_row=np.zeros(4, np.int32)),
                         {r: i for i, r in enumerate(batch)})
-        reports.update(worker.take_reports())
+        step_reports = worker.take_reports()
+        for r, rep in step_reports.items():  # the plan's counts = the request's own
+            assert rep == worker.seqs[r].report(), (step, r)
+        reports.update(step_reports)
         for sq in worker.seqs.values():  # each live page in one stream, none also free
             live = [int(e) for layer in range(L) for h in range(H) for s in (0, 1)
                     for i, e in enumerate(sq.entries[layer, h, s])

@@ -110,13 +110,17 @@ def test_fastgen_stream_decode_matches_reference(case, add_self, max_slots, monk
             ref[i] = torch.softmax(scores, dim=-1) @ cv[:, 0]
             ref_lse[:, i] = torch.logsumexp(scores, dim=-1)
     dev = sc.to(DEVICE)
+    # the streams' table is indexed by tail slot (rows of other slots are never read)
+    table = torch.full((int(sc.tail_slots.max()) + 1, sc.block_table.shape[1]), 1 << 30,
+                       dtype=torch.int32)
+    table[sc.tail_slots.long()] = sc.block_table
     out = torch.full_like(dev.query, float("nan"))
     lse = torch.full((hq, len(ctx)), float("nan"), device=DEVICE)
-    attend_context(dev.query, dev.key, dev.value, dev.cache, dev.tail, dev.block_table,
+    attend_context(dev.query, dev.key, dev.value, dev.cache, dev.tail, table.to(DEVICE),
                    dev.seq_lens, dev.query_start_loc, dev.tail_slots,
                    torch.zeros(len(ctx), dtype=torch.int32, device=DEVICE), sc.fmt, residual,
                    sc.scale, out, decode=True, num_tiles=len(ctx), num_splits=2,
-                   lse_out=lse, add_self=add_self,
+                   lse_out=lse, add_self=add_self, table_by_slot=True,
                    first_valid=torch.tensor(first, dtype=torch.int32, device=DEVICE))
     assert rel_err(out.cpu(), ref) < 5e-3
     finite = torch.isfinite(ref_lse)

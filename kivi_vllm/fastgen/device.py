@@ -31,6 +31,7 @@ Deviation from the CPU path: local-window pages recycle as there, but only whole
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -94,7 +95,7 @@ class DeviceSeq(PageEntries):
     def __post_init__(self) -> None:
         shape = (self.layers, self.heads)
         self.policy = np.full(shape, -1, np.int8)
-        self.length = np.zeros((*shape, 2), np.int64)
+        self.length = np.zeros((*shape, 2), np.int32)
         self.entries = np.full((*shape, 2, self.max_pages), -1, np.int32)
         self.first_valid = np.zeros(shape, np.int64)
         self.recycled = np.zeros(shape, np.int64)
@@ -153,11 +154,14 @@ class DeviceSeq(PageEntries):
         self.pages_after_profile = self.used
         self.local_heads = None
 
-    def report(self) -> PageReport:
-        exists = np.stack([np.ones_like(self.policy, bool), self.policy == Policy.LOCAL], -1)
-        boundary = int((((self.length + 1) % self.group == 0) & exists).sum())
+    def report(self, boundary: int | None = None, streams: int | None = None) -> PageReport:
+        """The scheduler's page report; ``boundary`` and ``streams`` (of
+        :func:`page_boundaries`) when the step's plan counted them already."""
+        if boundary is None or streams is None:
+            counts = page_boundaries(self.length[None] + 1, self.policy[None], self.group)
+            boundary, streams = (int(x[0]) for x in counts)
         return PageReport(keep=self.used, need=self.used + max(boundary - len(self.free), 0),
-                          tokens=int(self.classes.size), streams=int(exists.sum()))
+                          tokens=int(self.classes.size), streams=streams)
 
     def summary(self) -> dict[str, Any]:
         counts = [int((self.policy == p).sum()) for p in range(NUM_POLICIES)]
@@ -194,9 +198,12 @@ class _Plan:
     slots: torch.Tensor | None = None  # [2, rows] tail slot = vbt row of each stream
     lens: torch.Tensor | None = None  # [L, 3, rows]: permanent / local lengths + 1, first_valid
     has_local: np.ndarray | None = None  # [L] bool
-    store: torch.Tensor | None = None  # [2, total] int64: token row, slot (by layer)
-    store32: torch.Tensor | None = None  # [2, total] int32: stream length, tail slot
-    store_at: np.ndarray | None = None  # [L + 1] offsets of each layer's records
+    store: torch.Tensor | None = None  # [L, rows] int64: cache slot of each row's token, -1
+    store32: torch.Tensor | None = None  # [2, L, rows] int32: stream length, tail slot
+    boundary: np.ndarray | None = None  # [B] streams one more token completes a page of
+    streams: np.ndarray | None = None  # [B] streams of each decode row's request
+    out: torch.Tensor | None = None  # [2, rows, q per KV head, D]: the two reads' outputs
+    lse: torch.Tensor | None = None  # [2, q per KV head, rows]: their LSEs
 
 
 class DeviceFastGen(RequestBook):
@@ -313,45 +320,47 @@ class DeviceFastGen(RequestBook):
                             np.arange(H)[None, :, None], np.arange(2)[None, None, :])  # [B,H,2]
         rows = len(decode) * H
         lens = np.empty((L, 3, rows), np.int32)  # read launches: per layer, row (b, head)
-        lens[:, :2] = (length + 1).transpose(1, 3, 0, 2).reshape(L, 2, rows)
+        length1 = length + 1
+        lens[:, :2] = length1.transpose(1, 3, 0, 2).reshape(L, 2, rows)
         lens[:, 2] = np.stack([seq.first_valid for seq in decode]).transpose(1, 0, 2).reshape(
             L, rows)
         admit = admissions(policy, cls)  # [B, L, H, 2]
-        # admitted (layer, row, head, stream), layer-major: each layer's records in one run
-        flat = np.flatnonzero(admit.transpose(1, 0, 2, 3))  # (np.nonzero is slower here)
-        stream, head = flat % 2, flat // 2 % H
-        b, layer = flat // (2 * H) % len(decode), flat // (2 * H * len(decode))
-        idx = length[b, layer, head, stream]
-        block = np.zeros(len(idx), np.int64)
-        done = np.nonzero((idx + 1) % g == 0)[0]  # the token completes a page
-        done = done[np.argsort(b[done], kind="stable")]  # grouped by row
-        page = idx[done] // g
-        rows_done, first = np.unique(b[done], return_index=True)
-        bounds = np.append(first, len(done))
+        stream = admit[..., 1]  # [B, L, H]: the token joins stream ``stream`` if ``joins``
+        joins = admit[..., 0] | stream  # (np.any over an axis of two is slow)
+        idx = np.where(stream, length[..., 1], length[..., 0])
+        # the tokens that complete a page, row-major (np.nonzero's order): their entries
+        b, layer, head = np.nonzero(joins & ((idx + 1) % g == 0))
+        s, page = stream[b, layer, head].astype(np.int64), idx[b, layer, head] // g
+        block = np.zeros(idx.shape, np.int64)
+        rows_done, first = np.unique(b, return_index=True)
+        bounds = np.append(first, len(b))
         for i, j0, j1 in zip(rows_done, bounds[:-1], bounds[1:], strict=True):
             seq, part = decode[i], slice(j0, j1)
             entry = seq.new_entries(j1 - j0)
-            at = done[part]
-            seq.entries[layer[at], head[at], stream[at], page[part]] = entry
-            block[at] = seq.block_ids[entry]
+            seq.entries[layer[part], head[part], s[part], page[part]] = entry
+            block[b[part], layer[part], head[part]] = seq.block_ids[entry]
         for seq, adm in zip(decode, admit, strict=True):
             seq.length += adm
-        vbt_idx = ((layer[done] * self.vbt.shape[1] + vslots[b[done], head[done], stream[done]])
-                   * self.max_pages + page)
-        rec = np.stack([b * H + head, block * g + idx % g, idx + 1, vslots[b, head, stream]])
+        local = policy == Policy.LOCAL
+        boundary, streams = page_boundaries(length1 + admit, policy, g)
+        vbt_idx = (layer * self.vbt.shape[1] + vslots[b, head, s]) * self.max_pages + page
+        slot = np.where(joins, block * g + idx % g, -1)  # -1: the store skips the row
+        tails = vslots[:, None, :, 0] + stream  # the stream's ring is vslot(.., 0) + stream
+        by_layer = np.stack([idx + 1, tails]).transpose(0, 2, 1, 3).reshape(2, L, rows)
         dev = self.device
         self.plan = _Plan(
             rows=rows,
             slots=_to(dev, vslots.transpose(2, 0, 1).reshape(2, rows), np.int32),
             lens=_to(dev, lens, np.int32),
-            has_local=(policy == Policy.LOCAL).any(axis=(0, 2)),
-            store=_to(dev, rec[0:2], np.int64),
-            store32=_to(dev, rec[2:4], np.int32),
-            store_at=np.searchsorted(layer, np.arange(L + 1)),
+            has_local=local.any(axis=(0, 2)),
+            store=_to(dev, slot.transpose(1, 0, 2).reshape(L, rows), np.int64),
+            store32=_to(dev, by_layer, np.int32),
+            boundary=boundary,
+            streams=streams,
         )
-        if len(done):
+        if len(b):
             self.vbt.view(-1).index_copy_(0, _to(dev, vbt_idx, np.int64),
-                                          _to(dev, block[done], np.int32))
+                                          _to(dev, block[b, layer, head], np.int32))
 
     # --- the backend's call ---------------------------------------------------------------
 
@@ -360,44 +369,35 @@ class DeviceFastGen(RequestBook):
                 out: torch.Tensor) -> None:
         """One layer: decode rows over their streams, prefill rows by FlashAttention, then
         profiling and compaction of the prompts this step completes."""
-        from kivi_vllm.kernels.attention import attend_context
-        from kivi_vllm.kernels.store import store_step
-
-        merge_attn_states = _merge_op(q.is_cuda)
         assert self.kivi is not None
-        plan, fmt, r = self.plan, self.fmt, self.kivi.residual
+        plan, r = self.plan, self.kivi.residual
         nd = plan.rows // self.heads
         if plan.rows:
-            hq = q.shape[1]
-            qpk = hq // self.heads
+            attend_context, store_step, merge = _kernels(q.is_cuda)
+            qpk = q.shape[1] // self.heads
             shape = (plan.rows, qpk, q.shape[2])
-            qv = q[:nd].reshape(shape)
-            kv = k[:nd].reshape(plan.rows, 1, k.shape[2])
-            vv = v[:nd].reshape(plan.rows, 1, v.shape[2])
-            vbt = self.vbt[layer]
+            qv = q[:nd].view(shape)
+            kv = k[:nd].view(plan.rows, 1, k.shape[2])
+            vv = v[:nd].view(plan.rows, 1, v.shape[2])
+            if plan.out is None:  # one pair of buffers for every layer of the step
+                plan.out = q.new_empty((2, *shape))
+                plan.lse = torch.empty((2, qpk, plan.rows), dtype=torch.float32,
+                                       device=q.device)
             qsl = self.arange[: plan.rows + 1]
-            valid = self.zeros[: plan.rows]
-            outs = []
-            for s in (0, 1) if plan.has_local[layer] else (0,):
-                o = torch.empty(shape, dtype=q.dtype, device=q.device)
-                lse = torch.empty((qpk, plan.rows), dtype=torch.float32, device=q.device)
-                attend_context(qv, kv, vv, cache, tail, vbt.index_select(0, plan.slots[s]),
-                               plan.lens[layer, s], qsl, plan.slots[s], valid, fmt, r, scale,
-                               o, decode=True, num_tiles=plan.rows, lse_out=lse,
-                               num_splits=None if q.is_cuda else 1,  # CPU: interpreter
-                               add_self=s == 0,
-                               first_valid=plan.lens[layer, 2] if s else None)
-                outs.append((o, lse))
             dst = out[:nd].view(shape)
-            if len(outs) == 1:
-                dst.copy_(outs[0][0])
-            else:
-                merge_attn_states(dst, *outs[0], *outs[1])
-            lo, hi = plan.store_at[layer], plan.store_at[layer + 1]
-            if hi > lo:  # C-ordered plan: each row of a slice has unit stride
-                rows, slot = plan.store[0, lo:hi], plan.store[1, lo:hi]
-                store_step(kv[rows], vv[rows], cache, tail, slot, self.arange[: hi - lo + 1],
-                           plan.store32[0, lo:hi], plan.store32[1, lo:hi], fmt, r)
+            two = bool(plan.has_local[layer])  # else the permanent streams' read is all
+            for s in (0, 1) if two else (0,):
+                attend_context(qv, kv, vv, cache, tail, self.vbt[layer], plan.lens[layer, s],
+                               qsl, plan.slots[s], self.zeros[: plan.rows], self.fmt, r, scale,
+                               plan.out[s] if two else dst, decode=True, num_tiles=plan.rows,
+                               lse_out=plan.lse[s],
+                               num_splits=None if q.is_cuda else 1,  # CPU: interpreter
+                               add_self=s == 0, table_by_slot=True,
+                               first_valid=plan.lens[layer, 2] if s else None)
+            if two:
+                merge(dst, plan.out[0], plan.lse[0], plan.out[1], plan.lse[1])
+            store_step(kv, vv, cache, tail, plan.store[layer], qsl, plan.store32[0, layer],
+                       plan.store32[1, layer], self.fmt, r)
         n = md.num_actual_tokens
         ndt = md.num_decode_tokens
         if n > ndt:
@@ -492,10 +492,14 @@ class DeviceFastGen(RequestBook):
                      local[:, :, at[i] : at[i + 1]].reshape(self.layers, -1)], axis=1))
             self.timer.collect()
         self.prompts = None
-        for req_id, seq in zip(self.row_ids, self.rows, strict=True):
-            if not seq.profiled:
+        plan, decodes = self.plan, self.plan.rows // self.heads
+        for i, (req_id, seq) in enumerate(zip(self.row_ids, self.rows, strict=True)):
+            if i < decodes:  # counted by the plan
+                self.reports[req_id] = seq.report(int(plan.boundary[i]), int(plan.streams[i]))
+            elif seq.profiled:  # profiled in this step
+                self.reports[req_id] = seq.report()
+            else:
                 continue
-            self.reports[req_id] = seq.report()
             row = req_index.get(req_id)
             if row is not None:
                 block_table.num_blocks_per_row[row] = seq.used
@@ -505,6 +509,17 @@ class DeviceFastGen(RequestBook):
                 "profile_s": self.timer.seconds,
                 "live": {r: s.summary() for r, s in self.seqs.items()},
                 "history": dict(self.history)}
+
+
+def page_boundaries(length1: np.ndarray, policy: np.ndarray, group: int,
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """Per request ``[B]``: the streams one more token would complete a page of, and the
+    streams. length1: ``[B, L, H, 2]`` stream lengths + 1; policy ``[B, L, H]`` (a local
+    stream exists for ``local`` heads only)."""
+    local = policy == Policy.LOCAL
+    full = length1 % group == 0
+    boundary = full[..., 0].sum(axis=(1, 2)) + (full[..., 1] & local).sum(axis=(1, 2))
+    return boundary, local[0].size + local.sum(axis=(1, 2))
 
 
 def admissions(policy: np.ndarray, cls: np.ndarray) -> np.ndarray:
@@ -550,13 +565,18 @@ def _to(dev: torch.device, x: Any, dtype: Any) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(x, dtype=dtype)).to(dev, non_blocking=True)
 
 
-def _merge_op(cuda: bool) -> Any:
-    """vLLM's merge-attention-states kernel on the GPU; :func:`merge_states` otherwise."""
+@functools.cache
+def _kernels(cuda: bool) -> tuple[Any, Any, Any]:
+    """(read, store, merge): the KIVI kernels (Triton: imported when first used) and
+    vLLM's merge-attention-states kernel on the GPU, :func:`merge_states` otherwise."""
+    from kivi_vllm.kernels.attention import attend_context
+    from kivi_vllm.kernels.store import store_step
+
     if not cuda:
-        return merge_states
+        return attend_context, store_step, merge_states
     from vllm.v1.attention.ops.merge_attn_states import merge_attn_states
 
-    return merge_attn_states
+    return attend_context, store_step, merge_attn_states
 
 
 def merge_states(out: torch.Tensor, o1: torch.Tensor, lse1: torch.Tensor, o2: torch.Tensor,

@@ -380,6 +380,7 @@ def _kivi_attend_context(
     DECODE: tl.constexpr,
     SELF: tl.constexpr,  # decode: attend the step's own token (kivi.fastgen: one stream only)
     WINDOWED: tl.constexpr,  # mask context positions below first_valid (kivi.fastgen windows)
+    TABLE_BY_SLOT: tl.constexpr,  # block-table row = tail slot (kivi.fastgen's stream rows)
     W: tl.constexpr,  # channels per chunk: min(KP, VP, G), within one value group and plane
     NCH: tl.constexpr,  # chunks per head (2 or 4)
     USE_ASM: tl.constexpr,  # magic-number unpack in PTX (False under the interpreter)
@@ -453,7 +454,10 @@ def _kivi_attend_context(
 
     k_off = kvh * G * KP + t[:, None] * KP + w[None, :]  # key bytes [G tokens, W]
     v_off = kvh * VP * G + w[None, :] * G + t[:, None]  # value bytes, token-minor
-    bt_row = block_table + req.to(tl.int64) * stride_bt
+    bt_index = req
+    if TABLE_BY_SLOT:
+        bt_index = tl.load(tail_slots + req)
+    bt_row = block_table + bt_index.to(tl.int64) * stride_bt
     if SLOTS == 1:
         for p in range(p_lo, p_hi):
             page = cache + tl.load(bt_row + p).to(tl.int64) * PAGE_BYTES
@@ -671,6 +675,7 @@ def attend_context(
     lse_out: torch.Tensor | None = None,
     add_self: bool = True,
     first_valid: torch.Tensor | None = None,
+    table_by_slot: bool = False,
 ):
     """Attention of query rows over their context in the pages + tail (+ self for decode).
 
@@ -679,7 +684,9 @@ def attend_context(
     with the chunk's own attention). Decode: row i is request i, one token each.
     ``sinks``: attention-sink tokens (``kivi.sink_groups * group_size``) read from their
     own ring rows. kivi.fastgen's streams: ``add_self=False`` leaves the decode token out,
-    ``first_valid`` [rows] masks each row's context positions below it.
+    ``first_valid`` [rows] masks each row's context positions below it, ``table_by_slot``
+    reads row ``tail_slots[i]`` of ``block_table`` for request ``i`` (a table shared by all
+    streams, no per-step gather).
     """
     require_unit_stride(block_table=block_table, seq_lens=seq_lens,
                         query_start_loc=query_start_loc, tail_slots=tail_slots,
@@ -712,7 +719,8 @@ def attend_context(
         mid_o.stride(0), mid_o.stride(1), mid_o.stride(2),
         mid_lse.stride(0), mid_lse.stride(1),
         R=residual, BLOCK_R=triton.next_power_of_2(residual), QPK=qpk, BLOCK_Q=block_q,
-        **tiles, DECODE=decode, SELF=add_self, WINDOWED=first_valid is not None, W=width,
+        **tiles, DECODE=decode, SELF=add_self, WINDOWED=first_valid is not None,
+        TABLE_BY_SLOT=table_by_slot, W=width,
         NCH=nch, USE_ASM=USE_ASM,
         SINGLE=single, WRITE_LSE=not single or lse_out is not None,
         num_warps=DECODE_WARPS if decode else 4,

@@ -58,7 +58,8 @@ def warm_up(
             attend_context(q, k, v, cache, tail, block_table, seq_lens, qsl, slots,
                            valid_from, out=out, decode=True, num_tiles=2, num_splits=splits,
                            lse_out=lse, add_self=not windowed,
-                           first_valid=valid_from if windowed else None, **common)
+                           first_valid=valid_from if windowed else None, table_by_slot=True,
+                           **common)
 
     # prefill chunk of one request with earlier context: output + LSE for the merge
     seq_lens = torch.tensor([ctx + tokens], dtype=torch.int32, device=device)
