@@ -4,10 +4,10 @@ Builds ``--rows`` profiled requests of a ``--layers`` x ``--heads`` model with r
 policies (frequent / local / full) and stream lengths, then times over ``--steps`` decode
 steps ``DeviceFastGen._plan_decode`` (window progress, admissions, page completions, the
 launch arrays), and the whole host side of a step: ``begin_step``, ``forward`` of every
-layer with the Triton launches and vLLM's merge replaced by no-ops (what is left are the
-torch calls around them; on a GPU each is a launch), and ``end_step``. It also counts, per
-layer, the torch calls that are not views and the kernel launches. Prints a table and
-writes JSON.
+layer with the kernel launches themselves (Triton's and vLLM's merge) replaced by no-ops
+(what is left are the Python wrappers and the torch calls around them; on a GPU each such
+call is a launch too), and ``end_step``. It also counts, per layer, the torch calls that
+are not views and the kernel launches. Prints a table and writes JSON.
 
     .venv/bin/python benchmarks/fastgen_plan.py --out benchmarks/results/fastgen-plan-cpu.json
 """
@@ -26,6 +26,7 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
+from triton.runtime.jit import JITFunction
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -98,7 +99,9 @@ def step_ms(rows: int, layers: int, heads: int, prompt: int, steps: int) -> dict
     def launch(*args, **kwargs) -> None:
         launches[0] += 1
 
-    fg._kernels = lambda cuda: (launch, launch, launch)
+    JITFunction.__getitem__ = lambda self, grid: launch  # every Triton launch
+    wrappers = fg._kernels(False)[:2]  # the read and store wrappers run, not their kernels
+    fg._kernels = lambda cuda: (*wrappers, launch)  # and vLLM's merge
     qpk, d, width = 4, 64, prompt + steps + 64
     token_ids = np.zeros((rows, width), np.int64)
     held = np.full(rows, 10**9)
@@ -106,7 +109,8 @@ def step_ms(rows: int, layers: int, heads: int, prompt: int, steps: int) -> dict
     q = torch.randn(rows, heads * qpk, d)
     k, v = torch.randn(rows, heads, d), torch.randn(rows, heads, d)
     out = torch.empty_like(q)
-    cache, tail = torch.zeros(1, 1, dtype=torch.uint8), torch.zeros(1)
+    cache = torch.zeros(1, worker.fmt.page_bytes, dtype=torch.uint8)
+    tail = torch.zeros(1).expand(2, (rows + 1) * heads * 2, 32, 1, d)  # never read
     table = SimpleNamespace(num_blocks_per_row=np.zeros(rows, np.int32))
     index = {r: i for i, r in enumerate(ids)}
     md = SimpleNamespace(num_actual_tokens=rows, num_decode_tokens=rows, num_decodes=rows,

@@ -187,16 +187,37 @@ def test_store_matches_reference(case, sinks):
     assert mismatched == 0.0, f"{mismatched:.2%} of page bytes differ"
 
 
-def test_warm_up_launches_every_variant():
+@pytest.mark.parametrize(("case", "sinks"), [(SMALL[0], 0), SINKS[0]])
+def test_decode_store_matches_reference(case, sinks):
+    """The one-launch decode store (kivi.fastgen's streams): one token per request,
+    groups completed by the token (their other tokens from the ring), sink rows."""
+    _, group, _, _, hq, residual, *_ = case
+    fmt = _format(case)
+    ctx = [group - 1, 3, 2 * group - 1, 5 * group + 7, 3 * group - 1]
+    if sinks:  # a sink group completed, a group completed past the sinks
+        ctx = ctx + [sinks - 1, 2 * residual + group - 1]
+    sc = make_scenario(fmt, residual, hq, ctx, [1] * len(ctx), seed=5, prefix_hit=False,
+                       sinks=sinks)
+    ref_cache, ref_tail = reference_store(sc)
+    dev = sc.to(DEVICE)
+    store_step(dev.key, dev.value, dev.cache, dev.tail, dev.slot_mapping,
+               dev.query_start_loc, dev.seq_lens, dev.tail_slots, fmt, residual, sinks,
+               decode=True)
+    assert torch.equal(dev.tail.cpu(), ref_tail)
+    assert torch.equal(dev.cache.cpu(), ref_cache)
+
+
+@pytest.mark.parametrize("streams", [False, True])
+def test_warm_up_launches_every_variant(streams):
     """The start-up warm-up runs each launch mode once (compiled on a GPU; on CPU the
-    interpreter executes it). That no step compiles afterwards is checked on the GPU by
-    ``tests/test_engine_gpu.py``."""
+    interpreter executes it); ``streams``: kivi.fastgen's one-head stream variants too.
+    That no step compiles afterwards is checked on the GPU by ``tests/test_engine_gpu.py``."""
     from kivi_vllm.kernels import warmup
 
-    fmt = PageFormat(2, 32, 64, 2)
+    fmt = PageFormat(2, 32, 64, 1 if streams else 2)
     dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float32
-    warmup.warm_up(fmt, 32, 8, dtype, torch.device(DEVICE))
-    assert (fmt, 32, 8, dtype, str(torch.device(DEVICE)), False) in warmup._DONE
+    warmup.warm_up(fmt, 32, 8, dtype, torch.device(DEVICE), streams=streams)
+    assert (fmt, 32, 8, dtype, str(torch.device(DEVICE)), streams) in warmup._DONE
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="full-size shapes: compiled kernels only")

@@ -397,7 +397,7 @@ class DeviceFastGen(RequestBook):
             if two:
                 merge(dst, plan.out[0], plan.lse[0], plan.out[1], plan.lse[1])
             store_step(kv, vv, cache, tail, plan.store[layer], qsl, plan.store32[0, layer],
-                       plan.store32[1, layer], self.fmt, r)
+                       plan.store32[1, layer], self.fmt, r, decode=True)
         n = md.num_actual_tokens
         ndt = md.num_decode_tokens
         if n > ndt:

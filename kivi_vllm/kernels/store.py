@@ -9,6 +9,8 @@ Two named kernels, launched in this order on one stream:
 * ``_kivi_append_tail``: one program per (token, KV head); writes the token to its
   sequence's tail ring if it is among the sequence's last ``R`` positions.
 
+A decode store (one token per request, ``decode=True``) is one launch: the pack kernel's
+``DECODE`` variant also appends the token, whose ring row no group it packs reads.
 Padding tokens (``slot_mapping == -1``) are skipped. No host-device synchronisation.
 Why two launches and not one: a prefill chunk longer than ``R`` appends tokens whose
 ring rows (``ring_row``) alias rows that a group completing in the same step still has to
@@ -114,17 +116,29 @@ def _kivi_pack_groups(
     HK: tl.constexpr,
     FP8S: tl.constexpr,
     LOG2: tl.constexpr,
+    DECODE: tl.constexpr,  # one token per request: also appends it to the tail ring
 ):
     token = tl.program_id(0)
     h = tl.program_id(1)
     slot = tl.load(slot_mapping + token)
     if slot < 0:
         return
+    if DECODE:  # request = token; its ring rows for the group's other tokens differ
+        req = token
+        q0 = token
+        ctx = tl.load(seq_lens + token) - 1
+        pos = ctx
+        tail_slot = tl.load(tail_slots + req)
+        _append_row(key, value, tail, token, h, tail_slot, pos, sinks, stride_kt, stride_kh,
+                    stride_vt, stride_vh, stride_tail_kv, stride_tail_slot, stride_tail_pos,
+                    stride_tail_h, R, D)
+    else:
+        req, q0, ctx, pos, _ = _token_position(query_start_loc, seq_lens, num_reqs, token,
+                                               LOG2)
+        tail_slot = tl.load(tail_slots + req)
     if slot % G != G - 1:
         return
     block = slot // G
-    req, q0, ctx, pos, _ = _token_position(query_start_loc, seq_lens, num_reqs, token, LOG2)
-    tail_slot = tl.load(tail_slots + req)
 
     t = tl.arange(0, G)
     d = tl.arange(0, D)
@@ -225,7 +239,16 @@ def _kivi_append_tail(
     )
     if (pos >= sinks) & (pos < seq_len - (R - sinks)):  # neither a sink nor in the window
         return
-    tail_slot = tl.load(tail_slots + req)
+    _append_row(key, value, tail, token, h, tl.load(tail_slots + req), pos, sinks, stride_kt,
+                stride_kh, stride_vt, stride_vh, stride_tail_kv, stride_tail_slot,
+                stride_tail_pos, stride_tail_h, R, D)
+
+
+@triton.jit
+def _append_row(key, value, tail, token, h, tail_slot, pos, sinks, stride_kt, stride_kh,
+                stride_vt, stride_vh, stride_tail_kv, stride_tail_slot, stride_tail_pos,
+                stride_tail_h, R: tl.constexpr, D: tl.constexpr):
+    """Write the step's token ``token`` (KV head ``h``, position ``pos``) to its ring row."""
     d = tl.arange(0, D)
     dst = (tail + tail_slot * stride_tail_slot + ring_row(pos, R, sinks) * stride_tail_pos
            + h * stride_tail_h)
@@ -247,11 +270,15 @@ def store_step(
     fmt: PageFormat,
     residual: int,
     sinks: int = 0,
+    decode: bool = False,
 ) -> None:
     """Pack the groups this step completes, then append the step's tokens to the tails.
 
     key/value [T, HK, D] (T = tokens of the step, padding has slot -1); ``sinks``: the
     attention-sink tokens (``kivi.sink_groups * group_size``) kept in their own ring rows.
+    ``decode``: token ``i`` is request ``i``'s only token, and one launch both packs and
+    appends (a group's other tokens are in other ring rows, so nothing it reads is
+    overwritten).
     """
     if not 0 <= sinks < residual or sinks % fmt.group_size:
         raise ValueError(f"sinks={sinks}: whole groups below residual={residual} expected")
@@ -274,11 +301,17 @@ def store_step(
         tail.stride(2),
         tail.stride(3),
     )
+    if decode and (num_tokens != num_reqs or residual - sinks < fmt.group_size):
+        raise ValueError(f"decode store: {num_tokens} tokens for {num_reqs} requests, "
+                         f"{residual - sinks} ring rows past the sinks (a group needs "
+                         f"{fmt.group_size})")
     _kivi_pack_groups[grid](
         key, value, cache, tail, slot_mapping, query_start_loc, seq_lens, tail_slots,
-        num_reqs, sinks, *strides, R=residual, LOG2=MAX_REQS_LOG2, **format_constants(fmt),
-        num_warps=4,
+        num_reqs, sinks, *strides, R=residual, LOG2=MAX_REQS_LOG2, DECODE=decode,
+        **format_constants(fmt), num_warps=4,
     )
+    if decode:
+        return
     _kivi_append_tail[grid](
         key, value, tail, slot_mapping, query_start_loc, seq_lens, tail_slots, num_reqs,
         sinks, *strides, R=residual, D=fmt.head_dim, LOG2=MAX_REQS_LOG2, num_warps=1,

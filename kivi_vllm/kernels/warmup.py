@@ -28,7 +28,7 @@ def warm_up(
     """Launch the store kernels and the read kernel in each mode (decode / prefill with
     context x one split / several splits) once on a scratch cache of four pages;
     ``streams``: also kivi.fastgen's decode variants (LSE out; without the step's token
-    and windowed), for its one-head stream format."""
+    and windowed; the one-launch decode store), for its one-head stream format."""
     key = (fmt, residual, num_heads, dtype, str(device), streams)
     if key in _DONE:
         return
@@ -75,6 +75,11 @@ def warm_up(
 
     slot_mapping = torch.arange(tokens, dtype=torch.int64, device=device) + ctx
     store_step(k, v, cache, tail, slot_mapping, qsl, seq_lens, slots[:1], fmt, residual)
+    if streams:  # kivi.fastgen's decode store: two requests, one token each, one launch
+        store_step(k[:2], v[:2], cache, tail, slot_mapping[:2] + g - 1 - ctx % g,
+                   torch.arange(3, dtype=torch.int32, device=device),
+                   torch.full((2,), ctx + 1, dtype=torch.int32, device=device), slots, fmt,
+                   residual, decode=True)
     if device.type == "cuda":
         _warm_slot_mapping(g, device)
         torch.cuda.synchronize(device)
