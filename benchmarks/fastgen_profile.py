@@ -6,7 +6,11 @@ the prompt profiles every layer with :func:`kivi_vllm.fastgen.profile_heads` (ch
 then one teacher-forced pass over the whole document scores the remaining tokens with
 each KV head of each layer reading only its kept set (FastGen-style simulation of the
 design in docs/fastgen.md: heavy hitters frozen at profiling, new tokens enter the
-local window; prompt rows attend in full, as a prefill does). With ``kivi2``, the kept
+local window; prompt rows attend in full, as a prefill does). ``--update`` adds settings
+``fastgen{T}+update`` where the heavy hitters keep updating as in FastGen's paper (each
+scored row adds its attention to every key's accumulated score, starting from the
+prompt's, and a head keeps the top ``frequent_ratio`` of the keys so far): the cost of
+the design's frozen set, in full precision. With ``kivi2``, the kept
 tokens a query reads are KIVI-2 (G32, R32) codes through the real page format, grouped
 per head in kept order (:func:`kivi_vllm.fastgen.kivi_kept_kv`).
 
@@ -50,6 +54,8 @@ class Sim:
     profiles: dict[int, Any] = {}
     policies: dict[int, torch.Tensor] | None = None  # None: every head full
     kivi = False
+    update = False  # heavy hitters re-ranked every scored row (FastGen's paper)
+    update_kept: dict[int, list[float]] = {}  # layer -> per KV head, at the last row
     profile_s = 0.0
 
 
@@ -66,6 +72,9 @@ def _attention(module, query, key, value, attention_mask, scaling, dropout=0.0, 
         )
         Sim.profile_s += time.perf_counter() - t0
     policies = Sim.policies[layer] if Sim.mode == "eval" and Sim.policies else None
+    if policies is not None and Sim.update:
+        out = _simulated_updating(q, k, v, scaling, layer, policies)
+        return out[None].to(query.dtype), None
     out = _simulated(q, k, v, scaling, layer, policies, Sim.mode == "eval" and Sim.kivi)
     return out[None].to(query.dtype), None
 
@@ -103,6 +112,49 @@ def _simulated(q, k, v, scale, layer, policies, kivi) -> torch.Tensor:
         else:
             o = torch.einsum("gqk,kd->qgd", probs, vh)
         out[:, h * g : (h + 1) * g] = o
+    return out
+
+
+def _simulated_updating(q, k, v, scale, layer, policies) -> torch.Tensor:
+    """:func:`_simulated` for scored rows (the eval pass: all rows past the prompt) with
+    heavy hitters that keep updating: row by row, a head keeps its policy's fixed tokens
+    (special, punctuation), the top ``ceil(frequent_ratio * t)`` keys before row ``t`` by
+    accumulated attention (the prompt's profile, then every scored row's attention over
+    the head's query heads), its local window (``local``) and its own token."""
+    m, hq, d = q.shape
+    n, hk = k.shape[:2]
+    g, r0 = hq // hk, n - m
+    assert r0 == Sim.prompt, "eval rows start at the prompt's end"
+    prof = Sim.profiles[layer]
+    out = torch.empty(m, hq, d)
+    keys = torch.arange(n)
+    kept_last = []
+    for h in range(hk):
+        pol = int(policies[h])
+        qh, kh, vh = q[:, h * g : (h + 1) * g], k[:, h], v[:, h]
+        if pol == Policy.FULL:
+            scores = torch.einsum("qgd,kd->gqk", qh, kh) * scale
+            causal = keys[None, :] <= (r0 + torch.arange(m))[:, None]
+            probs = torch.softmax(scores.masked_fill(~causal, float("-inf")), dim=-1)
+            out[:, h * g : (h + 1) * g] = torch.einsum("gqk,kd->qgd", probs, vh)
+            kept_last.append(1.0)
+            continue
+        fixed = Sim.special[:n] | (Sim.punct[:n] & (pol >= Policy.PUNCT))
+        acc = torch.zeros(n, dtype=torch.float64)
+        acc[:r0] = prof.scores[h]
+        for t in range(r0, n):
+            kept = fixed[: t + 1].clone()
+            if pol >= Policy.FREQUENT:
+                kept[acc[:t].topk(min(math.ceil(Sim.ratios[0] * t), t)).indices] = True
+            if pol == Policy.LOCAL:
+                kept |= keys[: t + 1] > t - prof.window
+            kept[t] = True
+            s = (kh[: t + 1] @ qh[t - r0].T).T * scale  # [g, t + 1]
+            p = torch.softmax(s.masked_fill(~kept, float("-inf")), dim=-1)
+            out[t - r0, h * g : (h + 1) * g] = p @ vh[: t + 1]
+            acc[: t + 1] += p.sum(dim=0).double()
+        kept_last.append(float(kept.sum()) / n)
+    Sim.update_kept[layer] = kept_last
     return out
 
 
@@ -194,12 +246,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     hd = getattr(cfg, "head_dim", None) or hd
     classes = TokenClasses.from_tokenizer(tok)
     Sim.prompt, Sim.chunk, Sim.ratios = args.prompt, args.chunk, (args.frequent, args.local)
-    settings = ["full", "kivi2"] + [f"fastgen{t}{s}" for t in THRESHOLDS for s in ("", "+kivi2")]
+    thresholds = [float(t) for t in args.thresholds.split(",")]
+    variants = ("", "+kivi2", "+update") if args.update else ("", "+kivi2")
+    settings = ["full", "kivi2"] + [f"fastgen{t}{s}" for t in thresholds for s in variants]
     if args.profile_only:  # kept fractions and policies only: no scoring passes
-        settings = [f"fastgen{t}" for t in THRESHOLDS]
+        settings = [f"fastgen{t}" for t in thresholds]
     nll: dict[str, list[torch.Tensor]] = {s: [] for s in settings}
-    per_doc, kept_layer, max_head = [], {t: [] for t in THRESHOLDS}, {t: [] for t in THRESHOLDS}
-    mix = {t: torch.zeros(len(Policy)) for t in THRESHOLDS}
+    per_doc, kept_layer, max_head = [], {t: [] for t in thresholds}, {t: [] for t in thresholds}
+    kept_update: dict[float, list[float]] = {t: [] for t in thresholds}
+    mix = {t: torch.zeros(len(Policy)) for t in thresholds}
     for doc in documents(tok, args.docs, args.tokens):
         ids = torch.tensor(doc)
         n = len(doc)
@@ -218,6 +273,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         Sim.mode = "eval"
         for setting in settings:
             Sim.kivi = setting.endswith("kivi2")
+            Sim.update, Sim.update_kept = setting.endswith("+update"), {}
             Sim.policies = None
             if setting.startswith("fastgen"):
                 t = float(setting[7:].split("+")[0])
@@ -228,7 +284,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             if not args.profile_only:
                 nll[setting].append(_nll(model, ids, cache))
                 record[f"ppl_{setting}"] = math.exp(float(nll[setting][-1].mean()))
-            if setting.startswith("fastgen") and not Sim.kivi:
+            if Sim.update:
+                kept_update[t].append(sum(map(sum, Sim.update_kept.values()))
+                                      / sum(map(len, Sim.update_kept.values())))
+                record[f"kept_{t}+update"] = kept_update[t][-1]
+            if setting.startswith("fastgen") and not Sim.kivi and not Sim.update:
                 frac = kept_fractions(Sim.policies, n)
                 kept_layer[t].append(frac.mean(dim=1))
                 max_head[t].append(float(frac.max()))
@@ -240,7 +300,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     fmt = PageFormat(KIVI_BITS, KIVI_GROUP, hd, hk)
     kivi_ratio = fmt.bytes_per_token / bf16_bytes_per_token(hk, hd)
     summary = {}
-    for t in THRESHOLDS:
+    for t in thresholds:
         layers = torch.stack(kept_layer[t]).mean(dim=0)
         kept = float(layers.mean())
         summary[str(t)] = {
@@ -250,6 +310,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "policy_mix": {POLICY_NAMES[i]: float(c / mix[t].sum()) for i, c in enumerate(mix[t])},
             "kv_bytes_vs_bf16_with_kivi2": kept * kivi_ratio,
         }
+        if kept_update[t]:
+            summary[str(t)]["kept_fraction_update"] = sum(kept_update[t]) / len(kept_update[t])
     ppl = {s: math.exp(float(torch.cat(v).mean())) for s, v in nll.items() if v}
     q_heads = cfg.num_attention_heads
     return {
@@ -282,6 +344,10 @@ def main() -> None:
     ap.add_argument("--frequent", type=float, default=0.3)
     ap.add_argument("--local", type=float, default=0.3)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--thresholds", default=",".join(map(str, THRESHOLDS)),
+                    help="recovery thresholds T, comma-separated")
+    ap.add_argument("--update", action="store_true",
+                    help="also score with heavy hitters that keep updating (FastGen's paper)")
     ap.add_argument("--profile-only", action="store_true",
                     help="profile and count kept tokens; skip the perplexity passes")
     ap.add_argument("--out", type=Path)

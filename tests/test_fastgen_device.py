@@ -109,10 +109,11 @@ def _profile_stub(req_of_n):
     def profile(q, k, prompts, special, punct, **kwargs):
         found = [req_of_n[n] for n in prompts.lengths]
         assert prompts.windows == [math.ceil(0.3 * req.n) for req, _ in found]
+        frequent = torch.cat([req.on_device[layer] for req, layer in found], dim=1)
         return PromptsProfile(
-            recovery=torch.zeros(len(found), H * QPK, 5, device=DEVICE),
-            frequent=torch.cat([req.on_device[layer] for req, layer in found], dim=1),
-            policy=torch.stack([policies[layer] for _, layer in found]))
+            recovery=torch.zeros(len(found), H * QPK, 5, device=DEVICE), frequent=frequent,
+            policy=torch.stack([policies[layer] for _, layer in found]),
+            scores=frequent.double())
     return profile
 
 

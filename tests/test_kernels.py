@@ -344,3 +344,4 @@ def test_profile_prompts_equals_each_prompt_alone(fused, rows):
         assert (got.recovery[p].cpu() - want.recovery).abs().max() < 2e-5, p
         assert torch.equal(got.policy[p].cpu(), want.policy), p
         assert torch.equal(got.frequent[:, a:b].cpu(), want.frequent), p
+        assert torch.allclose(got.scores[:, a:b].cpu(), want.scores, atol=2e-5 * (b - a)), p

@@ -31,6 +31,7 @@ class HeadProfile:
     policy: torch.Tensor  # [kv_heads] int64 Policy values
     window: int  # local window (tokens)
     rows: int  # query rows profiled
+    scores: torch.Tensor  # [kv_heads, n] float64: attention each key received (the ranking)
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,7 @@ class PromptsProfile:
     recovery: torch.Tensor  # [prompts, q_heads, NUM_POLICIES] float64
     frequent: torch.Tensor  # [kv_heads, tokens] bool
     policy: torch.Tensor  # [prompts, kv_heads] int64
+    scores: torch.Tensor  # [kv_heads, tokens] float64: attention each key received
 
 
 @dataclass(frozen=True)
@@ -149,7 +151,8 @@ def profile_heads(
         sums = _chunked_sums(lambda lo, hi: _probs(q, k, lo, hi, scale), n, q.shape[1],
                              first, window, chunk, k.device)
     prof = _choose(*sums, k.shape[1], special, punct, recovery, prompts)
-    return HeadProfile(prof.recovery[0], prof.frequent, prof.policy[0], window, n - first)
+    return HeadProfile(prof.recovery[0], prof.frequent, prof.policy[0], window, n - first,
+                       prof.scores)
 
 
 def profile_prompts(
@@ -217,7 +220,8 @@ def profile_attention(
     sums = _chunked_sums(lambda lo, hi: probs[:, lo:hi, :hi].float(), n, hq, first, window,
                          chunk, probs.device)
     prof = _choose(*sums, num_kv_heads, special, punct, recovery, prompts)
-    return HeadProfile(prof.recovery[0], prof.frequent, prof.policy[0], window, n - first)
+    return HeadProfile(prof.recovery[0], prof.frequent, prof.policy[0], window, n - first,
+                       prof.scores)
 
 
 def _chunked_sums(
@@ -286,4 +290,4 @@ def _choose(
     mass = mass.index_add_(2, prompts.prompt_of, per_key).permute(2, 0, 1)
     mass = mass / prompts.rows_of[:, None, None]
     return PromptsProfile(recovery=mass, frequent=frequent,
-                          policy=choose_policies(mass, hk, recovery))
+                          policy=choose_policies(mass, hk, recovery), scores=per_kv)
