@@ -28,6 +28,7 @@ one tile of ``BLOCK_R`` rows (sink rows first), so the page loop is unchanged.
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -638,6 +639,7 @@ def chunking(fmt: PageFormat) -> tuple[int, int]:
     return width, fmt.head_dim // width
 
 
+@functools.cache
 def kernel_supports(fmt: PageFormat) -> bool:
     """Whether the GPU read kernel serves this (key/value bits, group, head_dim): 2 or 4
     chunks of a power-of-two width >= 16, each byte tile holding one chunk per plane or

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -12,8 +14,10 @@ MAX_REQS_LOG2 = 14  # binary search over query_start_loc: up to 16384 requests
 # (kivi.fastgen stores each stream's token as a request: rows x KV heads x 2)
 
 
+@functools.cache
 def format_constants(fmt: PageFormat) -> dict[str, int]:
-    """Page-format constants passed to every kernel as constexprs (one source of truth)."""
+    """Page-format constants passed to every kernel as constexprs (one source of truth;
+    computed once per format: launches unpack the same dict)."""
     return {
         "PAGE_BYTES": fmt.page_bytes,
         "OFF_KC": fmt.offset("k_codes"),
