@@ -7,10 +7,12 @@ then one teacher-forced pass over the whole document scores the remaining tokens
 each KV head of each layer reading only its kept set (FastGen-style simulation of the
 design in docs/fastgen.md: heavy hitters frozen at profiling, new tokens enter the
 local window; prompt rows attend in full, as a prefill does). ``--update`` adds settings
-``fastgen{T}+update`` where the heavy hitters keep updating as in FastGen's paper (each
-scored row adds its attention to every key's accumulated score, starting from the
-prompt's, and a head keeps the top ``frequent_ratio`` of the keys so far): the cost of
-the design's frozen set, in full precision. With ``kivi2``, the kept
+where the heavy hitters keep updating as in FastGen's paper (each scored row adds its
+attention to every key's accumulated score, starting from the prompt's): with
+``fastgen{T}+update`` a head keeps the top ``frequent_ratio`` of the keys so far (the set
+grows with the text), with ``fastgen{T}+swap`` the top as many keys as the prompt's heavy
+hitters (the frozen set's size: new keys displace old ones). Both are in full precision:
+what the design's frozen set costs. With ``kivi2``, the kept
 tokens a query reads are KIVI-2 (G32, R32) codes through the real page format, grouped
 per head in kept order (:func:`kivi_vllm.fastgen.kivi_kept_kv`).
 
@@ -54,7 +56,7 @@ class Sim:
     profiles: dict[int, Any] = {}
     policies: dict[int, torch.Tensor] | None = None  # None: every head full
     kivi = False
-    update = False  # heavy hitters re-ranked every scored row (FastGen's paper)
+    update = ""  # heavy hitters re-ranked every scored row: "update" (a growing set), "swap"
     update_kept: dict[int, list[float]] = {}  # layer -> per KV head, at the last row
     profile_s = 0.0
 
@@ -118,9 +120,10 @@ def _simulated(q, k, v, scale, layer, policies, kivi) -> torch.Tensor:
 def _simulated_updating(q, k, v, scale, layer, policies) -> torch.Tensor:
     """:func:`_simulated` for scored rows (the eval pass: all rows past the prompt) with
     heavy hitters that keep updating: row by row, a head keeps its policy's fixed tokens
-    (special, punctuation), the top ``ceil(frequent_ratio * t)`` keys before row ``t`` by
-    accumulated attention (the prompt's profile, then every scored row's attention over
-    the head's query heads), its local window (``local``) and its own token."""
+    (special, punctuation), the top keys before row ``t`` by accumulated attention (the
+    prompt's profile, then every scored row's attention over the head's query heads):
+    ``ceil(frequent_ratio * t)`` of them ("update") or as many as the prompt's heavy
+    hitters ("swap"), its local window (``local``) and its own token."""
     m, hq, d = q.shape
     n, hk = k.shape[:2]
     g, r0 = hq // hk, n - m
@@ -145,7 +148,8 @@ def _simulated_updating(q, k, v, scale, layer, policies) -> torch.Tensor:
         for t in range(r0, n):
             kept = fixed[: t + 1].clone()
             if pol >= Policy.FREQUENT:
-                kept[acc[:t].topk(min(math.ceil(Sim.ratios[0] * t), t)).indices] = True
+                top = math.ceil(Sim.ratios[0] * (t if Sim.update == "update" else r0))
+                kept[acc[:t].topk(min(top, t)).indices] = True
             if pol == Policy.LOCAL:
                 kept |= keys[: t + 1] > t - prof.window
             kept[t] = True
@@ -247,13 +251,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     classes = TokenClasses.from_tokenizer(tok)
     Sim.prompt, Sim.chunk, Sim.ratios = args.prompt, args.chunk, (args.frequent, args.local)
     thresholds = [float(t) for t in args.thresholds.split(",")]
-    variants = ("", "+kivi2", "+update") if args.update else ("", "+kivi2")
+    variants = ("", "+kivi2", "+update", "+swap") if args.update else ("", "+kivi2")
     settings = ["full", "kivi2"] + [f"fastgen{t}{s}" for t in thresholds for s in variants]
     if args.profile_only:  # kept fractions and policies only: no scoring passes
         settings = [f"fastgen{t}" for t in thresholds]
     nll: dict[str, list[torch.Tensor]] = {s: [] for s in settings}
     per_doc, kept_layer, max_head = [], {t: [] for t in thresholds}, {t: [] for t in thresholds}
-    kept_update: dict[float, list[float]] = {t: [] for t in thresholds}
+    kept_update: dict[str, list[float]] = {}
     mix = {t: torch.zeros(len(Policy)) for t in thresholds}
     for doc in documents(tok, args.docs, args.tokens):
         ids = torch.tensor(doc)
@@ -273,7 +277,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         Sim.mode = "eval"
         for setting in settings:
             Sim.kivi = setting.endswith("kivi2")
-            Sim.update, Sim.update_kept = setting.endswith("+update"), {}
+            Sim.update = next((v for v in ("update", "swap") if setting.endswith("+" + v)), "")
+            Sim.update_kept = {}
             Sim.policies = None
             if setting.startswith("fastgen"):
                 t = float(setting[7:].split("+")[0])
@@ -285,9 +290,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 nll[setting].append(_nll(model, ids, cache))
                 record[f"ppl_{setting}"] = math.exp(float(nll[setting][-1].mean()))
             if Sim.update:
-                kept_update[t].append(sum(map(sum, Sim.update_kept.values()))
-                                      / sum(map(len, Sim.update_kept.values())))
-                record[f"kept_{t}+update"] = kept_update[t][-1]
+                kept = sum(map(sum, Sim.update_kept.values())) / sum(
+                    map(len, Sim.update_kept.values()))
+                kept_update.setdefault(setting, []).append(kept)
+                record[f"kept_{setting[7:]}"] = kept
             if setting.startswith("fastgen") and not Sim.kivi and not Sim.update:
                 frac = kept_fractions(Sim.policies, n)
                 kept_layer[t].append(frac.mean(dim=1))
@@ -310,8 +316,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "policy_mix": {POLICY_NAMES[i]: float(c / mix[t].sum()) for i, c in enumerate(mix[t])},
             "kv_bytes_vs_bf16_with_kivi2": kept * kivi_ratio,
         }
-        if kept_update[t]:
-            summary[str(t)]["kept_fraction_update"] = sum(kept_update[t]) / len(kept_update[t])
+        for variant in ("update", "swap"):
+            if f"fastgen{t}+{variant}" in kept_update:
+                kept = kept_update[f"fastgen{t}+{variant}"]
+                summary[str(t)][f"kept_fraction_{variant}"] = sum(kept) / len(kept)
     ppl = {s: math.exp(float(torch.cat(v).mean())) for s, v in nll.items() if v}
     q_heads = cfg.num_attention_heads
     return {

@@ -286,7 +286,7 @@ class DeviceFastGen(RequestBook):
                                self.cfg.local_ratio, self.cfg.profile_rows or None, dev)
         widths, window_tokens = [], []
         for seq, n, window, start in zip(seqs, layout.lengths, layout.windows,
-                                         layout.starts, strict=False):
+                                         layout.starts[:-1], strict=True):
             seq.n, seq.window, seq.cut = n, window, n - window
             widths.append(max(window - 1, 0))  # prompt positions a local stream may hold
             window_tokens.append(start + np.arange(n - widths[-1], n))
