@@ -75,8 +75,10 @@ def warm_up(
 
     slot_mapping = torch.arange(tokens, dtype=torch.int64, device=device) + ctx
     store_step(k, v, cache, tail, slot_mapping, qsl, seq_lens, slots[:1], fmt, residual)
-    if streams:  # kivi.fastgen's decode store: two requests, one token each, one launch
-        store_step(k[:2], v[:2], cache, tail, slot_mapping[:2] + g - 1 - ctx % g,
+    if streams:  # kivi.fastgen's decode store: two requests, one token each, one launch;
+        # the first completes a group (page 0 of the scratch cache, for any residual)
+        store_step(k[:2], v[:2], cache, tail,
+                   torch.tensor([g - 1, g], dtype=torch.int64, device=device),
                    torch.arange(3, dtype=torch.int32, device=device),
                    torch.full((2,), ctx + 1, dtype=torch.int32, device=device), slots, fmt,
                    residual, decode=True)
