@@ -215,13 +215,12 @@ def test_profile_mirror_hands_out_entries_in_order_and_checks_the_allocation():
     """settle_profile: entries in (layer, head, stream) order; more pages than the
     scheduler gave the request is an error, not a silent overwrite."""
     window = 5
-    packed = np.zeros((L, H * (3 + window - 1)), np.int64)
-    packed[:, :H] = Policy.LOCAL
+    policy = np.full((L, H), Policy.LOCAL)
     lengths = np.array([[[70, 3], [31, 32]], [[0, 64], [33, 1]]])  # [L, H, 2] tokens
-    packed[:, H : 3 * H] = lengths.reshape(L, 2 * H)
+    local = np.zeros((L, H, window - 1), bool)
     pages = lengths // G  # 2, 0, 0, 1, 0, 2, 1, 0: 6 pages
     seq = fg.DeviceSeq(0, L, H, 8, window=window, held=6, group=G)
-    seq.settle_profile(packed)
+    seq.settle_profile(policy, lengths, local)
     assert seq.used == 6 and seq.layer_pages == [3, 3]
     got = [list(seq.entries[la, h, s][seq.entries[la, h, s] >= 0])
            for la in range(L) for h in range(H) for s in (0, 1)]
@@ -229,4 +228,4 @@ def test_profile_mirror_hands_out_entries_in_order_and_checks_the_allocation():
     assert (seq.length == lengths).all() and pages.sum() == 6
     short = fg.DeviceSeq(0, L, H, 8, window=window, held=5, group=G)
     with pytest.raises(RuntimeError, match="holds 5"):
-        short.settle_profile(packed)
+        short.settle_profile(policy, lengths, local)

@@ -131,16 +131,16 @@ class DeviceSeq(PageEntries):
                 self.recycled[layer, head] += 1
         self.slack = int(((self.recycled + 1) * g - self.first_valid).min())
 
-    def settle_profile(self, packed: np.ndarray) -> None:
-        """Mirror the prompt's profiling done on the device. ``packed`` [L, H * (3 + w)]:
-        per layer the heads' policies, the streams' lengths ([H, 2]) and the local streams'
-        masks over the window's prompt positions ([H, w], w = window - 1); list entries
-        went out in (layer, head, stream) order, as :meth:`DeviceFastGen._compact` counts."""
-        L, H, g = self.layers, self.heads, self.group  # noqa: N806
-        w = max(self.window - 1, 0)
-        self.policy[:] = packed[:, :H]
-        self.length[:] = packed[:, H : 3 * H].reshape(L, H, 2)
-        self.local_prompt = packed[:, 3 * H :].reshape(L, H, w).transpose(2, 0, 1).astype(bool)
+    def settle_profile(self, policy: np.ndarray, length: np.ndarray,
+                       local: np.ndarray) -> None:
+        """Mirror the prompt's profiling done on the device: per layer the heads' policies
+        ``[L, H]``, the streams' lengths ``[L, H, 2]`` and the local streams' masks over the
+        window's prompt positions ``[L, H, w]`` (w = window - 1); list entries went out in
+        (layer, head, stream) order, as :meth:`DeviceFastGen._compact` counts."""
+        g = self.group
+        self.policy[:] = policy
+        self.length[:] = length
+        self.local_prompt = local.transpose(2, 0, 1).astype(bool)
         pages = self.length // g
         ends = np.cumsum(pages.ravel()).reshape(pages.shape)
         if ends[-1, -1, -1] > self.held:
@@ -182,6 +182,8 @@ class _PromptStep:
     punct: torch.Tensor  # [T] bool
     blocks: torch.Tensor  # [P * width] int32: each prompt's block-table row, flattened
     width: int
+    token_row: torch.Tensor  # [T] int64: where each token's prompt's row starts in blocks
+    stream_row: torch.Tensor  # [P * S, 1] int64: the same for each (prompt, stream)
     vrows: torch.Tensor  # [P * S] int64: vbt row / tail ring of each (prompt, stream)
     vrows32: torch.Tensor  # the same, int32 (the store kernel's tail slots)
     window_tokens: torch.Tensor  # [W] int64: each prompt's window positions, back to back
@@ -293,9 +295,11 @@ class DeviceFastGen(RequestBook):
         classes = _to(dev, np.concatenate([seq.classes for seq in seqs]), np.int8)
         blocks = np.stack([seq.block_ids for seq in seqs])
         vrows = self.vslot(np.array([seq.slot for seq in seqs])[:, None], 0, 0) + np.arange(2 * H)
+        width = blocks.shape[1]
         self.prompts = _PromptStep(
             seqs, layout, classes == SPECIAL, classes == PUNCT,
-            _to(dev, blocks.reshape(-1), np.int32), blocks.shape[1],
+            _to(dev, blocks.reshape(-1), np.int32), width, layout.prompt_of * width,
+            _to(dev, np.repeat(np.arange(len(seqs)) * width, 2 * H)[:, None], np.int64),
             _to(dev, vrows.reshape(-1), np.int64), _to(dev, vrows.reshape(-1), np.int32),
             _to(dev, np.concatenate(window_tokens), np.int64), widths,
             torch.zeros(len(seqs), dtype=torch.int64, device=dev))
@@ -447,11 +451,10 @@ class DeviceFastGen(RequestBook):
         st.used = st.used + per_prompt.sum(1)
         qsl = torch.nn.functional.pad(counts.cumsum(0), (1, 0))
         page = rank.div(g, rounding_mode="floor")
-        base = pid * st.width
         entry = (start.t()[:, pid] + page).clamp(0, st.width - 1)
         # a token of a complete page goes to its block; a tail token only needs slot >= 0
         slot = torch.where(page < per_prompt.t()[:, pid],
-                           st.blocks[base + entry].long() * g, 0)
+                           st.blocks[st.token_row + entry].long() * g, 0)
         slot = torch.cat([(slot + rank % g).view(-1), slot.new_full((1,), -1)])
         row = torch.full((S * T + 1,), S * T, dtype=torch.int64, device=dev)
         row.scatter_(0, torch.where(masks, qsl[:-1].view(P, S).t()[:, pid] + rank, S * T)
@@ -462,10 +465,9 @@ class DeviceFastGen(RequestBook):
         p = torch.arange(-(-max(lay.lengths) // g), device=dev)
         vbt = self.vbt[layer]
         old = vbt[st.vrows, : p.shape[0]]
-        prompt = torch.arange(P, device=dev).repeat_interleave(S)[:, None]
         ent = (start.view(-1, 1) + p).clamp(0, st.width - 1)
         vbt[st.vrows, : p.shape[0]] = torch.where(p < pages[:, None],
-                                                  st.blocks[prompt * st.width + ent], old)
+                                                  st.blocks[st.stream_row + ent], old)
         store_step(k[tok, head].unsqueeze(1), v[tok, head].unsqueeze(1), cache, tail,
                    slot[row], qsl.to(torch.int32), counts.to(torch.int32),
                    st.vrows32, self.fmt, self.kivi.residual)
@@ -481,15 +483,13 @@ class DeviceFastGen(RequestBook):
         st = self.prompts
         if st is not None and st.pending:
             packed = torch.stack(st.pending).cpu().numpy()  # [L, P*H + P*S + H*W]
-            P, H = len(st.seqs), self.heads  # noqa: N806
-            policy = packed[:, : P * H].reshape(-1, P, H)
-            counts = packed[:, P * H : 3 * P * H].reshape(-1, P, 2 * H)
-            local = packed[:, 3 * P * H :].reshape(self.layers, H, -1)
+            L, P, H = self.layers, len(st.seqs), self.heads  # noqa: N806
+            policy = packed[:, : P * H].reshape(L, P, H)
+            counts = packed[:, P * H : 3 * P * H].reshape(L, P, H, 2)
+            local = packed[:, 3 * P * H :].reshape(L, H, -1)
             at = np.cumsum([0, *st.window_widths])
             for i, seq in enumerate(st.seqs):
-                seq.settle_profile(np.concatenate(
-                    [policy[:, i], counts[:, i],
-                     local[:, :, at[i] : at[i + 1]].reshape(self.layers, -1)], axis=1))
+                seq.settle_profile(policy[:, i], counts[:, i], local[:, :, at[i] : at[i + 1]])
             self.timer.collect()
         self.prompts = None
         plan, decodes = self.plan, self.plan.rows // self.heads
