@@ -64,6 +64,16 @@ def kv_setting(name: str) -> tuple[dict, dict]:
     return {"additional_config": {"kivi": kivi}}, fields
 
 
+def failure_excerpt(stderr: str, lines: int = 40) -> str:
+    """The first worker/engine traceback of a failed run (its root cause), else the tail."""
+    rows = [r for r in stderr.splitlines() if "Capturing CUDA graphs" not in r]
+    errors = [r for r in rows if " ERROR " in r]
+    start = next((i for i, r in enumerate(errors) if "Traceback" in r), None)
+    if start is None:
+        return "\n".join(rows[-lines:])
+    return "\n".join(r.split("] ", 1)[-1] for r in errors[start : start + lines])
+
+
 def run_one(kv: str, workloads: list[tuple[int, int, int]], args) -> list[dict]:
     """Build one engine for ``kv`` and time every workload (runs in a subprocess)."""
     import numpy as np
@@ -209,7 +219,11 @@ def main() -> None:
         got = [json.loads(line[7:]) for line in proc.stdout.splitlines()
                if line.startswith("RESULT ")]
         if proc.returncode != 0 or not got:
-            print(f"[{kv}] failed (rc={proc.returncode}):\n{proc.stderr[-3000:]}", flush=True)
+            print(f"[{kv}] failed (rc={proc.returncode}):\n{failure_excerpt(proc.stderr)}",
+                  flush=True)
+            if args.out:  # the whole log beside the results
+                with open(f"{args.out}.{len(records)}.stderr", "w") as f:
+                    f.write(proc.stderr)
         records += got
         if args.out:
             with open(args.out, "w") as f:

@@ -31,7 +31,12 @@ from vllm.v1.attention.backends.utils import split_decodes_and_prefills
 
 from kivi_vllm import reference, state
 from kivi_vllm.config import ALLOWED_GROUP_SIZES, KiviConfig, KiviConfigError
-from kivi_vllm.memory import num_ring_slots, num_tail_slots, tail_streams
+from kivi_vllm.memory import (
+    fastgen_device_worker,
+    num_ring_slots,
+    num_tail_slots,
+    tail_streams,
+)
 from kivi_vllm.page_format import layer_page_format
 from kivi_vllm.spec import KiviAttentionSpec
 
@@ -214,7 +219,7 @@ class KiviMetadataBuilder(AttentionMetadataBuilder[KiviMetadata]):
             mc = vllm_config.model_config
             classes = TokenClasses.for_engine(self.cfg.fastgen, mc)
             layers = kv_cache_spec.fastgen_heads // kv_cache_spec.num_kv_heads
-            if device.type == "cuda":
+            if fastgen_device_worker(self.cfg):
                 from kivi_vllm.fastgen.device import DEVICE
 
                 DEVICE.enable(self.cfg, classes, layers, kv_cache_spec.num_kv_heads,
@@ -264,7 +269,7 @@ class KiviMetadataBuilder(AttentionMetadataBuilder[KiviMetadata]):
             tail_slots_cpu=slots,
             valid_from_cpu=valid_from,
         )
-        if num_decodes < n and self.device.type == "cuda":
+        if num_decodes < n and (self.device.type == "cuda" or self._stream_rows):
             self._plan_prefill(md, cam, num_decode_tokens)
         return md
 
@@ -336,6 +341,7 @@ class KiviAttentionImpl(AttentionImpl[KiviMetadata]):
         self._layer_resolved = not self.cfg.layer_key_bits
         # kivi.rotate_keys: one orthogonal matrix for queries and keys (moved on first use)
         self.rotation = reference.hadamard(head_size) if self.cfg.rotate_keys else None
+        self.fastgen_device = fastgen_device_worker(self.cfg)
 
     def forward(
         self,
@@ -366,7 +372,7 @@ class KiviAttentionImpl(AttentionImpl[KiviMetadata]):
             if self.rotation.device != q.device or self.rotation.dtype != q.dtype:
                 self.rotation = self.rotation.to(q.device, q.dtype)
             q, k = reference.rotate(q, self.rotation), reference.rotate(k, self.rotation)
-        if kv_cache.is_cuda and self.cfg.fastgen is not None:
+        if self.fastgen_device:
             self._forward_fastgen_gpu(q, k, v, kv_cache, tail, attn_metadata, out,
                                       layer.layer_name)
         elif kv_cache.is_cuda:

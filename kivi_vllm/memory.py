@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from kivi_vllm.config import KiviConfig
@@ -49,12 +50,23 @@ def tail_bytes_per_layer(vllm_config: Any, cfg: KiviConfig) -> int:
     return per_slot * num_ring_slots(vllm_config) * tail_streams(cfg)
 
 
-def tail_streams(cfg: KiviConfig) -> int:
-    """Tail rings per KV head and slot: 2 for kivi.fastgen on the GPU (a permanent and
-    a local stream, :mod:`kivi_vllm.fastgen.device`), else 1."""
+DEVICE_WORKER_ENV = "KIVI_FASTGEN_DEVICE_WORKER"
+
+
+def fastgen_device_worker(cfg: KiviConfig) -> bool:
+    """kivi.fastgen runs on the device worker (:mod:`kivi_vllm.fastgen.device`): on the
+    GPU, and on the CPU when ``KIVI_FASTGEN_DEVICE_WORKER=1`` (its Triton kernels then
+    run under ``TRITON_INTERPRET=1``: the engine tests of the GPU path)."""
     from vllm.platforms import current_platform
 
-    return 2 if cfg.fastgen is not None and not current_platform.is_cpu() else 1
+    on_cpu = current_platform.is_cpu() and os.environ.get(DEVICE_WORKER_ENV, "0") != "1"
+    return cfg.fastgen is not None and not on_cpu
+
+
+def tail_streams(cfg: KiviConfig) -> int:
+    """Tail rings per KV head and slot: 2 for the FastGen device worker (a permanent and
+    a local stream, :mod:`kivi_vllm.fastgen.device`), else 1."""
+    return 2 if fastgen_device_worker(cfg) else 1
 
 
 def tail_budget_bytes(vllm_config: Any, cfg: KiviConfig) -> int:

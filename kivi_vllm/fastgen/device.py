@@ -380,9 +380,9 @@ class DeviceFastGen(RequestBook):
             attend_context, store_step, merge = _kernels(q.is_cuda)
             qpk = q.shape[1] // self.heads
             shape = (plan.rows, qpk, q.shape[2])
-            qv = q[:nd].view(shape)
-            kv = k[:nd].view(plan.rows, 1, k.shape[2])
-            vv = v[:nd].view(plan.rows, 1, v.shape[2])
+            qv = q[:nd].reshape(shape)  # a copy only where q/k/v are strided (CPU)
+            kv = k[:nd].reshape(plan.rows, 1, k.shape[2])
+            vv = v[:nd].reshape(plan.rows, 1, v.shape[2])
             if plan.out is None:  # one pair of buffers for every layer of the step
                 plan.out = q.new_empty((2, *shape))
                 plan.lse = torch.empty((2, qpk, plan.rows), dtype=torch.float32,

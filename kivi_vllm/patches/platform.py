@@ -18,6 +18,7 @@ from kivi_vllm.config import (
     KiviConfigError,
     kivi_config_from_vllm,
 )
+from kivi_vllm.memory import fastgen_device_worker
 
 logger = init_logger("vllm.kivi")
 
@@ -136,7 +137,7 @@ def check_levers_supported(cfg: KiviConfig, on_cpu: bool | None = None) -> None:
 
 def check_fastgen_supported(cfg: KiviConfig, vllm_config: Any) -> None:
     """FastGen's head-pages: no sinks, no speculative decoding; on the GPU, whole prompts."""
-    if not current_platform.is_cpu() and vllm_config.scheduler_config.enable_chunked_prefill:
+    if fastgen_device_worker(cfg) and vllm_config.scheduler_config.enable_chunked_prefill:
         raise KiviConfigError(
             "kivi.fastgen on the GPU profiles each prompt in the step that prefills it whole: "
             "set enable_chunked_prefill=False (--no-enable-chunked-prefill) with "
