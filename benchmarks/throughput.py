@@ -169,6 +169,9 @@ def fastgen_figures(llm, group: int, in_len: int) -> dict:
                                        [round(c / max(sum(counts), 1), 3) for c in counts],
                                        strict=True)),
         "fastgen_profile_s": round(stats["profile_s"], 2),
+        # host seconds (warm-up included): planning, and decode-only steps' spans
+        **{f"fastgen_{k}": round(stats[k], 3) for k in
+           ("steps", "decode_steps", "decode_rows", "plan_s", "decode_span_s")},
     }
 
 

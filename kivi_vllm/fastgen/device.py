@@ -222,6 +222,7 @@ class DeviceFastGen(RequestBook):
         self.prompts: _PromptStep | None = None
         self.peak_rows = 0
         self.timer = _Timer(cuda=False)
+        self.clock = StepClock()
 
     @property
     def enabled(self) -> bool:
@@ -253,6 +254,7 @@ class DeviceFastGen(RequestBook):
                    token_ids: np.ndarray, held: np.ndarray, block_rows: np.ndarray) -> None:
         """Bind rows to requests, classify their new tokens and plan the decode rows."""
         assert self.classes is not None and self.kivi is not None
+        self.clock.begin()
         self.release(ended)
         self.rows, self.row_ids = [], list(req_ids)
         self.peak_rows = max(self.peak_rows, len(req_ids))
@@ -274,6 +276,7 @@ class DeviceFastGen(RequestBook):
             self.rows.append(seq)
         self._plan_decode()
         self._plan_prompts()
+        self.clock.planned(self.plan.rows // self.heads, self.prompts is None)
 
     def _plan_prompts(self) -> None:
         """The step's prompts (profiled on the device in this step): their layout, token
@@ -503,10 +506,11 @@ class DeviceFastGen(RequestBook):
             row = req_index.get(req_id)
             if row is not None:
                 block_table.num_blocks_per_row[row] = seq.used
+        self.clock.end()
 
     def stats(self) -> dict[str, Any]:
         return {"requests": len(self.seqs), "peak_rows": self.peak_rows,
-                "profile_s": self.timer.seconds,
+                "profile_s": self.timer.seconds, **self.clock.totals(),
                 "live": {r: s.summary() for r, s in self.seqs.items()},
                 "history": dict(self.history)}
 
@@ -528,6 +532,38 @@ def admissions(policy: np.ndarray, cls: np.ndarray) -> np.ndarray:
     c = cls[:, None, None]
     perm = permanent(policy, c == SPECIAL, c == PUNCT)
     return np.stack([perm, ~perm & (policy == Policy.LOCAL)], axis=-1)
+
+
+class StepClock:
+    """Host seconds of the worker's steps: planning (``begin_step``), and the whole span
+    from ``begin_step`` to the end of ``end_step`` of decode-only steps (the plan, the
+    forward's launches and the reports; the GPU runs behind them until sampling)."""
+
+    def __init__(self) -> None:
+        self.steps = self.decode_steps = self.decode_rows = 0
+        self.plan_s = self.decode_span_s = 0.0
+        self.t0 = 0.0
+        self.decode_only = False
+
+    def begin(self) -> None:
+        self.t0 = time.perf_counter()
+
+    def planned(self, decode_rows: int, decode_only: bool) -> None:
+        self.plan_s += time.perf_counter() - self.t0
+        self.steps += 1
+        self.decode_only = decode_only and decode_rows > 0
+        if self.decode_only:
+            self.decode_steps += 1
+            self.decode_rows += decode_rows
+
+    def end(self) -> None:
+        if self.decode_only:
+            self.decode_span_s += time.perf_counter() - self.t0
+
+    def totals(self) -> dict[str, float]:
+        return {"steps": self.steps, "decode_steps": self.decode_steps,
+                "decode_rows": self.decode_rows, "plan_s": self.plan_s,
+                "decode_span_s": self.decode_span_s}
 
 
 class _Timer:
