@@ -173,7 +173,11 @@ def test_device_worker_matches_fastgen_attention(seed, monkeypatch):
                 if not computed[r]:
                     req_of_n[reqs[r].n] = (reqs[r], layer)
             out = torch.full_like(q, float("nan"), device=DEVICE)
-            qd, kd, vd = q.to(DEVICE), k.to(DEVICE), v.to(DEVICE)
+            # slices of one fused QKV row, as vLLM's attention layers pass them (strided)
+            qkv = torch.cat([x.flatten(1) for x in (q, k, v)], dim=1).to(DEVICE)
+            qd, kd, vd = (part.view(-1, heads, D) for part, heads in zip(
+                qkv.split([q.shape[1] * D, H * D, H * D], dim=1), (q.shape[1], H, H),
+                strict=True))
             with sync_free():  # no host-device synchronisation in the forward
                 worker.forward(layer, qd, kd, vd, cache[layer], tail[layer], md, scale, out)
             for i, r in enumerate(batch):
