@@ -39,6 +39,10 @@ def _kernel_device() -> str:  # the same rule as test_kernels.py
 
 if _kernel_device() == "cpu":
     os.environ.setdefault("TRITON_INTERPRET", "1")
+    # Every test engine runs eagerly; the one torch.compile left on the CPU is vLLM's
+    # random-sampling helper (topk_topp_sampler.compiled_random_sample), which its
+    # warm-up compiles in ~20 s per engine start here. Eager, it computes the same.
+    os.environ.setdefault("TORCH_COMPILE_DISABLE", "1")
 
 KIVI2 = {"bits": 2, "group_size": 32, "residual": 32}
 KIVI4 = {"bits": 4, "group_size": 32, "residual": 32}
