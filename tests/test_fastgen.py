@@ -278,7 +278,9 @@ def test_gpu_start_up_checks(monkeypatch) -> None:
 
     from kivi_vllm.patches import platform
 
-    monkeypatch.setattr(platform, "current_platform", SimpleNamespace(is_cpu=lambda: False))
+    gpu = SimpleNamespace(is_cpu=lambda: False)
+    monkeypatch.setattr(platform, "current_platform", gpu)
+    monkeypatch.setattr("vllm.platforms.current_platform", gpu)  # memory.fastgen_device_worker
     cfg = KiviConfig(fastgen={"recovery": 0.9})
     engine = SimpleNamespace(scheduler_config=SimpleNamespace(enable_chunked_prefill=True),
                              model_config=SimpleNamespace(skip_tokenizer_init=False),
@@ -292,6 +294,37 @@ def test_gpu_start_up_checks(monkeypatch) -> None:
         platform.check_fastgen_supported(cfg, engine)
     given = KiviConfig(fastgen={"recovery": 0.9, "special_ids": [1], "punct_ids": [13]})
     platform.check_fastgen_supported(given, engine)
+
+
+def test_device_worker_on_the_cpu_is_opt_in_and_needs_the_interpreter(monkeypatch) -> None:
+    """On the CPU the CPU worker serves FastGen unless KIVI_FASTGEN_DEVICE_WORKER=1; the
+    device worker's Triton kernels then need TRITON_INTERPRET=1, checked at start-up."""
+    from types import SimpleNamespace
+
+    from vllm.platforms import current_platform
+
+    from kivi_vllm.memory import DEVICE_WORKER_ENV, fastgen_device_worker, tail_streams
+    from kivi_vllm.patches import platform
+
+    if not current_platform.is_cpu():
+        pytest.skip("the CPU platform's rule")
+    cfg = KiviConfig(fastgen={"recovery": 0.9})
+    engine = SimpleNamespace(scheduler_config=SimpleNamespace(enable_chunked_prefill=False),
+                             model_config=SimpleNamespace(skip_tokenizer_init=False),
+                             speculative_config=None)
+    monkeypatch.delenv(DEVICE_WORKER_ENV, raising=False)
+    assert not fastgen_device_worker(cfg) and tail_streams(cfg) == 1
+    monkeypatch.setenv(DEVICE_WORKER_ENV, "1")
+    assert fastgen_device_worker(cfg) and tail_streams(cfg) == 2
+    assert not fastgen_device_worker(KiviConfig())  # KIVI without FastGen
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(KiviConfigError, match="TRITON_INTERPRET=1"):
+        platform.check_fastgen_supported(cfg, engine)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    platform.check_fastgen_supported(cfg, engine)
+    engine.scheduler_config.enable_chunked_prefill = True  # the device worker's rule
+    with pytest.raises(KiviConfigError, match="enable_chunked_prefill=False"):
+        platform.check_fastgen_supported(cfg, engine)
 
 
 def test_token_classes_from_config_or_tokenizer() -> None:
