@@ -4,7 +4,9 @@ For each prompt length, one layer of ``--heads`` query heads over ``--kv-heads``
 (head size ``--head-dim``, bfloat16, random queries and keys) is profiled by
 ``fastgen.profile.profile_heads`` both ways, and the policies are compared; then
 ``--batch`` such prompts are profiled together by ``fastgen.profile.profile_prompts`` (as
-one engine step that prefills several prompts does) and the time per prompt is reported.
+one engine step that prefills several prompts does) and the time per prompt is reported,
+as is one prompt through that call with its layout built beforehand (``prebuilt``: the
+engine builds the layout once per step; ``profile_heads`` builds it inside every call).
 Prints a table and writes JSON. GPU only:
 
     python benchmarks/fastgen_profile_cost.py --out $OUT/fastgen-profile-cost.json
@@ -66,8 +68,13 @@ def measure(n: int, heads: int, kv_heads: int, head_dim: int, batch: int) -> dic
              for i in range(batch)]
     same_batched = torch.equal(together().policy, torch.stack(alone))
     batched = time_ms(together)
+    one = Prompts.build([n], **ratios, rows=None, device="cuda")  # the engine's way: the
+    single = time_ms(functools.partial(  # layout built once per step, outside the layers
+        profile_prompts, q[:n], k[:n], one, special[:n], punct[:n], recovery=0.9,
+        scale=head_dim ** -0.5, fused=True))
     return {"prompt": n, "q_heads": heads, "kv_heads": kv_heads, "head_dim": head_dim,
             "fused_ms": round(fused, 3), "chunked_ms": round(chunked, 3),
+            "prebuilt_ms": round(single, 3),
             "same_policies": same, "batch": batch,
             "batched_ms_per_prompt": round(batched / batch, 3),
             "same_policies_batched": same_batched, "gpu": torch.cuda.get_device_name(),
@@ -85,12 +92,13 @@ def main() -> None:
     args = p.parse_args()
     records = []
     print(f"{'prompt':>7} {'fused ms':>9} {'chunked ms':>11} {'speed-up':>9} {'same policies':>14}"
-          f" {f'x{args.batch} ms/prompt':>15} {'same':>6}")
+          f" {'prebuilt ms':>12} {f'x{args.batch} ms/prompt':>15} {'same':>6}")
     for n in map(int, args.lengths.split(",")):
         r = measure(n, args.heads, args.kv_heads, args.head_dim, args.batch)
         print(f"{n:>7} {r['fused_ms']:>9.2f} {r['chunked_ms']:>11.2f} "
               f"{r['chunked_ms'] / r['fused_ms']:>8.1f}x {str(r['same_policies']):>14}"
-              f" {r['batched_ms_per_prompt']:>15.2f} {str(r['same_policies_batched']):>6}",
+              f" {r['prebuilt_ms']:>12.2f} {r['batched_ms_per_prompt']:>15.2f}"
+              f" {str(r['same_policies_batched']):>6}",
               flush=True)
         records.append(r)
     if args.out:
