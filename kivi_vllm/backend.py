@@ -373,7 +373,7 @@ class KiviAttentionImpl(AttentionImpl[KiviMetadata]):
                 self.rotation = self.rotation.to(q.device, q.dtype)
             q, k = reference.rotate(q, self.rotation), reference.rotate(k, self.rotation)
         if self.fastgen_device:
-            self._forward_fastgen_gpu(q, k, v, kv_cache, tail, attn_metadata, out,
+            self._forward_fastgen_device(q, k, v, kv_cache, tail, attn_metadata, out,
                                       layer.layer_name)
         elif kv_cache.is_cuda:
             from kivi_vllm.kernels import ops
@@ -383,7 +383,7 @@ class KiviAttentionImpl(AttentionImpl[KiviMetadata]):
             self._forward_reference(q, k, v, kv_cache, tail, attn_metadata, out, layer.layer_name)
         return output
 
-    def _forward_fastgen_gpu(self, q, k, v, kv_cache, tail, md: KiviMetadata, out,
+    def _forward_fastgen_device(self, q, k, v, kv_cache, tail, md: KiviMetadata, out,
                              layer_name: str) -> None:
         """kivi.fastgen on the GPU (:mod:`kivi_vllm.fastgen.device`); vLLM's warm-up
         (dummy) steps attend within the step and store nothing."""

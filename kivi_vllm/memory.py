@@ -56,7 +56,7 @@ DEVICE_WORKER_ENV = "KIVI_FASTGEN_DEVICE_WORKER"
 def fastgen_device_worker(cfg: KiviConfig) -> bool:
     """kivi.fastgen runs on the device worker (:mod:`kivi_vllm.fastgen.device`): on the
     GPU, and on the CPU when ``KIVI_FASTGEN_DEVICE_WORKER=1`` (its Triton kernels then
-    run under ``TRITON_INTERPRET=1``: the engine tests of the GPU path)."""
+    run under ``TRITON_INTERPRET=1``: the GPU path's engine behaviour without a GPU)."""
     from vllm.platforms import current_platform
 
     on_cpu = current_platform.is_cpu() and os.environ.get(DEVICE_WORKER_ENV, "0") != "1"

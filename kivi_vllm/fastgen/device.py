@@ -383,7 +383,7 @@ class DeviceFastGen(RequestBook):
             attend_context, store_step, merge = _kernels(q.is_cuda)
             qpk = q.shape[1] // self.heads
             shape = (plan.rows, qpk, q.shape[2])
-            qv = q[:nd].reshape(shape)  # a copy only where q/k/v are strided (CPU)
+            qv = q[:nd].reshape(shape)  # slices of the fused QKV row: reshape copies them
             kv = k[:nd].reshape(plan.rows, 1, k.shape[2])
             vv = v[:nd].reshape(plan.rows, 1, v.shape[2])
             if plan.out is None:  # one pair of buffers for every layer of the step
