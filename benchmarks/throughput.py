@@ -171,7 +171,7 @@ def fastgen_figures(llm, group: int, in_len: int) -> dict:
         "fastgen_profile_s": round(stats["profile_s"], 2),
         # host seconds (warm-up included): planning, and decode-only steps' spans
         **{f"fastgen_{k}": round(stats[k], 3) for k in
-           ("steps", "decode_steps", "decode_rows", "plan_s", "decode_span_s")},
+           ("steps", "decode_steps", "mixed_steps", "decode_rows", "plan_s", "decode_span_s")},
     }
 
 

@@ -233,3 +233,66 @@ def test_profile_mirror_hands_out_entries_in_order_and_checks_the_allocation():
     short = fg.DeviceSeq(0, L, H, 8, window=window, held=5, group=G)
     with pytest.raises(RuntimeError, match="holds 5"):
         short.settle_profile(policy, lengths, local)
+
+
+NUM_LAYERS = 2  # the engine test's SmolLM2 (dummy weights, its first layers only)
+PROMPTS, GEN = (150, 90, 120), 6  # the first two fill step 1; the third joins 2 decodes
+
+
+@pytest.fixture(scope="module")
+def device_worker_llm(default_model_path: str):
+    """A CPU engine whose FastGen runs on the device worker (its Triton kernels under the
+    interpreter): two layers of SmolLM2 with dummy weights, token-id prompts."""
+    if DEVICE != "cpu":
+        pytest.skip("the CPU engine (on a GPU the device worker is the default)")
+    from conftest import make_llm, shutdown_llm
+
+    from kivi_vllm.memory import DEVICE_WORKER_ENV
+
+    kivi = {"bits": BITS, "group_size": G, "residual": R,
+            "fastgen": {"recovery": 0.9, "special_ids": [SPECIAL_ID], "punct_ids": [PUNCT_ID]}}
+    with pytest.MonkeyPatch.context() as env:  # only this engine's processes see it
+        env.setenv(DEVICE_WORKER_ENV, "1")
+        llm = make_llm(default_model_path, kivi, 1, load_format="dummy", dtype="float32",
+                       skip_tokenizer_init=True, hf_overrides={"num_hidden_layers": NUM_LAYERS},
+                       enable_chunked_prefill=False, max_num_batched_tokens=256,
+                       max_model_len=256, max_num_seqs=4)
+    try:
+        yield llm
+    finally:
+        shutdown_llm(llm)
+
+
+@pytest.mark.slow
+def test_engine_through_the_device_worker(device_worker_llm) -> None:
+    """vLLM's runner hooks drive the device worker end to end (strided q/k/v from the
+    fused QKV projection, a mixed decode + prefill step, compaction, page reports): every
+    request generates in full, its head-pages shrink after profiling, and finished
+    requests leave no FastGen state, tail slot or KV block behind."""
+    from conftest import metric, wait_tail_slots_free
+    from vllm import SamplingParams
+
+    from kivi_vllm.fastgen.engine import fastgen_stats
+
+    llm = device_worker_llm
+    rng = np.random.default_rng(0)
+    prompts = []
+    for n in PROMPTS:
+        ids = rng.integers(100, 40000, n)
+        ids[0], ids[rng.random(n) < 0.1] = SPECIAL_ID, PUNCT_ID
+        prompts.append({"prompt_token_ids": ids.tolist()})
+    outs = llm.generate(prompts, SamplingParams(max_tokens=GEN, temperature=0, ignore_eos=True))
+    stats = llm.collective_rpc(fastgen_stats)[0]
+    heads = NUM_LAYERS * llm.llm_engine.vllm_config.model_config.get_total_num_kv_heads()
+    assert stats["enabled"] and stats["device"] == "gpu" and stats["requests"] == 0
+    assert stats["peak_rows"] == 3 and stats["decode_steps"] > 0
+    assert stats["mixed_steps"] >= 1  # the third prompt joined a decode step
+    history = {k.rsplit("-", 1)[0]: v for k, v in stats["history"].items()}
+    for out, n in zip(outs, PROMPTS, strict=True):
+        assert len(out.outputs[0].token_ids) == GEN
+        summary = history[out.request_id]
+        assert summary["prompt_len"] == n and summary["tokens"] == n + GEN - 1
+        assert sum(summary["policy_counts"]) == heads
+        assert 0 < summary["pages_after_profile"] < heads * -(-n // G)
+    assert wait_tail_slots_free(llm)["tail_slots_in_use"] == 0
+    assert metric(llm, "vllm:kv_cache_usage_perc") == 0

@@ -276,7 +276,7 @@ class DeviceFastGen(RequestBook):
             self.rows.append(seq)
         self._plan_decode()
         self._plan_prompts()
-        self.clock.planned(self.plan.rows // self.heads, self.prompts is None)
+        self.clock.planned(self.plan.rows // self.heads, self.prompts is not None)
 
     def _plan_prompts(self) -> None:
         """The step's prompts (profiled on the device in this step): their layout, token
@@ -540,7 +540,7 @@ class StepClock:
     forward's launches and the reports; the GPU runs behind them until sampling)."""
 
     def __init__(self) -> None:
-        self.steps = self.decode_steps = self.decode_rows = 0
+        self.steps = self.decode_steps = self.mixed_steps = self.decode_rows = 0
         self.plan_s = self.decode_span_s = 0.0
         self.t0 = 0.0
         self.decode_only = False
@@ -548,10 +548,11 @@ class StepClock:
     def begin(self) -> None:
         self.t0 = time.perf_counter()
 
-    def planned(self, decode_rows: int, decode_only: bool) -> None:
+    def planned(self, decode_rows: int, prompts: bool) -> None:
         self.plan_s += time.perf_counter() - self.t0
         self.steps += 1
-        self.decode_only = decode_only and decode_rows > 0
+        self.decode_only = decode_rows > 0 and not prompts
+        self.mixed_steps += decode_rows > 0 and prompts
         if self.decode_only:
             self.decode_steps += 1
             self.decode_rows += decode_rows
@@ -562,8 +563,8 @@ class StepClock:
 
     def totals(self) -> dict[str, float]:
         return {"steps": self.steps, "decode_steps": self.decode_steps,
-                "decode_rows": self.decode_rows, "plan_s": self.plan_s,
-                "decode_span_s": self.decode_span_s}
+                "mixed_steps": self.mixed_steps, "decode_rows": self.decode_rows,
+                "plan_s": self.plan_s, "decode_span_s": self.decode_span_s}
 
 
 class _Timer:
