@@ -245,22 +245,19 @@ def device_worker_llm(default_model_path: str):
     interpreter): two layers of SmolLM2 with dummy weights, token-id prompts."""
     if DEVICE != "cpu":
         pytest.skip("the CPU engine (on a GPU the device worker is the default)")
-    from conftest import make_llm, shutdown_llm
+    from conftest import engine
 
     from kivi_vllm.memory import DEVICE_WORKER_ENV
 
     kivi = {"bits": BITS, "group_size": G, "residual": R,
             "fastgen": {"recovery": 0.9, "special_ids": [SPECIAL_ID], "punct_ids": [PUNCT_ID]}}
-    with pytest.MonkeyPatch.context() as env:  # only this engine's processes see it
+    with pytest.MonkeyPatch.context() as env:  # set while this module's engine lives
         env.setenv(DEVICE_WORKER_ENV, "1")
-        llm = make_llm(default_model_path, kivi, 1, load_format="dummy", dtype="float32",
-                       skip_tokenizer_init=True, hf_overrides={"num_hidden_layers": NUM_LAYERS},
-                       enable_chunked_prefill=False, max_num_batched_tokens=256,
-                       max_model_len=256, max_num_seqs=4)
-    try:
-        yield llm
-    finally:
-        shutdown_llm(llm)
+        with engine(default_model_path, kivi, 1, load_format="dummy", dtype="float32",
+                    skip_tokenizer_init=True, hf_overrides={"num_hidden_layers": NUM_LAYERS},
+                    enable_chunked_prefill=False, max_num_batched_tokens=256,
+                    max_model_len=256, max_num_seqs=4) as llm:
+            yield llm
 
 
 @pytest.mark.slow
