@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from kivi_vllm import reference
 from kivi_vllm.kernels.attention import attend_context
 from kivi_vllm.kernels.store import store_step
 
@@ -65,9 +66,11 @@ def _prefill(q, k, v, common, md: KiviMetadata, out: torch.Tensor, sinks: int) -
 
 def _chunk_attention(q, k, v, cu_seqlens, max_len, scale, out, return_lse=False):
     """Causal varlen attention of the chunk tokens among themselves (vLLM's FA; on the
-    CPU, :func:`_chunk_attention_cpu`)."""
+    CPU, where only the FastGen device worker calls it, the reference attention)."""
     if not q.is_cuda:
-        return _chunk_attention_cpu(q, k, v, cu_seqlens, scale, out, return_lse)
+        assert not return_lse, "the CPU stand-in returns no LSE"
+        _chunk_attention_cpu(q, k, v, cu_seqlens, scale, out)
+        return None
     from vllm.v1.attention.backends.fa_utils import (
         flash_attn_varlen_func,
         get_flash_attn_version,
@@ -84,18 +87,10 @@ def _chunk_attention(q, k, v, cu_seqlens, max_len, scale, out, return_lse=False)
     return None
 
 
-def _chunk_attention_cpu(q, k, v, cu_seqlens, scale, out, return_lse=False):
-    """The CPU stand-in for :func:`_chunk_attention` (fp32, one request at a time: it
-    reads ``cu_seqlens`` on the host), with FlashAttention's LSE layout [H, T]."""
-    lse = torch.empty((q.shape[1], q.shape[0]), dtype=torch.float32) if return_lse else None
+def _chunk_attention_cpu(q, k, v, cu_seqlens, scale, out) -> None:
+    """:func:`reference.attend` per request, without context (reads ``cu_seqlens`` on the
+    host)."""
     bounds = cu_seqlens.tolist()
-    rep = q.shape[1] // k.shape[1]
     for a, b in zip(bounds[:-1], bounds[1:], strict=True):
-        qs = q[a:b].float().transpose(0, 1)
-        ks, vs = (x[a:b].float().repeat_interleave(rep, 1).transpose(0, 1) for x in (k, v))
-        s = (qs @ ks.transpose(1, 2)) * scale
-        s.masked_fill_(torch.ones(b - a, b - a, dtype=torch.bool).triu(1), float("-inf"))
-        if lse is not None:
-            lse[:, a:b] = torch.logsumexp(s, dim=-1)
-        out[a:b] = (s.softmax(dim=-1) @ vs).transpose(0, 1).to(out.dtype)
-    return lse
+        empty = k[a:a]
+        out[a:b] = reference.attend(q[a:b], k[a:b], v[a:b], empty, empty, scale)

@@ -137,13 +137,13 @@ def check_levers_supported(cfg: KiviConfig, on_cpu: bool | None = None) -> None:
 
 def check_fastgen_supported(cfg: KiviConfig, vllm_config: Any) -> None:
     """FastGen's head-pages: no sinks, no speculative decoding; on the GPU, whole prompts."""
-    if (fastgen_device_worker(cfg) and current_platform.is_cpu()
-            and os.environ.get("TRITON_INTERPRET", "0") != "1"):
+    device_worker = fastgen_device_worker(cfg)
+    if device_worker and current_platform.is_cpu() and os.environ.get("TRITON_INTERPRET") != "1":
         raise KiviConfigError(
             f"{DEVICE_WORKER_ENV}=1 runs FastGen's GPU worker on the CPU, where its Triton "
             f"kernels need TRITON_INTERPRET=1 (set both, or neither: the CPU worker)"
         )
-    if fastgen_device_worker(cfg) and vllm_config.scheduler_config.enable_chunked_prefill:
+    if device_worker and vllm_config.scheduler_config.enable_chunked_prefill:
         raise KiviConfigError(
             "kivi.fastgen on the GPU profiles each prompt in the step that prefills it whole: "
             "set enable_chunked_prefill=False (--no-enable-chunked-prefill) with "
