@@ -64,6 +64,18 @@ def kv_setting(name: str) -> tuple[dict, dict]:
     return {"additional_config": {"kivi": kivi}}, fields
 
 
+def engine_setting(kv: str, max_len: int, kv_cache_gib: float = 0.0) -> tuple[dict, dict]:
+    """:func:`kv_setting` plus what the run needs: FastGen prefills each prompt whole (the
+    GPU profiles it in that step), and ``kv_cache_gib`` caps the pool when non-zero."""
+    engine_kwargs, fields = kv_setting(kv)
+    if "fastgen" in engine_kwargs.get("additional_config", {}).get("kivi", {}):
+        engine_kwargs = {**engine_kwargs, "enable_chunked_prefill": False,
+                         "max_num_batched_tokens": max(max_len, 8192)}
+    if kv_cache_gib:
+        engine_kwargs = {**engine_kwargs, "kv_cache_memory_bytes": int(kv_cache_gib * 2**30)}
+    return engine_kwargs, fields
+
+
 def failure_excerpt(stderr: str, lines: int = 40) -> str:
     """The first worker/engine traceback of a failed run (its root cause), else the tail."""
     rows = [r for r in stderr.splitlines() if "Capturing CUDA graphs" not in r]
@@ -81,14 +93,11 @@ def run_one(kv: str, workloads: list[tuple[int, int, int]], args) -> list[dict]:
     from vllm import LLM, SamplingParams
 
     max_len = max(i + o for _, i, o in workloads) + 16
-    engine_kwargs, fields = kv_setting(kv)
+    engine_kwargs, fields = engine_setting(kv, max_len, args.kv_cache_gib)
     fastgen = "fastgen" in engine_kwargs.get("additional_config", {}).get("kivi", {})
     is_kivi = fields["kv"].startswith("kivi")
     if is_kivi:  # collective_rpc(kivi_stats / fastgen_stats)
         os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"
-    if fastgen:  # the GPU profiles each prompt in the step that prefills it whole
-        engine_kwargs = {**engine_kwargs, "enable_chunked_prefill": False,
-                         "max_num_batched_tokens": max(max_len, 8192)}
     if args.model == "dummy8b":
         model = {"model": dummy_llama8b_dir(), "load_format": "dummy",
                  "skip_tokenizer_init": True}
@@ -96,8 +105,6 @@ def run_one(kv: str, workloads: list[tuple[int, int, int]], args) -> list[dict]:
         from kivi_vllm.models import ensure_model
 
         model = {"model": ensure_model(args.model)}
-    if args.kv_cache_gib:
-        engine_kwargs = {**engine_kwargs, "kv_cache_memory_bytes": int(args.kv_cache_gib * 2**30)}
     llm = LLM(
         dtype="bfloat16", gpu_memory_utilization=args.gpu_mem, max_num_seqs=args.max_num_seqs,
         max_model_len=max_len, enforce_eager=args.eager, seed=0,

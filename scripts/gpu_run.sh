@@ -73,6 +73,10 @@ for step in "$@"; do
       IFS=: read -r _ kv wl eager <<< "$step"
       python3 benchmarks/profile_engine.py --kv "$kv" --workload "$wl" ${eager:+--eager} 2>&1 \
         | tee "$OUT/prof-$kv-$wl.log" | grep "^PROFILE" ;;
+    profenv:*)  # profenv:TAG - profile_engine.py --kv "$KIVI_PROF_KV" $KIVI_PROF_ARGS
+      tag=${step#profenv:}
+      python3 benchmarks/profile_engine.py --kv "$KIVI_PROF_KV" $KIVI_PROF_ARGS 2>&1 \
+        | tee "$OUT/prof-$tag.log" | grep "^PROFILE\|Error" | head -40 ;;
     quality-smollm2)  # stage_smollm2 above
       stage_smollm2 || exit 1
       python3 benchmarks/quality.py --model smollm2 --out "$OUT/quality-smollm2-h100.json" \
