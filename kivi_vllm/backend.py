@@ -163,9 +163,11 @@ class KiviMetadataBuilder(AttentionMetadataBuilder[KiviMetadata]):
     @classmethod
     def get_cudagraph_support(cls, vllm_config: VllmConfig, kv_cache_spec: Any
                               ) -> AttentionCGSupport:
-        """kivi.fastgen plans every step on the host (per-stream rows): no CUDA graphs of
-        attention (vLLM then captures the rest piecewise)."""
-        if state.active_config().fastgen is not None:
+        """Uniform decode batches in full CUDA graphs. kivi.fastgen's CPU worker plans
+        every layer on the host: no graphs of attention (vLLM captures the rest
+        piecewise); its GPU worker commits each step's plan to fixed buffers."""
+        cfg = state.active_config()
+        if cfg.fastgen is not None and not fastgen_device_worker(cfg):
             return AttentionCGSupport.NEVER
         return cls._cudagraph_support
 
@@ -271,7 +273,21 @@ class KiviMetadataBuilder(AttentionMetadataBuilder[KiviMetadata]):
         )
         if num_decodes < n and (self.device.type == "cuda" or self._stream_rows):
             self._plan_prefill(md, cam, num_decode_tokens)
+        if self._stream_rows:
+            self._commit_fastgen(num_decodes, num_decodes == n)
         return md
+
+    @staticmethod
+    def _commit_fastgen(num_decodes: int, uniform: bool) -> None:
+        """kivi.fastgen's GPU worker: the step's decode plan, padded to the decode rows of
+        this batch (vLLM pads a CUDA graph's batch); a dummy batch of decodes (capture,
+        warm-up) runs padding rows only."""
+        from kivi_vllm.fastgen.device import DEVICE
+
+        if not state.STEP.in_dummy:
+            DEVICE.commit(num_decodes)
+        else:
+            DEVICE.plan_padding(num_decodes if uniform else 0)
 
     def _plan_prefill(
         self, md: KiviMetadata, cam: CommonAttentionMetadata, num_decode_tokens: int
@@ -385,14 +401,15 @@ class KiviAttentionImpl(AttentionImpl[KiviMetadata]):
 
     def _forward_fastgen_device(self, q, k, v, kv_cache, tail, md: KiviMetadata, out,
                              layer_name: str) -> None:
-        """kivi.fastgen on the GPU (:mod:`kivi_vllm.fastgen.device`); vLLM's warm-up
-        (dummy) steps attend within the step and store nothing."""
+        """kivi.fastgen on the GPU (:mod:`kivi_vllm.fastgen.device`); vLLM's dummy steps
+        attend within the step, or run padding decode rows (CUDA graph capture), and store
+        nothing."""
         from vllm.model_executor.models.utils import extract_layer_index
 
         from kivi_vllm.fastgen.device import DEVICE
         from kivi_vllm.kernels.ops import _chunk_attention
 
-        if state.STEP.in_dummy:
+        if state.STEP.in_dummy and not DEVICE.plan.rows:
             _chunk_attention(q, k, v, md.query_start_loc, md.max_query_len, self.scale, out)
             return
         DEVICE.forward(extract_layer_index(layer_name), q, k, v, kv_cache, tail, md,

@@ -117,16 +117,65 @@ def _profile_stub(req_of_n):
     return profile
 
 
-@pytest.mark.parametrize("seed", [0])
-def test_device_worker_matches_fastgen_attention(seed, monkeypatch):
+class Graphs:
+    """The worker's decode forward of every layer captured once per padded batch size, as
+    vLLM captures a uniform decode batch: over a plan of padding rows, inputs and outputs
+    in fixed buffers; a step commits its plan to the same buffers and replays."""
+
+    def __init__(self, worker, cache, tail, scale) -> None:
+        self.worker, self.cache, self.tail, self.scale = worker, cache, tail, scale
+        self.graphs: dict = {}
+
+    def _forward(self, qkv, outs, md) -> None:
+        for layer in range(L):
+            qd, kd, vd = _split(qkv[layer])
+            self.worker.forward(layer, qd, kd, vd, self.cache[layer], self.tail[layer], md,
+                                self.scale, outs[layer])
+
+    def run(self, decodes: int, qkv: list, outs: list, md) -> None:
+        if decodes not in self.graphs:
+            plan = self.worker.plan
+            self.worker.plan_padding(decodes)
+            static = ([torch.zeros_like(x) for x in qkv], [torch.zeros_like(o) for o in outs])
+            self._forward(*static, md)  # warm-up: compiles what the capture launches
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                self._forward(*static, md)
+            self.graphs[decodes] = (graph, static)
+            self.worker.plan = plan
+        graph, (qkv_in, outs_in) = self.graphs[decodes]
+        self.worker.commit(decodes)
+        for dst, src in zip(qkv_in, qkv, strict=True):
+            dst.copy_(src)
+        graph.replay()
+        for dst, src in zip(outs, outs_in, strict=True):
+            dst.copy_(src)
+
+
+def _split(qkv: torch.Tensor):
+    """q, k, v as strided slices of one fused QKV row, as vLLM's attention layers pass them."""
+    return (part.view(-1, heads, D) for part, heads in zip(
+        qkv.split([H * QPK * D, H * D, H * D], dim=1), (H * QPK, H, H), strict=True))
+
+
+# eager: as planned; padded: decode-only steps run two padding rows more (vLLM pads a CUDA
+# graph's batch); graph: those steps replay a CUDA graph captured over padding rows (GPU)
+MODES = {"eager": 0, "padded": 2, "graph": 3}
+
+
+@pytest.mark.parametrize("mode", [
+    "eager", "padded",
+    pytest.param("graph", marks=pytest.mark.skipif(DEVICE != "cuda", reason="CUDA graphs")),
+])
+def test_device_worker_matches_fastgen_attention(mode, monkeypatch):
     from kivi_vllm.kernels import ops
 
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator().manual_seed(0)
     monkeypatch.setattr(ops, "_chunk_attention", _causal)
     cfg = KiviConfig(bits=BITS, group_size=G, residual=R, fastgen={"recovery": 0.9})
     worker = fg.DeviceFastGen()
     classes = TokenClasses(frozenset({SPECIAL_ID}), frozenset({PUNCT_ID}))
-    slots = 3
+    slots = 8
     worker.enable(cfg, classes, L, H, D, slots, 256, torch.device(DEVICE))
     blocks = 600
     cache = [torch.randint(0, 256, (blocks, worker.fmt.page_bytes), dtype=torch.uint8,
@@ -139,6 +188,7 @@ def test_device_worker_matches_fastgen_attention(seed, monkeypatch):
     req_of_n: dict = {}
     monkeypatch.setattr(fg, "profile_prompts", _profile_stub(req_of_n))
     scale = D ** -0.5
+    graphs = Graphs(worker, cache, tail, scale)
     computed = dict.fromkeys(reqs, 0)
     reports = {}
     for step in range(int(os.environ.get("FGSTEPS", 48))):
@@ -161,25 +211,34 @@ def test_device_worker_matches_fastgen_attention(seed, monkeypatch):
         qlens = [sched[r] for r in batch]
         cu = torch.tensor([0, *np.cumsum(qlens)], dtype=torch.int32)
         nd = sum(1 for r in batch if computed[r])
-        md = SimpleNamespace(num_actual_tokens=int(cu[-1]), num_decode_tokens=nd,
-                             num_decodes=nd, num_reqs=len(batch), query_start_loc_cpu=cu,
-                             prefill_cu_seqlens=(cu[nd:] - nd).to(DEVICE),
+        pad = MODES[mode] if nd == len(batch) else 0
+        tokens = int(cu[-1]) + pad
+        md = SimpleNamespace(num_actual_tokens=tokens, num_decode_tokens=nd + pad,
+                             num_decodes=nd + pad, num_reqs=len(batch) + pad,
+                             query_start_loc_cpu=cu, prefill_cu_seqlens=(cu[nd:] - nd).to(DEVICE),
                              max_query_len=max(qlens))
-        for layer in range(L):
-            q = torch.randn(int(cu[-1]), H * QPK, D, generator=gen)
-            k = torch.randn(int(cu[-1]), H, D, generator=gen) + torch.randn(H, D, generator=gen)
-            v = torch.randn(int(cu[-1]), H, D, generator=gen)
-            for r in batch:
-                if not computed[r]:
-                    req_of_n[reqs[r].n] = (reqs[r], layer)
-            out = torch.full_like(q, float("nan"), device=DEVICE)
-            # slices of one fused QKV row, as vLLM's attention layers pass them (strided)
-            qkv = torch.cat([x.flatten(1) for x in (q, k, v)], dim=1).to(DEVICE)
-            qd, kd, vd = (part.view(-1, heads, D) for part, heads in zip(
-                qkv.split([q.shape[1] * D, H * D, H * D], dim=1), (q.shape[1], H, H),
-                strict=True))
-            with sync_free():  # no host-device synchronisation in the forward
-                worker.forward(layer, qd, kd, vd, cache[layer], tail[layer], md, scale, out)
+        qs = [torch.randn(tokens, H * QPK, D, generator=gen) for _ in range(L)]
+        ks = [torch.randn(tokens, H, D, generator=gen) + torch.randn(H, D, generator=gen)
+              for _ in range(L)]
+        vs = [torch.randn(tokens, H, D, generator=gen) for _ in range(L)]
+        # one fused QKV row per token, as vLLM's attention layers slice it (strided views)
+        qkv = [torch.cat([x.flatten(1) for x in xs], dim=1).to(DEVICE)
+               for xs in zip(qs, ks, vs, strict=True)]
+        outs = [torch.full_like(q, float("nan"), device=DEVICE) for q in qs]
+        if mode == "graph" and pad:
+            graphs.run(nd + pad, qkv, outs, md)
+        else:
+            if pad:
+                worker.commit(nd + pad)  # the metadata builder's call, padded
+            for layer in range(L):
+                for r in batch:
+                    if not computed[r]:
+                        req_of_n[reqs[r].n] = (reqs[r], layer)
+                qd, kd, vd = _split(qkv[layer])
+                with sync_free():  # no host-device synchronisation in the forward
+                    worker.forward(layer, qd, kd, vd, cache[layer], tail[layer], md, scale,
+                                   outs[layer])
+        for layer, (q, k, v, out) in enumerate(zip(qs, ks, vs, outs, strict=True)):
             for i, r in enumerate(batch):
                 a, b = int(cu[i]), int(cu[i + 1])
                 req = reqs[r]
@@ -195,6 +254,7 @@ def test_device_worker_matches_fastgen_attention(seed, monkeypatch):
                     assert rel_err(out[a:b].cpu(), ref) < 5e-3, (step, layer, r)
                 req.k[layer] = torch.cat([req.k[layer], k[a:b]])
                 req.v[layer] = torch.cat([req.v[layer], v[a:b]])
+            assert not out[int(cu[-1]):].isnan().any(), "padding rows left unwritten"
         worker.end_step(SimpleNamespace(num_blocks_per_row=np.zeros(4, np.int32)),
                         {r: i for i, r in enumerate(batch)})
         step_reports = worker.take_reports()

@@ -194,18 +194,31 @@ class _PromptStep:
 
 @dataclass
 class _Plan:
-    """One step's decode launches, per layer (device tensors) and the host counts."""
+    """One step's decode launches: the host arrays of the real rows, and after
+    :meth:`DeviceFastGen.commit` their device copies padded to the rows vLLM runs."""
 
-    rows: int = 0  # decode rows x KV heads
+    decodes: int = 0  # real decode rows (requests)
+    host: tuple[np.ndarray, ...] = ()  # slots, lens, store, store32 of the real rows
+    rows: int = 0  # committed rows x KV heads (padding included); 0 until committed
     slots: torch.Tensor | None = None  # [2, rows] tail slot = vbt row of each stream
     lens: torch.Tensor | None = None  # [L, 3, rows]: permanent / local lengths + 1, first_valid
-    has_local: np.ndarray | None = None  # [L] bool
     store: torch.Tensor | None = None  # [L, rows] int64: cache slot of each row's token, -1
     store32: torch.Tensor | None = None  # [2, L, rows] int32: stream length, tail slot
+    has_local: np.ndarray | None = None  # [L] bool: a layer with local streams to read
     boundary: np.ndarray | None = None  # [B] streams one more token completes a page of
     streams: np.ndarray | None = None  # [B] streams of each decode row's request
     out: torch.Tensor | None = None  # [2, rows, q per KV head, D]: the two reads' outputs
     lse: torch.Tensor | None = None  # [2, q per KV head, rows]: their LSEs
+
+
+def plan_layout(rows: int, layers: int) -> tuple[int, int, int]:
+    """int32 offsets of a committed plan of ``rows`` rows in one buffer: ``lens`` after
+    ``slots`` [2, rows], ``store32`` after ``lens`` [L, 3, rows], and the int64 ``store``
+    [L, rows] (8-byte aligned); the total is ``store``'s offset + 2 L rows."""
+    lens = 2 * rows
+    store32 = lens + 3 * layers * rows
+    end32 = store32 + 2 * layers * rows
+    return lens, store32, end32 + (end32 & 1)
 
 
 class DeviceFastGen(RequestBook):
@@ -240,6 +253,11 @@ class DeviceFastGen(RequestBook):
         self.timer = _Timer(cuda=device.type == "cuda")
         self.vbt = torch.zeros((layers, (slots + 1) * heads * 2, self.max_pages),
                                dtype=torch.int32, device=device)
+        # committed plans (any padded size up to every slot's rows) live here, so a CUDA
+        # graph captured for one size reads each array at one address
+        end = plan_layout(slots * heads, layers)[2] + 2 * layers * slots * heads
+        self.plan_buf = torch.zeros(end, dtype=torch.int32, device=device)
+        self.pad_slots = self.vslot(slots, np.arange(heads)[None, :], np.arange(2)[:, None])
         self.arange = torch.arange((slots + 1) * heads * 2 + 1, dtype=torch.int32,
                                    device=device)
         self.zeros = torch.zeros_like(self.arange)
@@ -276,7 +294,7 @@ class DeviceFastGen(RequestBook):
             self.rows.append(seq)
         self._plan_decode()
         self._plan_prompts()
-        self.clock.planned(self.plan.rows // self.heads, self.prompts is not None)
+        self.clock.planned(self.plan.decodes, self.prompts is not None)
 
     def _plan_prompts(self) -> None:
         """The step's prompts (profiled on the device in this step): their layout, token
@@ -348,7 +366,6 @@ class DeviceFastGen(RequestBook):
             block[b[part], layer[part], head[part]] = seq.block_ids[entry]
         for seq, adm in zip(decode, admit, strict=True):
             seq.length += adm
-        local = policy == Policy.LOCAL
         boundary, streams = page_boundaries(length1 + admit, policy, g)
         vbt_idx = (layer * self.vbt.shape[1] + vslots[b, head, s]) * self.max_pages + page
         slot = np.where(joins, block * g + idx % g, -1)  # -1: the store skips the row
@@ -356,18 +373,51 @@ class DeviceFastGen(RequestBook):
         by_layer = np.stack([idx + 1, tails]).transpose(0, 2, 1, 3).reshape(2, L, rows)
         dev = self.device
         self.plan = _Plan(
-            rows=rows,
-            slots=_to(dev, vslots.transpose(2, 0, 1).reshape(2, rows), np.int32),
-            lens=_to(dev, lens, np.int32),
-            has_local=local.any(axis=(0, 2)),
-            store=_to(dev, slot.transpose(1, 0, 2).reshape(L, rows), np.int64),
-            store32=_to(dev, by_layer, np.int32),
+            decodes=len(decode),
+            host=(vslots.transpose(2, 0, 1).reshape(2, rows), lens,
+                  slot.transpose(1, 0, 2).reshape(L, rows), by_layer),
+            has_local=(policy == Policy.LOCAL).any(axis=(0, 2)),
             boundary=boundary,
             streams=streams,
         )
         if len(b):
             self.vbt.view(-1).index_copy_(0, _to(dev, vbt_idx, np.int64),
                                           _to(dev, block[b, layer, head], np.int32))
+
+    def commit(self, decodes: int) -> None:
+        """Copy the step's decode plan to the device (one copy), padded to the ``decodes``
+        rows vLLM runs (a CUDA graph's batch size). A padding row reads only its own token,
+        from the scratch slot's streams, and stores nothing. Each padded size has one
+        layout in :attr:`plan_buf`, so a graph captured for it finds every array there."""
+        plan, H, L = self.plan, self.heads, self.layers  # noqa: N806
+        real, rows = plan.decodes * H, max(decodes, plan.decodes) * H
+        plan.rows = rows
+        if not rows:
+            return
+        at_lens, at_store32, at_store = plan_layout(rows, L)
+        host = np.empty(at_store + 2 * L * rows, np.int32)  # fresh: the copy is queued
+        slots = host[:at_lens].reshape(2, rows)
+        lens = host[at_lens:at_store32].reshape(L, 3, rows)
+        store32 = host[at_store32 : at_store32 + 2 * L * rows].reshape(2, L, rows)
+        store = host[at_store:].view(np.int64).reshape(L, rows)
+        if real:
+            slots[:, :real], lens[..., :real], store[:, :real], store32[..., :real] = plan.host
+        pad = rows - real
+        slots[:, real:] = np.tile(self.pad_slots, pad // H)
+        lens[:, :2, real:], lens[:, 2, real:] = 1, 0  # own token only; nothing masked
+        store[:, real:], store32[0, :, real:] = -1, 0
+        store32[1, :, real:] = slots[0, real:]
+        buf = self.plan_buf[: host.size]
+        buf.copy_(torch.from_numpy(host), non_blocking=True)
+        plan.slots = buf[:at_lens].view(2, rows)
+        plan.lens = buf[at_lens:at_store32].view(L, 3, rows)
+        plan.store32 = buf[at_store32 : at_store32 + 2 * L * rows].view(2, L, rows)
+        plan.store = buf[at_store:].view(torch.int64).view(L, rows)
+
+    def plan_padding(self, decodes: int) -> None:
+        """A plan of ``decodes`` padding rows (vLLM's dummy batches, CUDA graph capture)."""
+        self.plan = _Plan()
+        self.commit(decodes)
 
     # --- the backend's call ---------------------------------------------------------------
 
@@ -378,10 +428,11 @@ class DeviceFastGen(RequestBook):
         profiling and compaction of the prompts this step completes."""
         assert self.kivi is not None
         plan, r = self.plan, self.kivi.residual
-        nd = plan.rows // self.heads
+        if plan.decodes and not plan.rows:  # no builder committed it (tests)
+            self.commit(plan.decodes)
         if plan.rows:
             attend_context, store_step, merge = _kernels(q.is_cuda)
-            qpk = q.shape[1] // self.heads
+            nd, qpk = plan.rows // self.heads, q.shape[1] // self.heads
             shape = (plan.rows, qpk, q.shape[2])
             qv = q[:nd].reshape(shape)  # slices of the fused QKV row: reshape copies them
             kv = k[:nd].reshape(plan.rows, 1, k.shape[2])
@@ -392,7 +443,10 @@ class DeviceFastGen(RequestBook):
                                        device=q.device)
             qsl = self.arange[: plan.rows + 1]
             dst = out[:nd].view(shape)
-            two = bool(plan.has_local[layer])  # else the permanent streams' read is all
+            # a graph serves any plan of its size: both reads; else the local one only
+            # where this step has local streams
+            two = (q.is_cuda and torch.cuda.is_current_stream_capturing()) or (
+                plan.has_local is not None and bool(plan.has_local[layer]))
             for s in (0, 1) if two else (0,):
                 attend_context(qv, kv, vv, cache, tail, self.vbt[layer], plan.lens[layer, s],
                                qsl, plan.slots[s], self.zeros[: plan.rows], self.fmt, r, scale,
@@ -495,7 +549,7 @@ class DeviceFastGen(RequestBook):
                 seq.settle_profile(policy[:, i], counts[:, i], local[:, :, at[i] : at[i + 1]])
             self.timer.collect()
         self.prompts = None
-        plan, decodes = self.plan, self.plan.rows // self.heads
+        plan, decodes = self.plan, self.plan.decodes
         for i, (req_id, seq) in enumerate(zip(self.row_ids, self.rows, strict=True)):
             if i < decodes:  # counted by the plan
                 self.reports[req_id] = seq.report(int(plan.boundary[i]), int(plan.streams[i]))
