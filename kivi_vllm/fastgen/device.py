@@ -276,6 +276,7 @@ class DeviceFastGen(RequestBook):
         self.release(ended)
         self.rows, self.row_ids = [], list(req_ids)
         self.peak_rows = max(self.peak_rows, len(req_ids))
+        new_tokens = []  # (seq, ids) of the tokens not classified yet
         for row, req_id in enumerate(req_ids):
             seq = self.seqs.get(req_id)
             computed = int(num_computed[row])
@@ -285,13 +286,17 @@ class DeviceFastGen(RequestBook):
                                                     self.heads, self.max_pages,
                                                     group=self.kivi.group_size)
             end = computed + int(num_scheduled.get(req_id, 0))
-            have = seq.classes.size
-            if end > have:
-                codes = self.classes.codes(token_ids[row, have:end].tolist())
-                seq.classes = np.concatenate([seq.classes, codes])
+            if end > seq.classes.size:
+                new_tokens.append((seq, token_ids[row, seq.classes.size : end]))
             seq.held = int(held[row])
             seq.block_ids = block_rows[row]
             self.rows.append(seq)
+        if new_tokens:  # one classification for the step
+            codes = self.classes.codes(np.concatenate([ids for _, ids in new_tokens]))
+            at = 0
+            for seq, ids in new_tokens:
+                seq.classes = np.concatenate([seq.classes, codes[at : at + ids.size]])
+                at += ids.size
         self._plan_decode()
         self._plan_prompts()
         self.clock.planned(self.plan.decodes, self.prompts is not None)

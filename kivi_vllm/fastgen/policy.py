@@ -8,6 +8,7 @@ keeps everything. A query always sees its own token.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -72,12 +73,20 @@ class TokenClasses:
         return cls.from_tokenizer(AutoTokenizer.from_pretrained(
             model_config.tokenizer, trust_remote_code=model_config.trust_remote_code))
 
-    def codes(self, token_ids: Iterable[int]) -> np.ndarray:
+    @functools.cached_property
+    def _sorted_ids(self) -> tuple[np.ndarray, np.ndarray]:
+        return (np.array(sorted(self.special_ids), np.int64),
+                np.array(sorted(self.punct_ids), np.int64))
+
+    def codes(self, token_ids: Iterable[int] | np.ndarray) -> np.ndarray:
         """int8 class code (``PLAIN``, ``SPECIAL``, ``PUNCT``) of each of ``token_ids``."""
-        sp, pu = self.special_ids, self.punct_ids
-        ids = [int(t) for t in token_ids]
-        return np.fromiter((SPECIAL if t in sp else PUNCT if t in pu else PLAIN for t in ids),
-                           np.int8, len(ids))
+        ids = np.asarray(token_ids if isinstance(token_ids, np.ndarray) else list(token_ids),
+                         np.int64)
+        special, punct = self._sorted_ids
+        out = np.full(ids.shape, PLAIN, np.int8)
+        out[np.isin(ids, punct)] = PUNCT
+        out[np.isin(ids, special)] = SPECIAL  # a special id is never punctuation
+        return out
 
     def masks(self, token_ids: Iterable[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """(special, punct) boolean masks over the positions of ``token_ids``."""
