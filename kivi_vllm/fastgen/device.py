@@ -420,8 +420,10 @@ class DeviceFastGen(RequestBook):
         plan.store = buf[at_store:].view(torch.int64).view(L, rows)
 
     def plan_padding(self, decodes: int) -> None:
-        """A plan of ``decodes`` padding rows (vLLM's dummy batches, CUDA graph capture)."""
-        self.plan = _Plan()
+        """A plan of ``decodes`` padding rows (vLLM's dummy batches, CUDA graph capture);
+        it reads both streams in every layer, as a graph captured over it must, so the
+        eager warm-up before a capture launches what the capture records."""
+        self.plan = _Plan(has_local=np.ones(self.layers, bool))
         self.commit(decodes)
 
     # --- the backend's call ---------------------------------------------------------------
