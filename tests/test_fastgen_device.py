@@ -353,3 +353,39 @@ def test_engine_through_the_device_worker(device_worker_llm) -> None:
         assert 0 < summary["pages_after_profile"] < heads * -(-n // G)
     assert wait_tail_slots_free(llm)["tail_slots_in_use"] == 0
     assert metric(llm, "vllm:kv_cache_usage_perc") == 0
+
+
+def test_graph_support_and_dummy_plans(monkeypatch) -> None:
+    """The builder declares full decode graphs with the device worker (the CPU worker plans
+    every layer on the host: none); vLLM's dummy batches of decodes (warm-up, capture) get
+    a plan of padding rows that reads both streams, other dummy batches none."""
+    from vllm.platforms import current_platform
+    from vllm.v1.attention.backend import AttentionCGSupport
+
+    from kivi_vllm import backend, state
+    from kivi_vllm.memory import DEVICE_WORKER_ENV
+
+    cfg = KiviConfig(bits=BITS, group_size=G, residual=R, fastgen={"recovery": 0.9})
+    monkeypatch.setattr(state, "_ACTIVE", cfg)
+    builder = backend.KiviMetadataBuilder
+    if current_platform.is_cpu():  # the CPU worker unless asked for the device worker
+        monkeypatch.delenv(DEVICE_WORKER_ENV, raising=False)
+        assert builder.get_cudagraph_support(None, None) == AttentionCGSupport.NEVER
+        monkeypatch.setenv(DEVICE_WORKER_ENV, "1")
+    support = builder.get_cudagraph_support(None, None)
+    assert support == AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE
+
+    worker = fg.DeviceFastGen()
+    classes = TokenClasses(frozenset({SPECIAL_ID}), frozenset({PUNCT_ID}))
+    worker.enable(cfg, classes, L, H, D, 4, 128, torch.device(DEVICE))
+    monkeypatch.setattr(fg, "DEVICE", worker)
+    monkeypatch.setattr(state.STEP, "in_dummy", True)
+    builder._commit_fastgen(3, True)
+    plan = worker.plan
+    assert plan.decodes == 0 and plan.rows == 3 * H and plan.has_local.all()
+    assert (plan.store == -1).all() and (plan.lens[:, :2] == 1).all()
+    assert (plan.lens[:, 2] == 0).all()
+    scratch = worker.vslot(4, np.arange(H), np.arange(2)[:, None])  # slot 4: no request's
+    assert (plan.slots.cpu().numpy() == np.tile(scratch, 3)).all()
+    builder._commit_fastgen(5, False)  # prompts among the rows: FlashAttention only
+    assert worker.plan.rows == 0
