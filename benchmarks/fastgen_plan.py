@@ -6,7 +6,8 @@ steps ``DeviceFastGen._plan_decode`` (window progress, admissions, page completi
 launch arrays), and the whole host side of a step: ``begin_step``, ``forward`` of every
 layer with the kernel launches themselves (Triton's and vLLM's merge) replaced by no-ops
 (what is left are the Python wrappers and the torch calls around them; on a GPU each such
-call is a launch too), and ``end_step``. It also counts, per layer, the torch calls that
+call is a launch too; the first layer's also commits the plan, the metadata builder's call
+in the engine), and ``end_step``. It also counts, per layer, the torch calls that
 are not views and the kernel launches. Prints a table and writes JSON.
 
     .venv/bin/python benchmarks/fastgen_plan.py --out benchmarks/results/fastgen-plan-cpu.json

@@ -85,7 +85,7 @@ class TokenClasses:
         special, punct = self._sorted_ids
         out = np.full(ids.shape, PLAIN, np.int8)
         out[np.isin(ids, punct)] = PUNCT
-        out[np.isin(ids, special)] = SPECIAL  # a special id is never punctuation
+        out[np.isin(ids, special)] = SPECIAL  # special wins over punctuation
         return out
 
     def masks(self, token_ids: Iterable[int]) -> tuple[torch.Tensor, torch.Tensor]:
