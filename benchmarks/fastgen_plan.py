@@ -6,8 +6,8 @@ steps ``DeviceFastGen._plan_decode`` (window progress, admissions, page completi
 launch arrays), and the whole host side of a step: ``begin_step``, ``forward`` of every
 layer with the kernel launches themselves (Triton's and vLLM's merge) replaced by no-ops
 (what is left are the Python wrappers and the torch calls around them; on a GPU each such
-call is a launch too; the first layer's also commits the plan, the metadata builder's call
-in the engine), and ``end_step``. It also counts, per layer, the torch calls that
+call is a launch too) after the plan's commit (the metadata builder's call in the engine),
+and ``end_step``. It also counts, per layer, the torch calls that
 are not views and the kernel launches. Prints a table and writes JSON.
 
     .venv/bin/python benchmarks/fastgen_plan.py --out benchmarks/results/fastgen-plan-cpu.json
@@ -123,6 +123,7 @@ def step_ms(rows: int, layers: int, heads: int, prompt: int, steps: int) -> dict
         worker.begin_step(set(), ids, computed, dict.fromkeys(ids, 1), np.arange(rows),
                           token_ids, held, block_rows)
         t1 = time.perf_counter()
+        worker.commit(rows)
         if step == 0:  # count one step's calls (the mode's own cost is not timed)
             with _Calls() as mode:
                 for layer in range(layers):

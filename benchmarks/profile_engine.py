@@ -20,7 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
 from benchmarks.common import dummy_llama8b_dir  # noqa: E402
-from benchmarks.throughput import engine_setting  # noqa: E402
+from benchmarks.throughput import engine_setting, uses_fastgen  # noqa: E402
 
 
 def main() -> None:
@@ -53,7 +53,7 @@ def main() -> None:
         llm.generate(prompts, params, use_tqdm=False)
         torch.cuda.synchronize()
         wall_ms = 1e3 * (time.perf_counter() - start)
-    if "fastgen" in engine_kwargs.get("additional_config", {}).get("kivi", {}):
+    if uses_fastgen(engine_kwargs):
         from kivi_vllm.fastgen.engine import fastgen_stats
 
         stats = llm.collective_rpc(fastgen_stats)[0]  # host clock, warm-up included

@@ -64,11 +64,16 @@ def kv_setting(name: str) -> tuple[dict, dict]:
     return {"additional_config": {"kivi": kivi}}, fields
 
 
+def uses_fastgen(engine_kwargs: dict) -> bool:
+    """Whether LLM keyword arguments switch kivi.fastgen on."""
+    return "fastgen" in engine_kwargs.get("additional_config", {}).get("kivi", {})
+
+
 def engine_setting(kv: str, max_len: int, kv_cache_gib: float = 0.0) -> tuple[dict, dict]:
     """:func:`kv_setting` plus what the run needs: FastGen prefills each prompt whole (the
     GPU profiles it in that step), and ``kv_cache_gib`` caps the pool when non-zero."""
     engine_kwargs, fields = kv_setting(kv)
-    if "fastgen" in engine_kwargs.get("additional_config", {}).get("kivi", {}):
+    if uses_fastgen(engine_kwargs):
         engine_kwargs = {**engine_kwargs, "enable_chunked_prefill": False,
                          "max_num_batched_tokens": max(max_len, 8192)}
     if kv_cache_gib:
@@ -94,7 +99,7 @@ def run_one(kv: str, workloads: list[tuple[int, int, int]], args) -> list[dict]:
 
     max_len = max(i + o for _, i, o in workloads) + 16
     engine_kwargs, fields = engine_setting(kv, max_len, args.kv_cache_gib)
-    fastgen = "fastgen" in engine_kwargs.get("additional_config", {}).get("kivi", {})
+    fastgen = uses_fastgen(engine_kwargs)
     is_kivi = fields["kv"].startswith("kivi")
     if is_kivi:  # collective_rpc(kivi_stats / fastgen_stats)
         os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"

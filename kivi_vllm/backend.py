@@ -390,7 +390,7 @@ class KiviAttentionImpl(AttentionImpl[KiviMetadata]):
             q, k = reference.rotate(q, self.rotation), reference.rotate(k, self.rotation)
         if self.fastgen_device:
             self._forward_fastgen_device(q, k, v, kv_cache, tail, attn_metadata, out,
-                                      layer.layer_name)
+                                         layer.layer_name)
         elif kv_cache.is_cuda:
             from kivi_vllm.kernels import ops
 
@@ -400,7 +400,7 @@ class KiviAttentionImpl(AttentionImpl[KiviMetadata]):
         return output
 
     def _forward_fastgen_device(self, q, k, v, kv_cache, tail, md: KiviMetadata, out,
-                             layer_name: str) -> None:
+                                layer_name: str) -> None:
         """kivi.fastgen on the GPU (:mod:`kivi_vllm.fastgen.device`); vLLM's dummy steps
         attend within the step, or run padding decode rows (CUDA graph capture), and store
         nothing."""

@@ -228,8 +228,7 @@ def test_device_worker_matches_fastgen_attention(mode, monkeypatch):
         if mode == "graph" and pad:
             graphs.run(nd + pad, qkv, outs, md)
         else:
-            if pad:
-                worker.commit(nd + pad)  # the metadata builder's call, padded
+            worker.commit(nd + pad)  # the metadata builder's call (padded)
             for layer in range(L):
                 for r in batch:
                     if not computed[r]:

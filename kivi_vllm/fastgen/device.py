@@ -435,8 +435,8 @@ class DeviceFastGen(RequestBook):
         profiling and compaction of the prompts this step completes."""
         assert self.kivi is not None
         plan, r = self.plan, self.kivi.residual
-        if plan.decodes and not plan.rows:  # no builder committed it (tests)
-            self.commit(plan.decodes)
+        if plan.decodes and not plan.rows:
+            raise RuntimeError("FastGen: the step's decode plan was not committed (commit)")
         if plan.rows:
             attend_context, store_step, merge = _kernels(q.is_cuda)
             nd, qpk = plan.rows // self.heads, q.shape[1] // self.heads
@@ -452,8 +452,8 @@ class DeviceFastGen(RequestBook):
             dst = out[:nd].view(shape)
             # a graph serves any plan of its size: both reads; else the local one only
             # where this step has local streams
-            two = (q.is_cuda and torch.cuda.is_current_stream_capturing()) or (
-                plan.has_local is not None and bool(plan.has_local[layer]))
+            two = (q.is_cuda and torch.cuda.is_current_stream_capturing()) or bool(
+                plan.has_local[layer])
             for s in (0, 1) if two else (0,):
                 attend_context(qv, kv, vv, cache, tail, self.vbt[layer], plan.lens[layer, s],
                                qsl, plan.slots[s], self.zeros[: plan.rows], self.fmt, r, scale,
