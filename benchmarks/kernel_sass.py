@@ -84,7 +84,7 @@ def sass_report(cubin: bytes) -> None:
             body = collections.Counter(o for a, o, _ in ins if lo <= a <= addr)
             print(f"loop {lo:#x}-{addr:#x}: {sum(body.values())} instructions per warp "
                   "per iteration")
-            for name, count in body.most_common(24):
+            for name, count in body.most_common(int(os.environ.get("KIVI_SASS_TOP", 24))):
                 print(f"  {count:5d} {name}")
 
 

@@ -143,6 +143,8 @@ def main() -> None:
     bw = copy_bandwidth()
     print(f"copy bandwidth: {bw / 1e12:.2f} TB/s (read + write)")
     gpu = torch.cuda.get_device_name()
+    settings = {k: v for k, v in sorted(os.environ.items()) if k.startswith("KIVI_")}
+    print(f"settings: {settings}")
     records = []
     for batch in map(int, args.batches.split(",")):
         for ctx in map(int, args.contexts.split(",")):
@@ -157,7 +159,8 @@ def main() -> None:
                        "bytes": nbytes, "bytes_per_s": round(nbytes / (ms * 1e-3)),
                        "fraction_of_copy_bw": round(nbytes / (ms * 1e-3) / bw, 3),
                        "copy_bandwidth_bytes_per_s": round(bw),
-                       "gpu": gpu, "date": str(datetime.date.today())}
+                       "gpu": gpu, "date": str(datetime.date.today()),
+                       "settings": settings}
                 records.append(rec)
                 row[kv] = rec
                 del run

@@ -36,6 +36,21 @@ for step in "$@"; do
     kernels-bench)
       python3 benchmarks/kernels.py --out "$OUT/kernels.json" 2>&1 \
         | grep -v "^INFO\|^WARNING" | tee "$OUT/kernels-bench.log" | tail -25 ;;
+    kvariants)  # KIVI_VARIANTS="A=1 B=2;A=3;..." (KIVI_* settings; a leading "test" also runs
+      # the full-size kernel tests): decode time per variant at KIVI_VARIANT_GRID (64x8192)
+      IFS=';' read -ra variants <<< "$KIVI_VARIANTS"
+      IFS=x read -r vb vc <<< "${KIVI_VARIANT_GRID:-64x8192}"
+      for i in "${!variants[@]}"; do
+        read -ra v <<< "${variants[$i]}"
+        echo "--- variant $i: ${v[*]}"
+        if [ "${v[0]}" = test ]; then
+          v=("${v[@]:1}")
+          env "${v[@]}" KIVI_KERNEL_DEVICE=cuda python3 -m pytest -q -p no:cacheprovider \
+            tests/test_kernels.py -k full_size 2>&1 | tail -2
+        fi
+        env "${v[@]}" python3 benchmarks/kernels.py --batches "$vb" --contexts "$vc" \
+          --out "$OUT/kernels-variant-$i.json" 2>&1 | grep -v "^INFO\|^WARNING" | tail -3
+      done 2>&1 | tee "$OUT/kvariants.log" ;;
     kernels-tune)
       python3 benchmarks/kernels.py --tune 2>&1 | grep "^tune" | tee "$OUT/kernels-tune.log" ;;
     smoke2)

@@ -5,12 +5,13 @@ the QPK query heads sharing one KV head) against one split of the request's cont
 each page is read once per KV head and serves all the tile's rows. Codes are unpacked
 straight into the dots' B operands (``code * s + m`` in float16), except the keys of the
 decode loop over several pages, whose per-channel scale and min are folded into the
-query rows (``q . (s*k + m) = (q*s) . k + q . m``). Codes become float16 with the
-``0x6400`` magic number (``1024 + code`` is exact in float16; one ``prmt`` places two
-codes, one ``sub.f16x2`` removes the 1024), so no int-to-float conversion runs (those
-issue at a quarter of the FMA rate on Hopper). The running max is rescaled lazily (only
-when it grows by more than ``RESCALE_LOG2``). The last split also covers the tail ring
-and, for decode, the step's own token; ``_kivi_reduce_splits`` merges the splits by log-sum-exp.
+query rows (``q . (s*k + m) = (q*s) . k + q . m``). Codes become float16 through a magic
+number (``prmt`` puts a masked byte under a float16 exponent, reading ``2**k + code``
+exactly; one ``sub.f16x2`` per two codes removes the ``2**k``), so no int-to-float
+conversion runs (those issue at a quarter of the FMA rate on Hopper). The running max is
+rescaled lazily (only when it grows by more than ``RESCALE_LOG2``). The last split also
+covers the tail ring and, for decode, the step's own token; ``_kivi_reduce_splits``
+merges the splits by log-sum-exp.
 
 Decode reads SLOTS pages per loop iteration (``_attend_slots``, ``tile_shape``): with 4
 query heads per KV head the dot's 16 rows would be 75% padding, so the rows are the same
@@ -46,13 +47,16 @@ def _plane_asm(bits, plane, scaled):
     (``scaled``: ``code * s + m``).
 
     Operands: outputs ``$0, $1``; the bytes ``$2``; with ``scaled`` the scale ``$3, $4`` and
-    the min ``$5, $6`` (two float16 each). ``1024 + code`` is built by ``prmt`` under the
-    ``0x64`` exponent byte and made exact by one ``sub.f16x2``. One plane per asm block,
-    so each chunk can be unpacked next to the dot that consumes it.
+    the min ``$5, $6`` (two float16 each). The plane is masked in place (no shift) and
+    ``prmt`` puts each byte under the exponent of ``2**(10 - plane*bits)``, whose last
+    mantissa bit is the plane's lowest bit: the half reads ``2**(10 - plane*bits) + code``,
+    and one ``sub.f16x2`` per pair makes it exact. One plane per asm block, so each chunk
+    can be unpacked next to the dot that consumes it.
     """
-    mask = {2: "0x03030303", 4: "0x0F0F0F0F"}[bits]
-    lines = ["{", ".reg .b32 a, h, k;", "mov.b32 h, 0x64646464;", "mov.b32 k, 0x64006400;",
-             f"shr.b32 a, $2, {plane * bits};", f"and.b32 a, a, {mask};",
+    mask = {2: 0x03030303, 4: 0x0F0F0F0F}[bits] << (plane * bits)
+    offset = 0x6400 - plane * bits * 0x400  # float16 bits of 2**(10 - plane*bits)
+    lines = ["{", ".reg .b32 a, h, k;", f"mov.b32 h, {(offset >> 8) * 0x01010101:#x};",
+             f"mov.b32 k, {offset * 0x10001:#x};", f"and.b32 a, $2, {mask:#x};",
              "prmt.b32 $0, a, h, 0x4140;", "prmt.b32 $1, a, h, 0x4342;",
              "sub.f16x2 $0, $0, k;", "sub.f16x2 $1, $1, k;"]
     if scaled:
