@@ -37,6 +37,10 @@ SMALL = [  # (bits, group, head_dim, kv_heads, q_heads, residual)
     (2, 64, 128, 1, 8, 64),
     (4, 32, 128, 2, 2, 32),
 ]
+WIDE = [  # head_dim 256 with group 32: a chunk of 64 channels spans two value groups
+    (2, 32, 256, 1, 2, 32),
+    (4, 32, 256, 1, 2, 32),
+]
 KEY_BITS = [  # kivi.layer_key_bits: (bits, group, head_dim, kv_heads, q_heads, residual, key bits)
     (2, 32, 64, 2, 4, 32, 4),
     (2, 32, 128, 1, 8, 64, 4),
@@ -60,7 +64,7 @@ def _format(case: tuple) -> PageFormat:
 @pytest.mark.parametrize("max_slots", [1, 4])  # one page per loop iteration, or several
 @pytest.mark.parametrize("splits", [1, 3])
 @pytest.mark.parametrize(("case", "sinks"),
-                         [(c, 0) for c in SMALL + KEY_BITS + FP8_SCALES] + SINKS)
+                         [(c, 0) for c in SMALL + WIDE + KEY_BITS + FP8_SCALES] + SINKS)
 def test_decode_attention_matches_reference(case, sinks, splits, max_slots, monkeypatch):
     from kivi_vllm.kernels import attention
 
@@ -129,8 +133,8 @@ def test_fastgen_stream_decode_matches_reference(case, add_self, max_slots, monk
 
 
 @pytest.mark.parametrize(("case", "sinks"),
-                         [(c, 0) for c in SMALL[:2] + KEY_BITS[:1] + FP8_SCALES[:1]]
-                         + SINKS[:1])
+                         [(c, 0) for c in SMALL[:2] + WIDE[:1] + KEY_BITS[:1]
+                          + FP8_SCALES[:1]] + SINKS[:1])
 def test_prefill_context_attention_matches_reference(case, sinks):
     _, group, _, _, hq, residual, *_ = case
     fmt = _format(case)
@@ -165,7 +169,8 @@ def test_prefill_context_attention_matches_reference(case, sinks):
 
 
 @pytest.mark.parametrize(("case", "sinks"),
-                         [(c, 0) for c in SMALL + KEY_BITS + FP8_SCALES] + SINKS[:1])
+                         [(c, 0) for c in SMALL + WIDE[:1] + KEY_BITS + FP8_SCALES]
+                         + SINKS[:1])
 def test_store_matches_reference(case, sinks):
     _, group, _, _, hq, residual, *_ = case
     fmt = _format(case)
@@ -223,13 +228,14 @@ def test_warm_up_launches_every_variant(streams):
 @pytest.mark.skipif(DEVICE != "cuda", reason="full-size shapes: compiled kernels only")
 @pytest.mark.parametrize(("group", "max_slots"), [(32, 1), (32, 4), (64, 4)])  # 1, 4, 2 pages
 @pytest.mark.parametrize("bits", [2, 4])
-def test_decode_attention_full_size(bits, group, max_slots, monkeypatch):
-    """Llama-3.1-8B head layout (32 q heads, 8 KV heads, d=128), long contexts that are
-    not multiples of the group or of the pages per loop iteration, bf16 operands."""
+@pytest.mark.parametrize("head_dim", [128, 256])  # 256 with group 32: chunks span two groups
+def test_decode_attention_full_size(bits, head_dim, group, max_slots, monkeypatch):
+    """Llama-3.1-8B head layout (32 q heads, 8 KV heads, d=128; also d=256), long contexts
+    that are not multiples of the group or of the pages per loop iteration, bf16 operands."""
     from kivi_vllm.kernels import attention
 
     monkeypatch.setattr(attention, "MAX_SLOTS", max_slots)
-    fmt = PageFormat(bits, group, 128, 8)
+    fmt = PageFormat(bits, group, head_dim, 8)
     ctx = [4097, 1000, 63, 2 * 32 * 4 + 31, 3000]
     sc = make_scenario(fmt, group, 32, ctx, [1] * len(ctx), dtype=torch.bfloat16, seed=bits)
     ref = reference_context_attention(sc, include_self=True)

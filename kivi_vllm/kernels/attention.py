@@ -142,18 +142,31 @@ def _f16(x, FP8: tl.constexpr):
 
 
 @triton.jit
+def _value_param(ptr, t, C0: tl.constexpr, W: tl.constexpr, G: tl.constexpr, ok,
+                 FP8: tl.constexpr):
+    """Per-token value scale (or min) of channels C0..C0+W (stored token-minor: one
+    contiguous row of G per channel group): [N, 1] where the chunk lies in one group,
+    else [N, W] (W // G groups); 0 where not ``ok``; ``FP8``: float8 e4m3 bytes."""
+    p = _f16(tl.load(ptr + (C0 // G) * G + t, mask=ok, other=0)[:, None], FP8)
+    if W > G:
+        c = tl.arange(0, W)[None, :]
+        for j in tl.static_range(1, W // G):
+            pj = _f16(tl.load(ptr + (C0 // G + j) * G + t, mask=ok, other=0)[:, None], FP8)
+            p = tl.where(c >= j * G, pj, p)
+    return p
+
+
+@triton.jit
 def _value_params(ptr, t, W: tl.constexpr, NCH: tl.constexpr, G: tl.constexpr, ok,
                   FP8: tl.constexpr):
-    """Per-token value scales (or mins) of the group holding each chunk, as [N, 1]
-    (stored token-minor: one contiguous row of G per channel group); 0 where not ``ok``;
-    ``FP8``: ``ptr`` holds float8 e4m3 bytes."""
-    p0 = _f16(tl.load(ptr + t, mask=ok, other=0)[:, None], FP8)
-    p1 = _f16(tl.load(ptr + (W // G) * G + t, mask=ok, other=0)[:, None], FP8)
+    """``_value_param`` of each chunk (unused ones repeat)."""
+    p0 = _value_param(ptr, t, 0, W, G, ok, FP8)
+    p1 = _value_param(ptr, t, W, W, G, ok, FP8)
     p2 = p0
     p3 = p1
     if NCH == 4:
-        p2 = _f16(tl.load(ptr + ((2 * W) // G) * G + t, mask=ok, other=0)[:, None], FP8)
-        p3 = _f16(tl.load(ptr + ((3 * W) // G) * G + t, mask=ok, other=0)[:, None], FP8)
+        p2 = _value_param(ptr, t, 2 * W, W, G, ok, FP8)
+        p3 = _value_param(ptr, t, 3 * W, W, G, ok, FP8)
     return p0, p1, p2, p3
 
 
@@ -637,9 +650,10 @@ def tile_shape(qpk: int, group: int, block_q: int, decode: bool) -> dict[str, in
 
 
 def chunking(fmt: PageFormat) -> tuple[int, int]:
-    """(W, NCH): channels per chunk (within one key plane, one value plane and one value
-    group) and chunks per head."""
-    width = min(fmt.k_packed_dim, fmt.v_packed_dim, fmt.group_size)
+    """(W, NCH): channels per chunk and chunks per head. A chunk lies within one key plane
+    and one value plane, and within one value group unless that made more than 4 chunks
+    (head_dim 256 with group 32: chunks of 64 channels span two value groups)."""
+    width = max(min(fmt.k_packed_dim, fmt.v_packed_dim, fmt.group_size), fmt.head_dim // 4)
     return width, fmt.head_dim // width
 
 
