@@ -37,6 +37,7 @@ SMALL = [  # (bits, group, head_dim, kv_heads, q_heads, residual)
     (2, 64, 128, 1, 8, 64),
     (4, 32, 128, 2, 2, 32),
 ]
+LARGE_GROUP = [(2, 128, 128, 1, 4, 128)]  # group 128: one page per loop iteration
 WIDE = [  # head_dim 256 with group 32: a chunk of 64 channels spans two value groups
     (2, 32, 256, 1, 2, 32),
     (4, 32, 256, 1, 2, 32),
@@ -64,7 +65,8 @@ def _format(case: tuple) -> PageFormat:
 @pytest.mark.parametrize("max_slots", [1, 4])  # one page per loop iteration, or several
 @pytest.mark.parametrize("splits", [1, 3])
 @pytest.mark.parametrize(("case", "sinks"),
-                         [(c, 0) for c in SMALL + WIDE + KEY_BITS + FP8_SCALES] + SINKS)
+                         [(c, 0) for c in SMALL + LARGE_GROUP + WIDE + KEY_BITS + FP8_SCALES]
+                         + SINKS)
 def test_decode_attention_matches_reference(case, sinks, splits, max_slots, monkeypatch):
     from kivi_vllm.kernels import attention
 
@@ -133,8 +135,8 @@ def test_fastgen_stream_decode_matches_reference(case, add_self, max_slots, monk
 
 
 @pytest.mark.parametrize(("case", "sinks"),
-                         [(c, 0) for c in SMALL[:2] + WIDE[:1] + KEY_BITS[:1]
-                          + FP8_SCALES[:1]] + SINKS[:1])
+                         [(c, 0) for c in SMALL[:2] + LARGE_GROUP + WIDE[:1]
+                          + KEY_BITS[:1] + FP8_SCALES[:1]] + SINKS[:1])
 def test_prefill_context_attention_matches_reference(case, sinks):
     _, group, _, _, hq, residual, *_ = case
     fmt = _format(case)
@@ -226,7 +228,8 @@ def test_warm_up_launches_every_variant(streams):
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="full-size shapes: compiled kernels only")
-@pytest.mark.parametrize(("group", "max_slots"), [(32, 1), (32, 4), (64, 4)])  # 1, 4, 2 pages
+@pytest.mark.parametrize(("group", "max_slots"),
+                         [(32, 1), (32, 4), (64, 4), (128, 4)])  # 1, 4, 2, 1 pages
 @pytest.mark.parametrize("bits", [2, 4])
 @pytest.mark.parametrize("head_dim", [128, 256])  # 256 with group 32: chunks span two groups
 def test_decode_attention_full_size(bits, head_dim, group, max_slots, monkeypatch):
