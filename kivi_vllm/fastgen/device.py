@@ -211,14 +211,29 @@ class _Plan:
     lse: torch.Tensor | None = None  # [2, q per KV head, rows]: their LSEs
 
 
-def plan_layout(rows: int, layers: int) -> tuple[int, int, int]:
-    """int32 offsets of a committed plan of ``rows`` rows in one buffer: ``lens`` after
-    ``slots`` [2, rows], ``store32`` after ``lens`` [L, 3, rows], and the int64 ``store``
-    [L, rows] (8-byte aligned); the total is ``store``'s offset + 2 L rows."""
+def _plan_offsets(rows: int, layers: int) -> tuple[int, int, int, int, int]:
+    """int32 offsets of a committed plan's arrays in one buffer: ``slots`` [2, rows] at 0,
+    ``lens`` [L, 3, rows], ``store32`` [2, L, rows] up to ``end32``, the int64 ``store``
+    [L, rows] 8-byte aligned, and the total."""
     lens = 2 * rows
     store32 = lens + 3 * layers * rows
     end32 = store32 + 2 * layers * rows
-    return lens, store32, end32 + (end32 & 1)
+    store = end32 + (end32 & 1)
+    return lens, store32, end32, store, store + 2 * layers * rows
+
+
+def plan_size(rows: int, layers: int) -> int:
+    """int32 words of a committed plan of ``rows`` rows."""
+    return _plan_offsets(rows, layers)[-1]
+
+
+def plan_views(flat, rows: int, layers: int, int64):
+    """(slots, lens, store32, store) as views of ``flat``, a numpy array or tensor of
+    :func:`plan_size` int32 words (``int64``: its library's 64-bit integer dtype)."""
+    at_lens, at_store32, end32, at_store, end = _plan_offsets(rows, layers)
+    return (flat[:at_lens].reshape(2, rows), flat[at_lens:at_store32].reshape(layers, 3, rows),
+            flat[at_store32:end32].reshape(2, layers, rows),
+            flat[at_store:end].view(int64).reshape(layers, rows))
 
 
 class DeviceFastGen(RequestBook):
@@ -255,8 +270,8 @@ class DeviceFastGen(RequestBook):
                                dtype=torch.int32, device=device)
         # committed plans (any padded size up to every slot's rows) live here, so a CUDA
         # graph captured for one size reads each array at one address
-        end = plan_layout(slots * heads, layers)[2] + 2 * layers * slots * heads
-        self.plan_buf = torch.zeros(end, dtype=torch.int32, device=device)
+        self.plan_buf = torch.zeros(plan_size(slots * heads, layers), dtype=torch.int32,
+                                    device=device)
         self.pad_slots = self.vslot(slots, np.arange(heads)[None, :], np.arange(2)[:, None])
         self.arange = torch.arange((slots + 1) * heads * 2 + 1, dtype=torch.int32,
                                    device=device)
@@ -399,12 +414,8 @@ class DeviceFastGen(RequestBook):
         plan.rows = rows
         if not rows:
             return
-        at_lens, at_store32, at_store = plan_layout(rows, L)
-        host = np.empty(at_store + 2 * L * rows, np.int32)  # fresh: the copy is queued
-        slots = host[:at_lens].reshape(2, rows)
-        lens = host[at_lens:at_store32].reshape(L, 3, rows)
-        store32 = host[at_store32 : at_store32 + 2 * L * rows].reshape(2, L, rows)
-        store = host[at_store:].view(np.int64).reshape(L, rows)
+        host = np.empty(plan_size(rows, L), np.int32)  # fresh: the copy is queued
+        slots, lens, store32, store = plan_views(host, rows, L, np.int64)
         if real:
             slots[:, :real], lens[..., :real], store[:, :real], store32[..., :real] = plan.host
         pad = rows - real
@@ -414,10 +425,7 @@ class DeviceFastGen(RequestBook):
         store32[1, :, real:] = slots[0, real:]
         buf = self.plan_buf[: host.size]
         buf.copy_(torch.from_numpy(host), non_blocking=True)
-        plan.slots = buf[:at_lens].view(2, rows)
-        plan.lens = buf[at_lens:at_store32].view(L, 3, rows)
-        plan.store32 = buf[at_store32 : at_store32 + 2 * L * rows].view(2, L, rows)
-        plan.store = buf[at_store:].view(torch.int64).view(L, rows)
+        plan.slots, plan.lens, plan.store32, plan.store = plan_views(buf, rows, L, torch.int64)
 
     def plan_padding(self, decodes: int) -> None:
         """A plan of ``decodes`` padding rows (vLLM's dummy batches, CUDA graph capture);
