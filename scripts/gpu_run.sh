@@ -51,6 +51,31 @@ for step in "$@"; do
         env "${v[@]}" python3 benchmarks/kernels.py --batches "$vb" --contexts "$vc" \
           --out "$OUT/kernels-variant-$i.json" 2>&1 | grep -v "^INFO\|^WARNING" | tail -3
       done 2>&1 | tee "$OUT/kvariants.log" ;;
+    src:*)  # src:DIR - install the tree in DIR (a copy with other kernels) and run the
+      # next steps there, logging under $OUT/DIR's name
+      dir=${step#src:}
+      cd "$dir" || exit 1
+      OUT=$OUT/$(basename "$dir")
+      mkdir -p "$OUT"
+      python3 -m pip install -q --no-deps --no-build-isolation --no-compile --upgrade \
+        --target /tmp/site . > "$OUT/pip.log" 2>&1 || { tail -20 "$OUT/pip.log"; exit 1; } ;;
+    ncu:*)  # ncu:KV - hardware counters of one decode launch at KIVI_NCU_GRID (64x8192)
+      kv=${step#ncu:}
+      IFS=x read -r nb nc <<< "${KIVI_NCU_GRID:-64x8192}"
+      ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu | head -1)
+      "$ncu" --clock-control none -k regex:_kivi_attend --launch-skip 5 --launch-count 1 \
+        --section SpeedOfLight --section Occupancy --section LaunchStats \
+        --section SchedulerStats --section WarpStateStats --section ComputeWorkloadAnalysis \
+        --section MemoryWorkloadAnalysis --section InstructionStats --section SourceCounters \
+        -f -o "$OUT/ncu-$kv" python3 benchmarks/kernels.py --batches "$nb" --contexts "$nc" \
+        --kv "$kv" > "$OUT/ncu-$kv-run.log" 2>&1
+      "$ncu" --import "$OUT/ncu-$kv.ncu-rep" --page details > "$OUT/ncu-$kv.log" 2>&1
+      "$ncu" --import "$OUT/ncu-$kv.ncu-rep" --page source --csv --print-source sass \
+        > "$OUT/ncu-$kv-sass.csv" 2>&1
+      python3 benchmarks/ncu_stalls.py "$OUT/ncu-$kv-sass.csv" > "$OUT/ncu-$kv-stalls.txt"
+      grep -i "duration\|issue\|eligible\|active warps\|registers\|occupancy" \
+        "$OUT/ncu-$kv.log" | head -20
+      head -14 "$OUT/ncu-$kv-stalls.txt" ;;
     kernels-tune)
       python3 benchmarks/kernels.py --tune 2>&1 | grep "^tune" | tee "$OUT/kernels-tune.log" ;;
     smoke2)
