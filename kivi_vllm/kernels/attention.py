@@ -8,7 +8,9 @@ decode loop over several pages, whose per-channel scale and min are folded into 
 query rows (``q . (s*k + m) = (q*s) . k + q . m``). Codes become float16 through a magic
 number (``prmt`` puts a masked byte under a float16 exponent, reading ``2**k + code``
 exactly; one ``sub.f16x2`` per two codes removes the ``2**k``), so no int-to-float
-conversion runs (those issue at a quarter of the FMA rate on Hopper). The running max is
+conversion runs (those issue at a quarter of the FMA rate on Hopper). A page's value
+chunks are joined in registers into one ``[N, D]`` operand: one value dot per page into a
+full-width accumulator, so the probabilities load as the A operand once. The running max is
 rescaled lazily (only when it grows by more than ``RESCALE_LOG2``). The last split also
 covers the tail ring and, for decode, the step's own token; ``_kivi_reduce_splits``
 merges the splits by log-sum-exp.
@@ -198,7 +200,7 @@ def _self_dot(q_c, k_ptr, C0: tl.constexpr, w):
 
 
 @triton.jit
-def _attend_page(page, q0, q1, q2, q3, m_i, l_i, acc0, acc1, acc2, acc3, kvh, t, k_off, v_off, w,
+def _attend_page(page, q0, q1, q2, q3, m_i, l_i, acc, kvh, t, k_off, v_off, w,
                  tok0, tok_lo, WINDOWED: tl.constexpr, W: tl.constexpr, NCH: tl.constexpr,
                  OFF_KC: tl.constexpr, OFF_VC: tl.constexpr, OFF_KS: tl.constexpr,
                  OFF_KM: tl.constexpr, OFF_VS: tl.constexpr, OFF_VM: tl.constexpr, G: tl.constexpr,
@@ -225,19 +227,17 @@ def _attend_page(page, q0, q1, q2, q3, m_i, l_i, acc0, acc1, acc2, acc3, kvh, t,
         s = tl.dot(q3, tl.trans(k3), s)
     if WINDOWED:
         s = tl.where((tok0 + t >= tok_lo)[None, :], s, float("-inf"))
-    m_i, l_i, acc0, acc1, acc2, acc3, p16 = _online_softmax(s, m_i, l_i, acc0, acc1, acc2,
-                                                            acc3)
+    m_i, l_i, acc, p16 = _online_softmax(s, m_i, l_i, acc)
 
     vs = scale_ptr(page + OFF_VS, FP8S) + kvh * VG * G
     vm = (page + OFF_VM).to(tl.pointer_type(tl.float16)) + kvh * VG * G
-    acc0, acc1, acc2, acc3 = _accumulate_values(
-        p16, vs, vm, page + OFF_VC + v_off, t, t < G, acc0, acc1, acc2, acc3, W, NCH, G, VP,
-        VBITS, USE_ASM, FP8S)  # every token of the page
-    return m_i, l_i, acc0, acc1, acc2, acc3
+    acc = _accumulate_values(p16, vs, vm, page + OFF_VC + v_off, t, t < G, acc, W, NCH, G, VP,
+                             VBITS, USE_ASM, FP8S)  # every token of the page
+    return m_i, l_i, acc
 
 
 @triton.jit
-def _accumulate_values(p16, vs, vm, v_ptrs, t, ok, acc0, acc1, acc2, acc3, W: tl.constexpr,
+def _accumulate_values(p16, vs, vm, v_ptrs, t, ok, acc, W: tl.constexpr,
                        NCH: tl.constexpr, G: tl.constexpr, VP: tl.constexpr,
                        VBITS: tl.constexpr, USE_ASM: tl.constexpr, FP8S: tl.constexpr):
     """``acc += p . (s*v + m)`` over N tokens: value codes at ``v_ptrs`` [N, W], per-token
@@ -246,34 +246,38 @@ def _accumulate_values(p16, vs, vm, v_ptrs, t, ok, acc0, acc1, acc2, acc3, W: tl
     m0, m1, m2, m3 = _value_params(vm, t, W, NCH, G, ok, False)
     v0, v1, v2, v3 = _page_chunks(v_ptrs, W * G, s0, m0, s1, m1, s2, m2, s3, m3, W, VP,
                                   VBITS, True, USE_ASM)
-    acc0 = tl.dot(p16, v0, acc0)
-    acc1 = tl.dot(p16, v1, acc1)
-    if NCH == 4:
-        acc2 = tl.dot(p16, v2, acc2)
-        acc3 = tl.dot(p16, v3, acc3)
-    return acc0, acc1, acc2, acc3
+    return tl.dot(p16, _join_chunks(v0, v1, v2, v3, NCH), acc)
 
 
 @triton.jit
-def _online_softmax(s, m_i, l_i, acc0, acc1, acc2, acc3):
+def _join_chunks(c0, c1, c2, c3, NCH: tl.constexpr):
+    """NCH chunks [N, W] -> one [N, NCH * W] tile (chunk i at columns iW..iW+W), in
+    registers: one value dot per page loads the probabilities as its A operand once."""
+    if NCH == 4:
+        x = tl.join(tl.join(c0, c1), tl.join(c2, c3))  # [N, W, 2, 2]: chunk 2j + i at [.., i, j]
+        x = tl.reshape(tl.permute(x, (0, 3, 2, 1)), (c0.shape[0], 4 * c0.shape[1]))
+    else:
+        x = tl.reshape(tl.permute(tl.join(c0, c1), (0, 2, 1)), (c0.shape[0], 2 * c0.shape[1]))
+    return x
+
+
+@triton.jit
+def _online_softmax(s, m_i, l_i, acc):
     """Lazy-rescaled online softmax: new (m, l, acc) and the float16 probabilities."""
     m_cur = tl.max(s, axis=1)
     if tl.max(m_cur - m_i, axis=0) > RESCALE_LOG2:  # uniform branch; always on page one
         m_new = tl.maximum(m_i, m_cur)
         alpha = tl.exp2(m_i - m_new)
         l_i = l_i * alpha
-        acc0 = acc0 * alpha[:, None]
-        acc1 = acc1 * alpha[:, None]
-        acc2 = acc2 * alpha[:, None]
-        acc3 = acc3 * alpha[:, None]
+        acc = acc * alpha[:, None]
         m_i = m_new
     pr = tl.exp2(s - m_i[:, None])
     l_i = l_i + tl.sum(pr, axis=1)
-    return m_i, l_i, acc0, acc1, acc2, acc3, pr.to(tl.float16)
+    return m_i, l_i, acc, pr.to(tl.float16)
 
 
 @triton.jit
-def _attend_slots(cache, bt_row, p, p_hi, q0, q1, q2, q3, m_i, l_i, acc0, acc1, acc2, acc3,
+def _attend_slots(cache, bt_row, p, p_hi, q0, q1, q2, q3, m_i, l_i, acc,
                   kvh, row_slot, col_slot, t, w, tok_lo, WINDOWED: tl.constexpr,
                   W: tl.constexpr, NCH: tl.constexpr,
                   PAGE_BYTES: tl.constexpr, OFF_KC: tl.constexpr, OFF_VC: tl.constexpr,
@@ -327,16 +331,14 @@ def _attend_slots(cache, bt_row, p, p_hi, q0, q1, q2, q3, m_i, l_i, acc0, acc1, 
         keep = keep & ((p + col_slot) * G + t >= tok_lo)
     s = tl.where((row_slot[:, None] == col_slot[None, :]) & keep[None, :],
                  s + bias[:, None], float("-inf"))
-    m_i, l_i, acc0, acc1, acc2, acc3, p16 = _online_softmax(s, m_i, l_i, acc0, acc1, acc2,
-                                                            acc3)
+    m_i, l_i, acc, p16 = _online_softmax(s, m_i, l_i, acc)
 
     vs = scale_ptr(col_page + OFF_VS, FP8S) + kvh * VG * G
     vm = (col_page + OFF_VM).to(tl.pointer_type(tl.float16)) + kvh * VG * G
     v_ptrs = col_page[:, None] + OFF_VC + kvh * VP * G + w[None, :] * G + t[:, None]
-    acc0, acc1, acc2, acc3 = _accumulate_values(p16, vs, vm, v_ptrs, t, col_in, acc0, acc1,
-                                                acc2, acc3, W, NCH, G, VP, VBITS, USE_ASM,
-                                                FP8S)
-    return m_i, l_i, acc0, acc1, acc2, acc3
+    acc = _accumulate_values(p16, vs, vm, v_ptrs, t, col_in, acc, W, NCH, G, VP, VBITS,
+                             USE_ASM, FP8S)
+    return m_i, l_i, acc
 
 
 @triton.jit
@@ -452,6 +454,7 @@ def _kivi_attend_context(
     tok, head, row_ok = _query_rows(m % ROWS, tok0, kvh, q_end, BLOCK_H, QPK)
     row_ok = row_ok & (row_slot < SLOTS)
     w = tl.arange(0, W)
+    d = tl.arange(0, D)
     t = tl.arange(0, G)
     q_rows = query + tok[:, None] * stride_qt + head[:, None] * stride_qh
     qk_scale = sm_scale * 1.4426950408889634
@@ -465,10 +468,7 @@ def _kivi_attend_context(
 
     m_i = tl.full([BLOCK_M], -1e30, dtype=tl.float32)  # finite: empty slots give no NaN
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc0 = tl.zeros([BLOCK_M, W], dtype=tl.float32)
-    acc1 = tl.zeros([BLOCK_M, W], dtype=tl.float32)
-    acc2 = tl.zeros([BLOCK_M, W], dtype=tl.float32)
-    acc3 = tl.zeros([BLOCK_M, W], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, D], dtype=tl.float32)  # D = NCH * W
 
     k_off = kvh * G * KP + t[:, None] * KP + w[None, :]  # key bytes [G tokens, W]
     v_off = kvh * VP * G + w[None, :] * G + t[:, None]  # value bytes, token-minor
@@ -479,15 +479,15 @@ def _kivi_attend_context(
     if SLOTS == 1:
         for p in range(p_lo, p_hi):
             page = cache + tl.load(bt_row + p).to(tl.int64) * PAGE_BYTES
-            m_i, l_i, acc0, acc1, acc2, acc3 = _attend_page(
-                page, q0, q1, q2, q3, m_i, l_i, acc0, acc1, acc2, acc3, kvh, t, k_off, v_off,
+            m_i, l_i, acc = _attend_page(
+                page, q0, q1, q2, q3, m_i, l_i, acc, kvh, t, k_off, v_off,
                 w, p * G, fv, WINDOWED, W, NCH, OFF_KC, OFF_VC, OFF_KS, OFF_KM, OFF_VS, OFF_VM,
                 G, D, VG, KP, VP, KBITS, VBITS, USE_ASM, FP8S)
     else:
         col = tl.arange(0, SLOTS * G)
         for p in range(p_lo, p_hi, SLOTS):
-            m_i, l_i, acc0, acc1, acc2, acc3 = _attend_slots(
-                cache, bt_row, p, p_hi, q0, q1, q2, q3, m_i, l_i, acc0, acc1, acc2, acc3,
+            m_i, l_i, acc = _attend_slots(
+                cache, bt_row, p, p_hi, q0, q1, q2, q3, m_i, l_i, acc,
                 kvh, row_slot, col // G, col % G, w, fv, WINDOWED, W, NCH, PAGE_BYTES, OFF_KC,
                 OFF_VC, OFF_KS, OFF_KM, OFF_VS, OFF_VM, G, D, VG, KP, VP, KBITS, VBITS, USE_ASM,
                 FP8S)
@@ -526,24 +526,13 @@ def _kivi_attend_context(
         pr = tl.exp2(s - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(pr, axis=1)
         pr16 = pr.to(tl.float16)
-        acc0 = tl.dot(pr16, _load_chunk(ring_v, rows, r_ok, 0 * W, w).to(tl.float16),
-                      acc0 * alpha[:, None])
-        acc1 = tl.dot(pr16, _load_chunk(ring_v, rows, r_ok, 1 * W, w).to(tl.float16),
-                      acc1 * alpha[:, None])
-        if NCH == 4:
-            acc2 = tl.dot(pr16, _load_chunk(ring_v, rows, r_ok, 2 * W, w).to(tl.float16),
-                          acc2 * alpha[:, None])
-            acc3 = tl.dot(pr16, _load_chunk(ring_v, rows, r_ok, 3 * W, w).to(tl.float16),
-                          acc3 * alpha[:, None])
+        acc = tl.dot(pr16, _load_chunk(ring_v, rows, r_ok, 0, d).to(tl.float16),
+                     acc * alpha[:, None])
         if DECODE and SELF:
             p_self = tl.exp2(s_self - m_safe)
             l_i += p_self
             self_v = value + tok0 * stride_vt + kvh * stride_vh
-            acc0 += p_self[:, None] * tl.load(self_v + 0 * W + w).to(tl.float32)[None, :]
-            acc1 += p_self[:, None] * tl.load(self_v + 1 * W + w).to(tl.float32)[None, :]
-            if NCH == 4:
-                acc2 += p_self[:, None] * tl.load(self_v + 2 * W + w).to(tl.float32)[None, :]
-                acc3 += p_self[:, None] * tl.load(self_v + 3 * W + w).to(tl.float32)[None, :]
+            acc += p_self[:, None] * tl.load(self_v + d).to(tl.float32)[None, :]
         m_i = m_new
 
     if SLOTS > 1:  # merge the slots' partial softmaxes into the tile's ROWS rows
@@ -552,11 +541,7 @@ def _kivi_attend_context(
         m_i = tl.max(m3, axis=0)
         f = tl.exp2(m3 - m_i[None, :])
         l_i = tl.sum(tl.reshape(l_i, (NS, ROWS)) * f, axis=0)
-        acc0 = tl.sum(tl.reshape(acc0, (NS, ROWS, W)) * f[:, :, None], axis=0)
-        acc1 = tl.sum(tl.reshape(acc1, (NS, ROWS, W)) * f[:, :, None], axis=0)
-        if NCH == 4:
-            acc2 = tl.sum(tl.reshape(acc2, (NS, ROWS, W)) * f[:, :, None], axis=0)
-            acc3 = tl.sum(tl.reshape(acc3, (NS, ROWS, W)) * f[:, :, None], axis=0)
+        acc = tl.sum(tl.reshape(acc, (NS, ROWS, D)) * f[:, :, None], axis=0)
         tok, head, row_ok = _query_rows(tl.arange(0, ROWS), tok0, kvh, q_end, BLOCK_H, QPK)
     empty = l_i == 0.0
     inv_l = tl.where(empty, 0.0, 1.0 / l_i)
@@ -565,11 +550,7 @@ def _kivi_attend_context(
     # one split: mid_o/mid_lse are the final output [T, HQ, D] and LSE [HQ, T] (natural log)
     out = mid_o + mid_tok[:, None] * stride_ot + head[:, None] * stride_oh + split * stride_os
     ok = row_ok[:, None]
-    tl.store(out + 0 * W + w[None, :], acc0 * inv_l[:, None], mask=ok)
-    tl.store(out + 1 * W + w[None, :], acc1 * inv_l[:, None], mask=ok)
-    if NCH == 4:
-        tl.store(out + 2 * W + w[None, :], acc2 * inv_l[:, None], mask=ok)
-        tl.store(out + 3 * W + w[None, :], acc3 * inv_l[:, None], mask=ok)
+    tl.store(out + d[None, :], acc * inv_l[:, None], mask=ok)
     if SINGLE:
         lse = lse * 0.6931471805599453
     if WRITE_LSE:
@@ -620,7 +601,9 @@ def _kivi_reduce_splits(
 # Launch settings (measured on an H100 and an H200, see docs/kernel-notes.md); env vars
 # override. One page per iteration (prefill, or decode where the slots do not fit):
 MAX_SPLITS = 32
-SPLIT_TARGET = int(os.environ.get("KIVI_SPLIT_TARGET", 132 * 12))  # programs in flight
+# Programs in flight: about one wave of the four-page loop (4 programs per SM, 132 SMs).
+# 64 decode rows x 8 KV heads then take one split and skip the reduce (-3.5% at 64 x 8k).
+SPLIT_TARGET = int(os.environ.get("KIVI_SPLIT_TARGET", 512))
 DECODE_WARPS = int(os.environ.get("KIVI_DECODE_WARPS", 2))
 NUM_STAGES = int(os.environ.get("KIVI_NUM_STAGES", 3))
 MAX_REGISTERS = int(os.environ.get("KIVI_MAX_REGISTERS", 128)) or None  # ptxas .maxnreg
