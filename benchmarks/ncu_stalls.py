@@ -13,7 +13,8 @@ import csv
 
 
 def summarise(path: str, top: int = 18) -> str:
-    rows = list(csv.reader(open(path)))
+    with open(path, newline="") as f:
+        rows = list(csv.reader(f))
     header, data = rows[1], rows[2:]  # rows[0] names the kernel
     col = {name: i for i, name in enumerate(header)}
     reasons = [h for h in header if h.startswith("stall_") and not h.endswith("(Not Issued)")]
