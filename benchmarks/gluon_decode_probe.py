@@ -1,0 +1,202 @@
+"""Compile-only probe of the v7 plan (``docs/kernel-notes.md``): the four-page decode loop in
+Gluon, one warp, 2-bit codes in mma-fragment byte order. No GPU: compiles for sm_90 with the
+Triton wheel's ptxas and prints registers and the loop's SASS per iteration (4 pages, 128
+tokens), to set against ``benchmarks/kernel_sass.py --bits 2 --stages 2 --maxnreg 0``
+(two warps per four pages there)::
+
+    python benchmarks/gluon_decode_probe.py
+
+Not a kernel yet: one KV head, every page full, no tail, splits or pipelining, and a page
+layout of its own (per head and page: key codes [32 tokens][32 bytes], value codes
+[32 byte columns][32 tokens], key scales then mins [128] float16, value scales and mins
+[4 planes][32 + 32] float16). Code bytes (and value scales and mins) are permuted within
+runs of 16 along the dot's contraction axis to ``0, 1, 8, 9, 2, 3, 10, 11, ...``, so one
+32-bit load is a lane's ``mma.m16n8k16`` fragment and both ``convert_layout`` calls to a
+dot operand are register no-ops. Rows are (query head, page slot) with head ``r % 2 + 2 *
+(r // 8)`` and slot ``(r % 8) // 2``: rows r and r + 8 of a lane share a page and differ in
+head, so no operand register is a known zero or a duplicate (with slot ``r // 4`` ptxas
+spends ~250 moves building operand quads).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon._runtime import GluonASTSource
+from triton.experimental.gluon.language.nvidia.ampere import mma_v2
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks.kernel_sass import sass_report  # noqa: E402
+from kivi_vllm.kernels.attention import _plane_asm  # noqa: E402
+
+
+@gluon.constexpr_function
+def _only(layout, keep, ndim):
+    """Slice every dim of ``layout`` but ``keep`` (for a 1-D arange along ``keep``)."""
+    for d in reversed(range(ndim)):
+        if d != keep:
+            layout = gl.SliceLayout(d, layout)
+    return layout
+
+
+@gluon.jit
+def _ar(n: gl.constexpr, layout: gl.constexpr, keep: gl.constexpr, ndim: gl.constexpr):
+    return gl.arange(0, n, layout=_only(layout, keep, ndim))
+
+
+@gluon.jit
+def _key_chunk(kt, B: gl.constexpr):
+    """fp16 [2 r, 4 t, 4 kk, 16 j, 8 ln] (storage order) -> B operand [32 ch, 128 tok]."""
+    kt = gl.permute(gl.reshape(kt, [2, 4, 2, 2, 16, 8]), [0, 2, 1, 3, 4, 5])
+    return gl.convert_layout(gl.reshape(kt, [32, 128]), B)
+
+
+@gluon.jit
+def _value_chunk(vt, B: gl.constexpr):
+    """fp16 [4 pg, 2 run, 4 t, 4 kk, 4 j, 8 ln] -> B operand [128 tok, 32 ch]."""
+    vt = gl.permute(gl.reshape(vt, [4, 2, 4, 2, 2, 4, 8]), [0, 1, 3, 2, 4, 5, 6])
+    return gl.convert_layout(gl.reshape(vt, [128, 32]), B)
+
+
+@gluon.jit
+def _v7(q_ptr, cache, bt_ptr, out_ptr, n_iter, PAGE: gl.constexpr,
+        KA0: gl.constexpr, KA1: gl.constexpr, KA2: gl.constexpr, KA3: gl.constexpr,
+        VA0: gl.constexpr, VA1: gl.constexpr, VA2: gl.constexpr, VA3: gl.constexpr):
+    OFF_KC: gl.constexpr = 0            # [32 tok][32 B] fragment-ordered bytes
+    OFF_VC: gl.constexpr = 1024         # [32 byte col][32 tok] fragment-ordered tokens
+    OFF_KS: gl.constexpr = 2048         # [128 ch] fp16 key scales, then mins
+    OFF_VSM: gl.constexpr = 2560        # [4 planes][s: 32 tok, m: 32 tok] fp16, fragment order
+    mma: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, 1],
+                                                  instr_shape=[16, 8])
+    A: gl.constexpr = gl.DotOperandLayout(0, mma, 2)
+    B: gl.constexpr = gl.DotOperandLayout(1, mma, 2)
+    LK: gl.constexpr = gl.BlockedLayout([2, 1, 4, 16, 1], [1, 4, 1, 1, 8], [1, 1, 1, 1, 1],
+                                        [2, 1, 4, 3, 0])
+    LV: gl.constexpr = gl.BlockedLayout([4, 2, 1, 4, 4, 1], [1, 1, 4, 1, 1, 8],
+                                        [1, 1, 1, 1, 1, 1], [3, 2, 5, 4, 1, 0])
+    # query rows: row -> head row % 4, slot row // 4; A operand chunks [16, 32] per plane
+    qr = gl.arange(0, 16, layout=gl.SliceLayout(1, A))
+    qc = gl.arange(0, 32, layout=gl.SliceLayout(0, A))
+    q_rows = q_ptr + ((qr % 2) + 2 * (qr // 8))[:, None] * 128 + qc[None, :]
+    q0 = gl.load(q_rows + 0)
+    q1 = gl.load(q_rows + 32)
+    q2 = gl.load(q_rows + 64)
+    q3 = gl.load(q_rows + 96)
+    rows = gl.arange(0, 16, layout=gl.SliceLayout(1, mma))
+    cols = gl.arange(0, 128, layout=gl.SliceLayout(0, mma))
+    same_page = ((rows % 8) // 2)[:, None] == (cols // 32)[None, :]
+    bk = gl.arange(0, 32, layout=gl.SliceLayout(1, B))   # channels of a chunk (B rows)
+    bn = gl.arange(0, 8, layout=gl.SliceLayout(0, B))    # pages (B columns, 4 of 8 used)
+    km_ok = (bn < 4)[None, :]
+    bcol = gl.arange(0, 8, layout=gl.SliceLayout(0, mma))
+    # key byte tile offsets within the 4 pages: [r, t, kk, j, ln]
+    k_r = _ar(2, LK, 0, 5)
+    k_t = _ar(4, LK, 1, 5)
+    k_kk = _ar(4, LK, 2, 5)
+    k_j = _ar(16, LK, 3, 5)
+    k_ln = _ar(8, LK, 4, 5)
+    k_byte = ((k_r * 16)[:, None, None, None, None] + (k_t * 4)[None, :, None, None, None]
+              + k_kk[None, None, :, None, None])
+    k_tok = ((k_j % 4) * 8)[None, None, None, :, None] + k_ln[None, None, None, None, :]
+    k_pg = (k_j // 4)[None, None, None, :, None]
+    # value offsets: [pg, run, t, kk, j, ln]
+    v_pg = _ar(4, LV, 0, 6)
+    v_run = _ar(2, LV, 1, 6)
+    v_t = _ar(4, LV, 2, 6)
+    v_kk = _ar(4, LV, 3, 6)
+    v_j = _ar(4, LV, 4, 6)
+    v_ln = _ar(8, LV, 5, 6)
+    v_pos = ((v_run * 16)[None, :, None, None, None, None]
+             + (v_t * 4)[None, None, :, None, None, None] + v_kk[None, None, None, :, None, None])
+    v_col = (v_j * 8)[None, None, None, None, :, None] + v_ln[None, None, None, None, None, :]
+    v_pg5 = v_pg[:, None, None, None, None, None]
+
+    m_i = gl.full([16], -1e30, gl.float32, layout=gl.SliceLayout(1, mma))
+    l_i = gl.zeros([16], gl.float32, layout=gl.SliceLayout(1, mma))
+    o0 = gl.zeros([16, 32], gl.float32, layout=mma)
+    o1 = gl.zeros([16, 32], gl.float32, layout=mma)
+    o2 = gl.zeros([16, 32], gl.float32, layout=mma)
+    o3 = gl.zeros([16, 32], gl.float32, layout=mma)
+    for it in range(n_iter):
+        pages = gl.load(bt_ptr + it * 4 + k_pg).to(gl.int64) * PAGE      # [1,1,1,16,1]
+        kt = gl.load(cache + pages + OFF_KC + k_tok * 32 + k_byte)
+        # per-row key scales/mins of the row's page, channels of the A operand chunks
+        row_page = gl.load(bt_ptr + it * 4 + (qr % 8) // 2).to(gl.int64) * PAGE
+        ks = (cache + row_page + OFF_KS)[:, None].to(gl.pointer_type(gl.float16)) + qc[None, :]
+        s = gl.zeros([16, 128], gl.float32, layout=mma)
+        kmp = gl.load(bt_ptr + it * 4 + gl.minimum(bn, 3)).to(gl.int64) * PAGE
+        km_b = ((cache + kmp + OFF_KS + 256)[None, :].to(gl.pointer_type(gl.float16))
+                + bk[:, None])
+        s = mma_v2(q0 * gl.load(ks + 0), _key_chunk(gl.inline_asm_elementwise(
+            KA0, "=r,=r,r", [kt], dtype=gl.float16, is_pure=True, pack=4), B), s)
+        s = mma_v2(q1 * gl.load(ks + 32), _key_chunk(gl.inline_asm_elementwise(
+            KA1, "=r,=r,r", [kt], dtype=gl.float16, is_pure=True, pack=4), B), s)
+        s = mma_v2(q2 * gl.load(ks + 64), _key_chunk(gl.inline_asm_elementwise(
+            KA2, "=r,=r,r", [kt], dtype=gl.float16, is_pure=True, pack=4), B), s)
+        s = mma_v2(q3 * gl.load(ks + 96), _key_chunk(gl.inline_asm_elementwise(
+            KA3, "=r,=r,r", [kt], dtype=gl.float16, is_pure=True, pack=4), B), s)
+        bsc = gl.zeros([16, 8], gl.float32, layout=mma)
+        bsc = mma_v2(q0, gl.load(km_b + 0, mask=km_ok, other=0.0), bsc)
+        bsc = mma_v2(q1, gl.load(km_b + 32, mask=km_ok, other=0.0), bsc)
+        bsc = mma_v2(q2, gl.load(km_b + 64, mask=km_ok, other=0.0), bsc)
+        bsc = mma_v2(q3, gl.load(km_b + 96, mask=km_ok, other=0.0), bsc)
+        bias = gl.sum(gl.where(bcol[None, :] == ((rows % 8) // 2)[:, None], bsc, 0.0), axis=1)
+        s = gl.where(same_page, s + bias[:, None], float("-inf"))
+        m_cur = gl.max(s, axis=1)
+        if gl.max(m_cur - m_i, axis=0) > 8.0:
+            m_new = gl.maximum(m_i, m_cur)
+            alpha = gl.exp2(m_i - m_new)
+            l_i = l_i * alpha
+            o0 = o0 * alpha[:, None]
+            o1 = o1 * alpha[:, None]
+            o2 = o2 * alpha[:, None]
+            o3 = o3 * alpha[:, None]
+            m_i = m_new
+        pr = gl.exp2(s - m_i[:, None])
+        l_i = l_i + gl.sum(pr, axis=1)
+        p16 = gl.convert_layout(pr.to(gl.float16), A)
+        vpages = gl.load(bt_ptr + it * 4 + v_pg5).to(gl.int64) * PAGE
+        vt = gl.load(cache + vpages + OFF_VC + v_col * 32 + v_pos)
+        vsm = (cache + vpages + OFF_VSM).to(gl.pointer_type(gl.float16)) + v_pos
+        o0 = mma_v2(p16, _value_chunk(gl.inline_asm_elementwise(
+            VA0, "=r,=r,r,r,r,r,r", [vt, gl.load(vsm + 0), gl.load(vsm + 32)], dtype=gl.float16,
+            is_pure=True, pack=4), B), o0)
+        o1 = mma_v2(p16, _value_chunk(gl.inline_asm_elementwise(
+            VA1, "=r,=r,r,r,r,r,r", [vt, gl.load(vsm + 64), gl.load(vsm + 96)],
+            dtype=gl.float16, is_pure=True, pack=4), B), o1)
+        o2 = mma_v2(p16, _value_chunk(gl.inline_asm_elementwise(
+            VA2, "=r,=r,r,r,r,r,r", [vt, gl.load(vsm + 128), gl.load(vsm + 160)],
+            dtype=gl.float16, is_pure=True, pack=4), B), o2)
+        o3 = mma_v2(p16, _value_chunk(gl.inline_asm_elementwise(
+            VA3, "=r,=r,r,r,r,r,r", [vt, gl.load(vsm + 192), gl.load(vsm + 224)],
+            dtype=gl.float16, is_pure=True, pack=4), B), o3)
+    oc = gl.arange(0, 32, layout=gl.SliceLayout(0, mma))
+    inv = 1.0 / l_i
+    optr = out_ptr + rows[:, None] * 128 + oc[None, :]
+    gl.store(optr, o0 * inv[:, None])
+    gl.store(optr + 32, o1 * inv[:, None])
+    gl.store(optr + 64, o2 * inv[:, None])
+    gl.store(optr + 96, o3 * inv[:, None])
+
+
+def compile_probe():
+    """The probe compiled for sm_90 (one warp)."""
+    consts = {"PAGE": 4096, **{f"KA{i}": _plane_asm(2, i, False) for i in range(4)},
+              **{f"VA{i}": _plane_asm(2, i, True) for i in range(4)}}
+    names = ["q_ptr", "cache", "bt_ptr", "out_ptr", "n_iter", *consts]
+    signature = {"q_ptr": "*fp16", "cache": "*u8", "bt_ptr": "*i32", "out_ptr": "*fp32",
+                 "n_iter": "i32", **{k: "constexpr" for k in consts}}
+    src = GluonASTSource(fn=_v7, signature=signature,
+                         constexprs={(names.index(k),): v for k, v in consts.items()},
+                         attrs={(i,): [["tt.divisibility", 16]] for i in range(4)})
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 1})
+
+
+if __name__ == "__main__":
+    sass_report(compile_probe().asm["cubin"])
