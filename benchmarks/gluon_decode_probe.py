@@ -6,7 +6,9 @@ tokens), to set against ``benchmarks/kernel_sass.py --bits 2 --stages 2 --maxnre
 
     python benchmarks/gluon_decode_probe.py
 
-Not a kernel yet: one KV head, every page full, no tail, splits or pipelining, and a page
+The code tiles of the next iteration come by ``cp.async`` into a second shared-memory stage
+(read back with ``ldmatrix``); value scales and mins are plain loads. Not a kernel yet: one KV
+head, every page full, no tail or splits, and a page
 layout of its own (per head and page: key codes [32 tokens][32 bytes], value codes
 [32 byte columns][32 tokens], key scales then mins [128] float16, value scales and mins
 [4 planes][32 + 32] float16). Code bytes (and value scales and mins) are permuted within
@@ -28,7 +30,7 @@ from triton.backends.compiler import GPUTarget
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon._runtime import GluonASTSource
-from triton.experimental.gluon.language.nvidia.ampere import mma_v2
+from triton.experimental.gluon.language.nvidia.ampere import async_copy, mma_v2
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -62,6 +64,17 @@ def _value_chunk(vt, B: gl.constexpr):
     """fp16 [4 pg, 2 run, 4 t, 4 kk, 4 j, 8 ln] -> B operand [128 tok, 32 ch]."""
     vt = gl.permute(gl.reshape(vt, [4, 2, 4, 2, 2, 4, 8]), [0, 1, 3, 2, 4, 5, 6])
     return gl.convert_layout(gl.reshape(vt, [128, 32]), B)
+
+
+@gluon.jit
+def _stage(kbuf, vbuf, cache, bt_ptr, it, k_pg, k_tok, k_byte, v_pg, v_col, v_pos,
+           PAGE: gl.constexpr, OFF_KC: gl.constexpr, OFF_VC: gl.constexpr):
+    """Start copying iteration ``it``'s key and value code tiles into one stage."""
+    kpages = gl.load(bt_ptr + it * 4 + k_pg).to(gl.int64) * PAGE
+    async_copy.async_copy_global_to_shared(kbuf, cache + kpages + OFF_KC + k_tok * 32 + k_byte)
+    vpages = gl.load(bt_ptr + it * 4 + v_pg).to(gl.int64) * PAGE
+    async_copy.async_copy_global_to_shared(vbuf, cache + vpages + OFF_VC + v_col * 32 + v_pos)
+    async_copy.commit_group()
 
 
 @gluon.jit
@@ -123,9 +136,19 @@ def _v7(q_ptr, cache, bt_ptr, out_ptr, n_iter, PAGE: gl.constexpr,
     o1 = gl.zeros([16, 32], gl.float32, layout=mma)
     o2 = gl.zeros([16, 32], gl.float32, layout=mma)
     o3 = gl.zeros([16, 32], gl.float32, layout=mma)
+    kbuf = gl.allocate_shared_memory(gl.uint8, [2, 2, 4, 4, 16, 8],
+                                     gl.SwizzledSharedLayout(1, 1, 1, [2, 1, 4, 3, 0]))
+    vbuf = gl.allocate_shared_memory(gl.uint8, [2, 4, 2, 4, 4, 4, 8],
+                                     gl.SwizzledSharedLayout(1, 1, 1, [3, 2, 5, 4, 1, 0]))
+    # two stages of code tiles by cp.async; each lane copies the words it reads back
+    _stage(kbuf.index(0), vbuf.index(0), cache, bt_ptr, 0, k_pg, k_tok, k_byte, v_pg5, v_col,
+           v_pos, PAGE, OFF_KC, OFF_VC)
     for it in range(n_iter):
-        pages = gl.load(bt_ptr + it * 4 + k_pg).to(gl.int64) * PAGE      # [1,1,1,16,1]
-        kt = gl.load(cache + pages + OFF_KC + k_tok * 32 + k_byte)
+        _stage(kbuf.index((it + 1) % 2), vbuf.index((it + 1) % 2), cache, bt_ptr,
+               gl.minimum(it + 1, n_iter - 1), k_pg, k_tok, k_byte, v_pg5, v_col, v_pos, PAGE,
+               OFF_KC, OFF_VC)
+        async_copy.wait_group(1)
+        kt = kbuf.index(it % 2).load(LK)
         # per-row key scales/mins of the row's page, channels of the A operand chunks
         row_page = gl.load(bt_ptr + it * 4 + (qr % 8) // 2).to(gl.int64) * PAGE
         ks = (cache + row_page + OFF_KS)[:, None].to(gl.pointer_type(gl.float16)) + qc[None, :]
@@ -162,7 +185,7 @@ def _v7(q_ptr, cache, bt_ptr, out_ptr, n_iter, PAGE: gl.constexpr,
         l_i = l_i + gl.sum(pr, axis=1)
         p16 = gl.convert_layout(pr.to(gl.float16), A)
         vpages = gl.load(bt_ptr + it * 4 + v_pg5).to(gl.int64) * PAGE
-        vt = gl.load(cache + vpages + OFF_VC + v_col * 32 + v_pos)
+        vt = vbuf.index(it % 2).load(LV)
         vsm = (cache + vpages + OFF_VSM).to(gl.pointer_type(gl.float16)) + v_pos
         o0 = mma_v2(p16, _value_chunk(gl.inline_asm_elementwise(
             VA0, "=r,=r,r,r,r,r,r", [vt, gl.load(vsm + 0), gl.load(vsm + 32)], dtype=gl.float16,
