@@ -67,6 +67,24 @@ def _value_chunk(vt, B: gl.constexpr):
 
 
 @gluon.jit
+def _key_dot(s, q, ks, kt, PLANE: gl.constexpr, B: gl.constexpr):
+    """``s += (q * ks) . k`` over bit plane PLANE's 32 channels (exact codes as B)."""
+    a = q * gl.load(ks + 32 * PLANE)
+    k = gl.inline_asm_elementwise(_plane_asm(2, PLANE, False), "=r,=r,r", [kt],
+                                  dtype=gl.float16, is_pure=True, pack=4)
+    return mma_v2(a, _key_chunk(k, B), s)
+
+
+@gluon.jit
+def _value_dot(o, p16, vt, vsm, PLANE: gl.constexpr, B: gl.constexpr):
+    """``o += p . (s*v + m)`` over bit plane PLANE's 32 channels."""
+    v = gl.inline_asm_elementwise(_plane_asm(2, PLANE, True), "=r,=r,r,r,r,r,r",
+                                  [vt, gl.load(vsm + 64 * PLANE), gl.load(vsm + 64 * PLANE + 32)],
+                                  dtype=gl.float16, is_pure=True, pack=4)
+    return mma_v2(p16, _value_chunk(v, B), o)
+
+
+@gluon.jit
 def _stage(kbuf, vbuf, cache, bt_ptr, it, k_pg, k_tok, k_byte, v_pg, v_col, v_pos,
            PAGE: gl.constexpr, OFF_KC: gl.constexpr, OFF_VC: gl.constexpr):
     """Start copying iteration ``it``'s key and value code tiles into one stage."""
@@ -78,9 +96,7 @@ def _stage(kbuf, vbuf, cache, bt_ptr, it, k_pg, k_tok, k_byte, v_pg, v_col, v_po
 
 
 @gluon.jit
-def _v7(q_ptr, cache, bt_ptr, out_ptr, n_iter, PAGE: gl.constexpr,
-        KA0: gl.constexpr, KA1: gl.constexpr, KA2: gl.constexpr, KA3: gl.constexpr,
-        VA0: gl.constexpr, VA1: gl.constexpr, VA2: gl.constexpr, VA3: gl.constexpr):
+def _v7(q_ptr, cache, bt_ptr, out_ptr, n_iter, PAGE: gl.constexpr):
     OFF_KC: gl.constexpr = 0            # [32 tok][32 B] fragment-ordered bytes
     OFF_VC: gl.constexpr = 1024         # [32 byte col][32 tok] fragment-ordered tokens
     OFF_KS: gl.constexpr = 2048         # [128 ch] fp16 key scales, then mins
@@ -93,7 +109,8 @@ def _v7(q_ptr, cache, bt_ptr, out_ptr, n_iter, PAGE: gl.constexpr,
                                         [2, 1, 4, 3, 0])
     LV: gl.constexpr = gl.BlockedLayout([4, 2, 1, 4, 4, 1], [1, 1, 4, 1, 1, 8],
                                         [1, 1, 1, 1, 1, 1], [3, 2, 5, 4, 1, 0])
-    # query rows: row -> head row % 4, slot row // 4; A operand chunks [16, 32] per plane
+    # query rows: row r -> head r % 2 + 2 (r // 8), page slot (r % 8) // 2 (module doc);
+    # A operand chunks [16, 32] per plane
     qr = gl.arange(0, 16, layout=gl.SliceLayout(1, A))
     qc = gl.arange(0, 32, layout=gl.SliceLayout(0, A))
     q_rows = q_ptr + ((qr % 2) + 2 * (qr // 8))[:, None] * 128 + qc[None, :]
@@ -103,7 +120,8 @@ def _v7(q_ptr, cache, bt_ptr, out_ptr, n_iter, PAGE: gl.constexpr,
     q3 = gl.load(q_rows + 96)
     rows = gl.arange(0, 16, layout=gl.SliceLayout(1, mma))
     cols = gl.arange(0, 128, layout=gl.SliceLayout(0, mma))
-    same_page = ((rows % 8) // 2)[:, None] == (cols // 32)[None, :]
+    slot = (rows % 8) // 2  # each row's page within the iteration
+    same_page = slot[:, None] == (cols // 32)[None, :]
     bk = gl.arange(0, 32, layout=gl.SliceLayout(1, B))   # channels of a chunk (B rows)
     bn = gl.arange(0, 8, layout=gl.SliceLayout(0, B))    # pages (B columns, 4 of 8 used)
     km_ok = (bn < 4)[None, :]
@@ -156,20 +174,16 @@ def _v7(q_ptr, cache, bt_ptr, out_ptr, n_iter, PAGE: gl.constexpr,
         kmp = gl.load(bt_ptr + it * 4 + gl.minimum(bn, 3)).to(gl.int64) * PAGE
         km_b = ((cache + kmp + OFF_KS + 256)[None, :].to(gl.pointer_type(gl.float16))
                 + bk[:, None])
-        s = mma_v2(q0 * gl.load(ks + 0), _key_chunk(gl.inline_asm_elementwise(
-            KA0, "=r,=r,r", [kt], dtype=gl.float16, is_pure=True, pack=4), B), s)
-        s = mma_v2(q1 * gl.load(ks + 32), _key_chunk(gl.inline_asm_elementwise(
-            KA1, "=r,=r,r", [kt], dtype=gl.float16, is_pure=True, pack=4), B), s)
-        s = mma_v2(q2 * gl.load(ks + 64), _key_chunk(gl.inline_asm_elementwise(
-            KA2, "=r,=r,r", [kt], dtype=gl.float16, is_pure=True, pack=4), B), s)
-        s = mma_v2(q3 * gl.load(ks + 96), _key_chunk(gl.inline_asm_elementwise(
-            KA3, "=r,=r,r", [kt], dtype=gl.float16, is_pure=True, pack=4), B), s)
+        s = _key_dot(s, q0, ks, kt, 0, B)
+        s = _key_dot(s, q1, ks, kt, 1, B)
+        s = _key_dot(s, q2, ks, kt, 2, B)
+        s = _key_dot(s, q3, ks, kt, 3, B)
         bsc = gl.zeros([16, 8], gl.float32, layout=mma)
         bsc = mma_v2(q0, gl.load(km_b + 0, mask=km_ok, other=0.0), bsc)
         bsc = mma_v2(q1, gl.load(km_b + 32, mask=km_ok, other=0.0), bsc)
         bsc = mma_v2(q2, gl.load(km_b + 64, mask=km_ok, other=0.0), bsc)
         bsc = mma_v2(q3, gl.load(km_b + 96, mask=km_ok, other=0.0), bsc)
-        bias = gl.sum(gl.where(bcol[None, :] == ((rows % 8) // 2)[:, None], bsc, 0.0), axis=1)
+        bias = gl.sum(gl.where(bcol[None, :] == slot[:, None], bsc, 0.0), axis=1)
         s = gl.where(same_page, s + bias[:, None], float("-inf"))
         m_cur = gl.max(s, axis=1)
         if gl.max(m_cur - m_i, axis=0) > 8.0:
@@ -187,18 +201,10 @@ def _v7(q_ptr, cache, bt_ptr, out_ptr, n_iter, PAGE: gl.constexpr,
         vpages = gl.load(bt_ptr + it * 4 + v_pg5).to(gl.int64) * PAGE
         vt = vbuf.index(it % 2).load(LV)
         vsm = (cache + vpages + OFF_VSM).to(gl.pointer_type(gl.float16)) + v_pos
-        o0 = mma_v2(p16, _value_chunk(gl.inline_asm_elementwise(
-            VA0, "=r,=r,r,r,r,r,r", [vt, gl.load(vsm + 0), gl.load(vsm + 32)], dtype=gl.float16,
-            is_pure=True, pack=4), B), o0)
-        o1 = mma_v2(p16, _value_chunk(gl.inline_asm_elementwise(
-            VA1, "=r,=r,r,r,r,r,r", [vt, gl.load(vsm + 64), gl.load(vsm + 96)],
-            dtype=gl.float16, is_pure=True, pack=4), B), o1)
-        o2 = mma_v2(p16, _value_chunk(gl.inline_asm_elementwise(
-            VA2, "=r,=r,r,r,r,r,r", [vt, gl.load(vsm + 128), gl.load(vsm + 160)],
-            dtype=gl.float16, is_pure=True, pack=4), B), o2)
-        o3 = mma_v2(p16, _value_chunk(gl.inline_asm_elementwise(
-            VA3, "=r,=r,r,r,r,r,r", [vt, gl.load(vsm + 192), gl.load(vsm + 224)],
-            dtype=gl.float16, is_pure=True, pack=4), B), o3)
+        o0 = _value_dot(o0, p16, vt, vsm, 0, B)
+        o1 = _value_dot(o1, p16, vt, vsm, 1, B)
+        o2 = _value_dot(o2, p16, vt, vsm, 2, B)
+        o3 = _value_dot(o3, p16, vt, vsm, 3, B)
     oc = gl.arange(0, 32, layout=gl.SliceLayout(0, mma))
     inv = 1.0 / l_i
     optr = out_ptr + rows[:, None] * 128 + oc[None, :]
@@ -210,13 +216,9 @@ def _v7(q_ptr, cache, bt_ptr, out_ptr, n_iter, PAGE: gl.constexpr,
 
 def compile_probe():
     """The probe compiled for sm_90 (one warp)."""
-    consts = {"PAGE": 4096, **{f"KA{i}": _plane_asm(2, i, False) for i in range(4)},
-              **{f"VA{i}": _plane_asm(2, i, True) for i in range(4)}}
-    names = ["q_ptr", "cache", "bt_ptr", "out_ptr", "n_iter", *consts]
     signature = {"q_ptr": "*fp16", "cache": "*u8", "bt_ptr": "*i32", "out_ptr": "*fp32",
-                 "n_iter": "i32", **{k: "constexpr" for k in consts}}
-    src = GluonASTSource(fn=_v7, signature=signature,
-                         constexprs={(names.index(k),): v for k, v in consts.items()},
+                 "n_iter": "i32", "PAGE": "constexpr"}
+    src = GluonASTSource(fn=_v7, signature=signature, constexprs={(5,): 4096},
                          attrs={(i,): [["tt.divisibility", 16]] for i in range(4)})
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 1})
 
