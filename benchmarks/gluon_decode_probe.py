@@ -35,7 +35,7 @@ from triton.experimental.gluon.language.nvidia.ampere import async_copy, mma_v2
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.kernel_sass import sass_report  # noqa: E402
-from kivi_vllm.kernels.attention import _plane_asm  # noqa: E402
+from kivi_vllm.kernels.common import plane_asm  # noqa: E402
 
 
 @gluon.constexpr_function
@@ -70,7 +70,7 @@ def _value_chunk(vt, B: gl.constexpr):
 def _key_dot(s, q, ks, kt, PLANE: gl.constexpr, B: gl.constexpr):
     """``s += (q * ks) . k`` over bit plane PLANE's 32 channels (exact codes as B)."""
     a = q * gl.load(ks + 32 * PLANE)
-    k = gl.inline_asm_elementwise(_plane_asm(2, PLANE, False), "=r,=r,r", [kt],
+    k = gl.inline_asm_elementwise(plane_asm(2, PLANE, False), "=r,=r,r", [kt],
                                   dtype=gl.float16, is_pure=True, pack=4)
     return mma_v2(a, _key_chunk(k, B), s)
 
@@ -78,7 +78,7 @@ def _key_dot(s, q, ks, kt, PLANE: gl.constexpr, B: gl.constexpr):
 @gluon.jit
 def _value_dot(o, p16, vt, vsm, PLANE: gl.constexpr, B: gl.constexpr):
     """``o += p . (s*v + m)`` over bit plane PLANE's 32 channels."""
-    v = gl.inline_asm_elementwise(_plane_asm(2, PLANE, True), "=r,=r,r,r,r,r,r",
+    v = gl.inline_asm_elementwise(plane_asm(2, PLANE, True), "=r,=r,r,r,r,r,r",
                                   [vt, gl.load(vsm + 64 * PLANE), gl.load(vsm + 64 * PLANE + 32)],
                                   dtype=gl.float16, is_pure=True, pack=4)
     return mma_v2(p16, _value_chunk(v, B), o)

@@ -48,7 +48,7 @@ def compile_decode(bits: int, group: int, head_dim: int, kv_heads: int, qpk: int
     names = fn.arg_names
     consts = dict(R=residual, BLOCK_R=triton.next_power_of_2(residual), QPK=qpk, BLOCK_Q=1,
                   **attention.tile_shape(qpk, group, 1, True), DECODE=True,
-                  W=width, NCH=nch, USE_ASM=True, SINGLE=False, WRITE_LSE=True,
+                  W=width, NCH=nch, USE_ASM=True, SINGLE=False, PAGES=True, WRITE_LSE=True,
                   **format_constants(fmt))
     signature = {n: POINTERS.get(n) or SCALARS.get(n) or
                  ("i32" if n.startswith("stride_") else "constexpr") for n in names}
@@ -60,6 +60,31 @@ def compile_decode(bits: int, group: int, head_dim: int, kv_heads: int, qpk: int
     if maxnreg:
         options["maxnreg"] = maxnreg
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
+
+
+def compile_gluon_decode(kv_heads: int, residual: int):
+    """The Gluon page loop (``kernels/decode_gluon.py``, 2-bit, group 32, d=128), one warp."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    from kivi_vllm.kernels import decode_gluon
+    from kivi_vllm.kernels.common import format_constants
+    from kivi_vllm.page_format import PageFormat
+
+    fn = decode_gluon._kivi_decode_pages
+    names = fn.arg_names
+    consts = {k: v for k, v in format_constants(PageFormat(2, 32, 128, kv_heads)).items()
+              if k in names}
+    consts.update(R=residual, BLOCK_R=max(16, triton.next_power_of_2(residual)), TAIL=True,
+                  SELF=True, SINGLE=True, WRITE_LSE=False)
+    signature = {n: POINTERS.get(n) or SCALARS.get(n) or
+                 ("i32" if n.startswith("stride_") else "constexpr") for n in names}
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in names
+             if n in POINTERS or n in ALIGNED_STRIDES}
+    src = GluonASTSource(fn=fn, signature=signature, attrs=attrs,
+                         constexprs={(names.index(k),): v for k, v in consts.items()})
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 1})
 
 
 def sass_report(cubin: bytes) -> None:
@@ -100,7 +125,12 @@ def main() -> None:
     p.add_argument("--stages", type=int, default=3)
     p.add_argument("--maxnreg", type=int, default=128, help="0: no register cap")
     p.add_argument("--fp8-scales", action="store_true", help="the kivi.fp8_scales variant")
+    p.add_argument("--gluon", action="store_true",
+                   help="the Gluon page loop (decode v7) instead of the Triton kernel")
     a = p.parse_args()
+    if a.gluon:
+        sass_report(compile_gluon_decode(a.kv_heads, a.residual).asm["cubin"])
+        return
     kernel = compile_decode(a.bits, a.group, a.head_dim, a.kv_heads, a.qpk, a.residual,
                             a.warps, a.stages, a.maxnreg or None, a.fp8_scales)
     sass_report(kernel.asm["cubin"])

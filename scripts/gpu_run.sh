@@ -28,6 +28,9 @@ for step in "$@"; do
     kernels-test)
       KIVI_KERNEL_DEVICE=cuda python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py \
         2>&1 | tee "$OUT/kernels-test.log" | tail -15 ;;
+    ktest:*)  # ktest:EXPR - the kernel tests selected by pytest -k EXPR
+      KIVI_KERNEL_DEVICE=cuda python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py \
+        -k "${step#ktest:}" 2>&1 | tee "$OUT/ktest.log" | tail -15 ;;
     engine-test)  # a fresh Triton cache: the JIT monitor must see no compile while serving
       rm -rf ~/.triton/cache
       python3 -m pytest -q -s -p no:cacheprovider tests/test_engine_gpu.py 2>&1 \

@@ -234,10 +234,12 @@ def test_warm_up_launches_every_variant(streams):
 @pytest.mark.parametrize("head_dim", [128, 256])  # 256 with group 32: chunks span two groups
 def test_decode_attention_full_size(bits, head_dim, group, max_slots, monkeypatch):
     """Llama-3.1-8B head layout (32 q heads, 8 KV heads, d=128; also d=256), long contexts
-    that are not multiples of the group or of the pages per loop iteration, bf16 operands."""
+    that are not multiples of the group or of the pages per loop iteration, bf16 operands
+    (the Triton page loop; decode v7 has its own test below)."""
     from kivi_vllm.kernels import attention
 
     monkeypatch.setattr(attention, "MAX_SLOTS", max_slots)
+    monkeypatch.setattr(attention, "USE_GLUON", False)
     fmt = PageFormat(bits, group, head_dim, 8)
     ctx = [4097, 1000, 63, 2 * 32 * 4 + 31, 3000]
     sc = make_scenario(fmt, group, 32, ctx, [1] * len(ctx), dtype=torch.bfloat16, seed=bits)
@@ -251,6 +253,47 @@ def test_decode_attention_full_size(bits, head_dim, group, max_slots, monkeypatc
                        group, sc.scale, out, decode=True, num_tiles=len(ctx),
                        num_splits=splits)  # residual = one group
         assert rel_err(out.float().cpu(), ref.float()) < 1e-2  # bf16 operands
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="Gluon kernels run on the GPU only")
+@pytest.mark.parametrize(("residual", "sinks"), [(32, 0), (96, 32), (64, 0)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_decode_v7_matches_reference(residual, sinks, dtype):
+    """Decode v7 (the Gluon page loop, ``kernels/decode_gluon.py``) on its format: 2-bit,
+    group 32, d=128, 32 query heads over 8 KV heads. Contexts of no pages, of fewer pages
+    than one loop iteration, not multiples of 4 pages or of the group, with prefix hits
+    (every third row) and sink groups; 1, 3 and 7 page splits (some of them empty);
+    poisoned outputs; also against the Triton page loop."""
+    from kivi_vllm.kernels import attention
+    from kivi_vllm.kernels.decode_gluon import gluon_supports
+
+    fmt = PageFormat(2, 32, 128, 8)
+    assert attention.USE_GLUON and gluon_supports(fmt, 4)
+    ctx = [0, 5, 31, 32, 33, 95, 4 * 32, 4 * 32 + 1, 5 * 32 - 1, 300, 1000, 4097, 3000, 63]
+    sc = make_scenario(fmt, residual, 32, ctx, [1] * len(ctx), dtype=dtype, seed=residual,
+                       sinks=sinks)
+    ref = reference_context_attention(sc, include_self=True)
+    dev = sc.to(DEVICE)
+    args = (dev.query, dev.key, dev.value, dev.cache, dev.tail, dev.block_table, dev.seq_lens,
+            dev.query_start_loc, dev.tail_slots,
+            torch.tensor(sc.valid_from, dtype=torch.int32, device=DEVICE), fmt, residual,
+            sc.scale)
+    outs = {}
+    loops = {"v7": (True, True), "v7, tail by Triton": (True, False), "Triton": (False, True)}
+    for name, (gluon, gluon_tail) in loops.items():
+        attention.USE_GLUON, attention.GLUON_TAIL = gluon, gluon_tail
+        try:
+            for splits in (1, 3, 7):
+                out = torch.full_like(dev.query, float("nan"))
+                attend_context(*args, out, decode=True, num_tiles=len(ctx), num_splits=splits,
+                               sinks=sinks)
+                assert rel_err(out.float().cpu(), ref.float()) < 1e-2, (name, splits)
+                outs[name, splits] = out.float().cpu()
+        finally:
+            attention.USE_GLUON, attention.GLUON_TAIL = True, True
+    for name in loops:  # the same float16 operands: the loops agree closely
+        for splits in (1, 3, 7):
+            assert rel_err(outs[name, splits], outs["Triton", splits]) < 2e-3, (name, splits)
 
 
 def test_per_row_vectors_need_unit_stride():

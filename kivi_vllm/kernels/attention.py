@@ -38,33 +38,16 @@ import torch
 import triton
 import triton.language as tl
 
-from kivi_vllm.kernels.common import e4m3_to_f16, format_constants, require_unit_stride, scale_ptr
+from kivi_vllm.kernels.common import (
+    e4m3_to_f16,
+    format_constants,
+    plane_asm,
+    require_unit_stride,
+    scale_ptr,
+)
+from kivi_vllm.kernels.decode_gluon import decode_pages, gluon_supports
 from kivi_vllm.kernels.store import ring_row
 from kivi_vllm.page_format import PageFormat
-
-
-@triton.constexpr_function
-def _plane_asm(bits, plane, scaled):
-    """PTX: 4 packed bytes -> bit plane ``plane``'s 4 codes as float16 pairs, exact
-    (``scaled``: ``code * s + m``).
-
-    Operands: outputs ``$0, $1``; the bytes ``$2``; with ``scaled`` the scale ``$3, $4`` and
-    the min ``$5, $6`` (two float16 each). The plane is masked in place (no shift) and
-    ``prmt`` puts each byte under the exponent of ``2**(10 - plane*bits)``, whose last
-    mantissa bit is the plane's lowest bit: the half reads ``2**(10 - plane*bits) + code``,
-    and one ``sub.f16x2`` per pair makes it exact. One plane per asm block, so each chunk
-    can be unpacked next to the dot that consumes it.
-    """
-    mask = {2: 0x03030303, 4: 0x0F0F0F0F}[bits] << (plane * bits)
-    offset = 0x6400 - plane * bits * 0x400  # float16 bits of 2**(10 - plane*bits)
-    lines = ["{", ".reg .b32 a, h, k;", f"mov.b32 h, {(offset >> 8) * 0x01010101:#x};",
-             f"mov.b32 k, {offset * 0x10001:#x};", f"and.b32 a, $2, {mask:#x};",
-             "prmt.b32 $0, a, h, 0x4140;", "prmt.b32 $1, a, h, 0x4342;",
-             "sub.f16x2 $0, $0, k;", "sub.f16x2 $1, $1, k;"]
-    if scaled:
-        lines += ["fma.rn.f16x2 $0, $0, $3, $5;", "fma.rn.f16x2 $1, $1, $4, $6;"]
-    return "\n".join(lines + ["}"])
-
 
 RESCALE_LOG2 = tl.constexpr(8.0)  # lazy rescale: probabilities may grow to 2**8 meanwhile
 
@@ -75,10 +58,10 @@ def _plane(x, s, m, PLANE: tl.constexpr, BITS: tl.constexpr, SCALED: tl.constexp
     """uint8 [R, W] -> bit plane PLANE as float16 codes (``SCALED``: ``code * s + m``)."""
     if USE_ASM:
         if SCALED:
-            c = tl.inline_asm_elementwise(_plane_asm(BITS, PLANE, True), "=r,=r,r,r,r,r,r",
+            c = tl.inline_asm_elementwise(plane_asm(BITS, PLANE, True), "=r,=r,r,r,r,r,r",
                                           [x, s, m], dtype=tl.float16, is_pure=True, pack=4)
         else:
-            c = tl.inline_asm_elementwise(_plane_asm(BITS, PLANE, False), "=r,=r,r", [x],
+            c = tl.inline_asm_elementwise(plane_asm(BITS, PLANE, False), "=r,=r,r", [x],
                                           dtype=tl.float16, is_pure=True, pack=4)
     else:  # the interpreter runs no PTX: the same float16 arithmetic in Triton ops
         mask: tl.constexpr = (1 << BITS) - 1
@@ -405,6 +388,7 @@ def _kivi_attend_context(
     NCH: tl.constexpr,  # chunks per head (2 or 4)
     USE_ASM: tl.constexpr,  # magic-number unpack in PTX (False under the interpreter)
     SINGLE: tl.constexpr,  # S == 1: write the final output and natural-log LSE directly
+    PAGES: tl.constexpr,  # read the pages (else only the tail and self: decode v7's split)
     WRITE_LSE: tl.constexpr,
     PAGE_BYTES: tl.constexpr,
     OFF_KC: tl.constexpr,
@@ -476,21 +460,22 @@ def _kivi_attend_context(
     if TABLE_BY_SLOT:
         bt_index = tl.load(tail_slots + req)
     bt_row = block_table + bt_index.to(tl.int64) * stride_bt
-    if SLOTS == 1:
-        for p in range(p_lo, p_hi):
-            page = cache + tl.load(bt_row + p).to(tl.int64) * PAGE_BYTES
-            m_i, l_i, acc = _attend_page(
-                page, q0, q1, q2, q3, m_i, l_i, acc, kvh, t, k_off, v_off,
-                w, p * G, fv, WINDOWED, W, NCH, OFF_KC, OFF_VC, OFF_KS, OFF_KM, OFF_VS, OFF_VM,
-                G, D, VG, KP, VP, KBITS, VBITS, USE_ASM, FP8S)
-    else:
-        col = tl.arange(0, SLOTS * G)
-        for p in range(p_lo, p_hi, SLOTS):
-            m_i, l_i, acc = _attend_slots(
-                cache, bt_row, p, p_hi, q0, q1, q2, q3, m_i, l_i, acc,
-                kvh, row_slot, col // G, col % G, w, fv, WINDOWED, W, NCH, PAGE_BYTES, OFF_KC,
-                OFF_VC, OFF_KS, OFF_KM, OFF_VS, OFF_VM, G, D, VG, KP, VP, KBITS, VBITS, USE_ASM,
-                FP8S)
+    if PAGES:
+        if SLOTS == 1:
+            for p in range(p_lo, p_hi):
+                page = cache + tl.load(bt_row + p).to(tl.int64) * PAGE_BYTES
+                m_i, l_i, acc = _attend_page(
+                    page, q0, q1, q2, q3, m_i, l_i, acc, kvh, t, k_off, v_off,
+                    w, p * G, fv, WINDOWED, W, NCH, OFF_KC, OFF_VC, OFF_KS, OFF_KM, OFF_VS, OFF_VM,
+                    G, D, VG, KP, VP, KBITS, VBITS, USE_ASM, FP8S)
+        else:
+            col = tl.arange(0, SLOTS * G)
+            for p in range(p_lo, p_hi, SLOTS):
+                m_i, l_i, acc = _attend_slots(
+                    cache, bt_row, p, p_hi, q0, q1, q2, q3, m_i, l_i, acc,
+                    kvh, row_slot, col // G, col % G, w, fv, WINDOWED, W, NCH, PAGE_BYTES, OFF_KC,
+                    OFF_VC, OFF_KS, OFF_KM, OFF_VS, OFF_VM, G, D, VG, KP, VP, KBITS, VBITS, USE_ASM,
+                    FP8S)
 
     if split == S - 1:
         # full-precision tail ring: sink positions [0, pinned), then [tstart, ctx) (at
@@ -612,6 +597,9 @@ MAX_SLOTS = int(os.environ.get("KIVI_DECODE_SLOTS", 4))
 SLOT_STAGES = int(os.environ.get("KIVI_SLOT_STAGES", 2))
 SLOT_MAX_REGISTERS = int(os.environ.get("KIVI_SLOT_MAX_REGISTERS", 0)) or None
 USE_ASM = os.environ.get("TRITON_INTERPRET", "0") != "1"
+# Decode v7 (``decode_gluon``) where it serves the format; KIVI_GLUON=0 keeps the Triton loop.
+USE_GLUON = USE_ASM and os.environ.get("KIVI_GLUON", "1") == "1"
+GLUON_TAIL = os.environ.get("KIVI_GLUON_TAIL", "1") == "1"  # else the tail by Triton
 
 
 def num_splits_for(num_rows: int, num_kv_heads: int, max_splits: int = MAX_SPLITS) -> int:
@@ -699,6 +687,12 @@ def attend_context(
     hk = fmt.num_kv_heads
     qpk = hq // hk
     s = num_splits or num_splits_for(num_tiles * block_q, hk)
+    # decode v7: the pages by the Gluon loop, and the tail and own token too (GLUON_TAIL) or
+    # by this kernel as one more split
+    v7 = (decode and USE_GLUON and first_valid is None and not table_by_slot
+          and gluon_supports(fmt, qpk))
+    page_splits = s
+    s += v7 and not GLUON_TAIL
     single = s == 1
     if single:  # no reduce: the kernel writes ``out`` (and ``lse_out``) itself
         mid_o = out.unsqueeze(2)
@@ -712,25 +706,35 @@ def attend_context(
     assert kernel_supports(fmt), f"unsupported (head_dim, group, bits) for the GPU kernels: {fmt}"
     tiles = tile_shape(qpk, fmt.group_size, block_q, decode)
     slotted = tiles["SLOTS"] > 1
-    handle = _kivi_attend_context[(num_tiles, hk, s)](
-        query, key, value, cache, tail, block_table, seq_lens, query_start_loc,
-        tail_slots, valid_from, seq_lens if first_valid is None else first_valid, tile_req,
-        tile_tok, mid_o, mid_lse, scale, tok_base, s, sinks,
-        query.stride(0), query.stride(1), key.stride(0), key.stride(1),
-        value.stride(0), value.stride(1), block_table.stride(0),
-        tail.stride(0), tail.stride(1), tail.stride(2), tail.stride(3),
-        mid_o.stride(0), mid_o.stride(1), mid_o.stride(2),
-        mid_lse.stride(0), mid_lse.stride(1),
-        R=residual, BLOCK_R=triton.next_power_of_2(residual), QPK=qpk, BLOCK_Q=block_q,
-        **tiles, DECODE=decode, SELF=add_self, WINDOWED=first_valid is not None,
-        TABLE_BY_SLOT=table_by_slot, W=width,
-        NCH=nch, USE_ASM=USE_ASM,
-        SINGLE=single, WRITE_LSE=not single or lse_out is not None,
-        num_warps=DECODE_WARPS if decode else 4,
-        num_stages=SLOT_STAGES if slotted else NUM_STAGES,
-        maxnreg=(SLOT_MAX_REGISTERS if slotted else MAX_REGISTERS) if decode else None,
-        **format_constants(fmt),
-    )
+    constants = format_constants(fmt)
+    grid_splits, ctx_o, ctx_lse = s, mid_o, mid_lse
+    handle = None
+    if v7:
+        decode_pages(query, key, value, cache, tail, block_table, seq_lens, tail_slots,
+                     valid_from, mid_o, mid_lse, scale, page_splits, sinks, residual, num_tiles,
+                     constants, with_tail=GLUON_TAIL, add_self=add_self, single=single,
+                     write_lse=not single or lse_out is not None)
+        grid_splits, ctx_o, ctx_lse = 1, mid_o[:, :, page_splits:], mid_lse[:, :, page_splits:]
+    if not (v7 and GLUON_TAIL):
+        handle = _kivi_attend_context[(num_tiles, hk, grid_splits)](
+            query, key, value, cache, tail, block_table, seq_lens, query_start_loc,
+            tail_slots, valid_from, seq_lens if first_valid is None else first_valid, tile_req,
+            tile_tok, ctx_o, ctx_lse, scale, tok_base, grid_splits, sinks,
+            query.stride(0), query.stride(1), key.stride(0), key.stride(1),
+            value.stride(0), value.stride(1), block_table.stride(0),
+            tail.stride(0), tail.stride(1), tail.stride(2), tail.stride(3),
+            ctx_o.stride(0), ctx_o.stride(1), ctx_o.stride(2),
+            ctx_lse.stride(0), ctx_lse.stride(1),
+            R=residual, BLOCK_R=triton.next_power_of_2(residual), QPK=qpk, BLOCK_Q=block_q,
+            **tiles, DECODE=decode, SELF=add_self, WINDOWED=first_valid is not None,
+            TABLE_BY_SLOT=table_by_slot, W=width,
+            NCH=nch, USE_ASM=USE_ASM,
+            SINGLE=single, PAGES=not v7, WRITE_LSE=not single or lse_out is not None,
+            num_warps=DECODE_WARPS if decode else 4,
+            num_stages=SLOT_STAGES if slotted else NUM_STAGES,
+            maxnreg=(SLOT_MAX_REGISTERS if slotted else MAX_REGISTERS) if decode else None,
+            **constants,
+        )
     if single:
         return handle
     lse_arg = lse_out if lse_out is not None else mid_lse

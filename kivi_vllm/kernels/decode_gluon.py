@@ -1,0 +1,481 @@
+"""Decode v7: the page loop of 2-bit decode attention in Gluon (one warp per program).
+
+Serves the shape of Llama-style decode that the throughput goals are measured on: 2-bit
+keys and values, group 32, head_dim 128, 4 query heads per KV head, float16 scales. Each
+program (one warp) reads four pages of one KV head per loop iteration, like the Triton
+kernel's slotted loop (``attention._attend_slots``): 16 dot rows = 4 query heads x 4 page
+slots, scores masked block-diagonally, the key scale folded into the query rows and the
+key min added as ``q . m`` (one extra n8 tile of the score dot). Unlike Triton, Gluon lets
+the layouts be chosen so that no operand moves between lanes:
+
+- A lane's ``mma.m16n8k16`` B fragment is 4 bytes (contraction indices ``2t, 2t+1, 2t+8,
+  2t+9`` of a run of 16) and the natural page order stores bytes ``4t..4t+3`` together. The
+  kernel's contraction index ``k`` therefore stands for storage position ``frag(k)``
+  (:func:`_frag`): the query rows, key scales and key mins are loaded in that channel order
+  (loop-invariant), and score column ``n`` of a page holds token ``frag(n)`` (the key tile
+  rows are loaded in that order). The score accumulator then is the value dot's A operand
+  in registers, and the value codes, scales and mins are read in storage order.
+- The code tiles of the next iteration come by ``cp.async`` into a second shared-memory
+  stage while this one is computed.
+- The 4 page slots of a query head are merged by log-sum-exp at the end.
+
+The program writes one split's partial output and log2-domain LSE (``mid_o``,
+``mid_lse``); the full-precision tail, the step's own token and the split reduce stay with
+the Triton kernels (``attention.attend_context``). Gluon does not run under
+``TRITON_INTERPRET``: the tests run this kernel on the GPU only.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.ampere import async_copy, mma_v2
+
+from kivi_vllm.kernels.common import plane_asm
+from kivi_vllm.page_format import PageFormat
+
+QPK = 4  # query heads per KV head
+SLOTS = 4  # pages per loop iteration
+
+
+def gluon_supports(fmt: PageFormat, qpk: int) -> bool:
+    """Whether the Gluon page loop serves this format and GQA ratio."""
+    return (fmt.k_bits == fmt.v_bits == 2 and fmt.group_size == 32 and fmt.head_dim == 128
+            and not fmt.fp8_scales and qpk == QPK)
+
+
+@gluon.constexpr_function
+def _only(layout, keep, ndim):
+    """Slice every dim of ``layout`` but ``keep`` (for a 1-D arange along ``keep``)."""
+    for d in reversed(range(ndim)):
+        if d != keep:
+            layout = gl.SliceLayout(d, layout)
+    return layout
+
+
+@gluon.jit
+def _ar(n: gl.constexpr, layout: gl.constexpr, keep: gl.constexpr, ndim: gl.constexpr):
+    return gl.arange(0, n, layout=_only(layout, keep, ndim))
+
+
+@gluon.jit
+def _frag(x):
+    """Storage position of contraction index ``x``: within each run of 16, the mma
+    fragment order ``0, 1, 8, 9, 2, 3, 10, 11, ...`` maps to bytes ``0, 1, 2, 3, ...``."""
+    return (x // 16) * 16 + ((x % 8) // 2) * 4 + ((x % 16) // 8) * 2 + x % 2
+
+
+@gluon.jit
+def _key_chunk(kt, B: gl.constexpr):
+    """fp16 [2 run, 4 t, 4 byte, 16 j, 8 ln] (storage order) -> B operand [32 ch, 128 tok]."""
+    kt = gl.permute(gl.reshape(kt, [2, 4, 2, 2, 16, 8]), [0, 2, 1, 3, 4, 5])
+    return gl.convert_layout(gl.reshape(kt, [32, 128]), B)
+
+
+@gluon.jit
+def _value_chunk(vt, B: gl.constexpr):
+    """fp16 [4 pg, 2 run, 4 t, 4 byte, 4 j, 8 ln] -> B operand [128 tok, 32 ch]."""
+    vt = gl.permute(gl.reshape(vt, [4, 2, 4, 2, 2, 4, 8]), [0, 1, 3, 2, 4, 5, 6])
+    return gl.convert_layout(gl.reshape(vt, [128, 32]), B)
+
+
+@gluon.jit
+def _frag_a(rows, LA: gl.constexpr, A: gl.constexpr):
+    """[16] row pointers -> A operand [16, 32]: column ``k`` of a row reads element
+    ``frag(k)`` (4 contiguous elements per lane and run: one vector load)."""
+    run = _ar(2, LA, 1, 4)
+    t = _ar(4, LA, 2, 4)
+    e = _ar(4, LA, 3, 4)
+    off = (run * 16)[None, :, None, None] + (t * 4)[None, None, :, None] + e[None, None, None, :]
+    x = gl.load(rows[:, None, None, None] + off)
+    x = gl.permute(gl.reshape(x, [16, 2, 4, 2, 2]), [0, 1, 3, 2, 4])
+    return gl.convert_layout(gl.reshape(x, [16, 32]), A)
+
+
+@gluon.jit
+def _frag_b(cols, ok, LB: gl.constexpr, B: gl.constexpr):
+    """[8] column pointers -> B operand [32, 8] (0 where not ``ok``): row ``k`` of a column
+    reads element ``frag(k)``."""
+    run = _ar(2, LB, 0, 4)
+    t = _ar(4, LB, 1, 4)
+    e = _ar(4, LB, 2, 4)
+    off = (run * 16)[:, None, None, None] + (t * 4)[None, :, None, None] + e[None, None, :, None]
+    x = gl.load(cols[None, None, None, :] + off, mask=ok[None, None, None, :], other=0.0)
+    x = gl.permute(gl.reshape(x, [2, 4, 2, 2, 8]), [0, 2, 1, 3, 4])
+    return gl.convert_layout(gl.reshape(x, [32, 8]), B)
+
+
+@gluon.jit
+def _key_dot(s, q, ks_rows, kt, PLANE: gl.constexpr, LA: gl.constexpr, A: gl.constexpr,
+             B: gl.constexpr):
+    """``s += (q * ks) . k`` over bit plane PLANE's 32 channels (exact codes as B)."""
+    a = q * _frag_a(ks_rows + 32 * PLANE, LA, A)
+    k = gl.inline_asm_elementwise(plane_asm(2, PLANE, False), "=r,=r,r", [kt],
+                                  dtype=gl.float16, is_pure=True, pack=4)
+    return mma_v2(a, _key_chunk(k, B), s)
+
+
+@gluon.jit
+def _value_dot(o, p16, vt, vs, vm, PLANE: gl.constexpr, G: gl.constexpr, B: gl.constexpr):
+    """``o += p . (s*v + m)`` over bit plane PLANE's 32 channels (= value group PLANE)."""
+    v = gl.inline_asm_elementwise(plane_asm(2, PLANE, True), "=r,=r,r,r,r,r,r",
+                                  [vt, gl.load(vs + G * PLANE), gl.load(vm + G * PLANE)],
+                                  dtype=gl.float16, is_pure=True, pack=4)
+    return mma_v2(p16, _value_chunk(v, B), o)
+
+
+@gluon.jit
+def _stage(kbuf, vbuf, kc, vc, bt_row, p0, p_last, k_pg, k_off, v_pg, v_off,
+           PAGE_BYTES: gl.constexpr):
+    """Start copying the key and value code tiles of pages ``p0 .. p0 + 3`` (each clamped
+    to ``p_last``) into one shared-memory stage (``kc``, ``vc``: the head's code sections
+    in page 0)."""
+    kpages = gl.load(bt_row + gl.minimum(p0 + k_pg, p_last)).to(gl.int64) * PAGE_BYTES
+    async_copy.async_copy_global_to_shared(kbuf, kc + kpages + k_off)
+    vpages = gl.load(bt_row + gl.minimum(p0 + v_pg, p_last)).to(gl.int64) * PAGE_BYTES
+    async_copy.async_copy_global_to_shared(vbuf, vc + vpages + v_off)
+    async_copy.commit_group()
+
+
+@gluon.jit
+def _tail_dot(s, q, ring, rows, ok, ch, PLANE: gl.constexpr):
+    """``s += q . k`` over plane PLANE's channels ``ch`` (fragment order) for the tail keys
+    at ring rows ``rows`` (B operand columns; 0 where not ``ok``)."""
+    k = gl.load(ring + rows[None, :] + (32 * PLANE + ch)[:, None], mask=ok[None, :], other=0.0)
+    return mma_v2(q, k.to(gl.float16), s)
+
+
+@gluon.jit
+def _tail_values(o, p16, p_self, ring_v, rows, ok, ch, self_v, oc, PLANE: gl.constexpr,
+                 SELF: gl.constexpr):
+    """``o += p . v`` over the tail rows (B operand rows ``rows``, channels ``ch`` of plane
+    PLANE), plus the step's own value weighted by ``p_self``."""
+    v = gl.load(ring_v + rows[:, None] + (32 * PLANE + ch)[None, :], mask=ok[:, None],
+                other=0.0)
+    o = mma_v2(p16, v.to(gl.float16), o)
+    if SELF:
+        o += p_self[:, None] * gl.load(self_v + 32 * PLANE + oc).to(gl.float32)[None, :]
+    return o
+
+
+@gluon.jit
+def _attend_tail(m_i, l_i, o0, o1, o2, o3, q0, q1, q2, q3, key, value, tail, tail_slots,
+                 req, kvh, ctx, tstart, pinned, sinks, stride_kt, stride_kh, stride_vt,
+                 stride_vh, stride_tail_kv, stride_tail_slot, stride_tail_pos, stride_tail_h,
+                 R: gl.constexpr, BLOCK_R: gl.constexpr, SELF: gl.constexpr,
+                 mma: gl.constexpr, A: gl.constexpr, B: gl.constexpr):
+    """Exact online-softmax update with the full-precision tail ring (sink positions
+    ``[0, pinned)``, then ``[tstart, ctx)``) and, with ``SELF``, the step's own token; the
+    rows of page slot 0 hold each query head once, the other slots take no part."""
+    ring = (tail + gl.load(tail_slots + req).to(gl.int64) * stride_tail_slot
+            + kvh * stride_tail_h)
+    # key dot: tail rows as B columns, channels in fragment order (as the query's)
+    rk = gl.arange(0, BLOCK_R, layout=gl.SliceLayout(0, B))
+    pos_k = gl.where(rk < pinned, rk, tstart + rk - pinned)
+    row_k = gl.where(pos_k < sinks, pos_k, sinks + (pos_k - sinks) % (R - sinks))
+    row_k = row_k.to(gl.int64) * stride_tail_pos
+    ch_k = _frag(gl.arange(0, 32, layout=gl.SliceLayout(1, B)))
+    st = gl.zeros([16, BLOCK_R], gl.float32, layout=mma)
+    st = _tail_dot(st, q0, ring, row_k, pos_k < ctx, ch_k, 0)
+    st = _tail_dot(st, q1, ring, row_k, pos_k < ctx, ch_k, 1)
+    st = _tail_dot(st, q2, ring, row_k, pos_k < ctx, ch_k, 2)
+    st = _tail_dot(st, q3, ring, row_k, pos_k < ctx, ch_k, 3)
+    rows = gl.arange(0, 16, layout=gl.SliceLayout(1, mma))
+    first = (rows % 8) // 2 == 0
+    rc = gl.arange(0, BLOCK_R, layout=gl.SliceLayout(0, mma))
+    pos_c = gl.where(rc < pinned, rc, tstart + rc - pinned)
+    st = gl.where(first[:, None] & (pos_c < ctx)[None, :], st, float("-inf"))
+    m_new = gl.maximum(m_i, gl.max(st, axis=1))
+    oc = gl.arange(0, 32, layout=gl.SliceLayout(0, mma))
+    self_v = value + req.to(gl.int64) * stride_vt + kvh * stride_vh
+    s_self = gl.full([16], float("-inf"), gl.float32, layout=gl.SliceLayout(1, mma))
+    if SELF:  # the step's own key as column 0 of an n8 tile
+        bn = gl.arange(0, 8, layout=gl.SliceLayout(0, B))
+        self_k = key + req.to(gl.int64) * stride_kt + kvh * stride_kh
+        s8 = gl.zeros([16, 8], gl.float32, layout=mma)
+        s8 = _tail_dot(s8, q0, self_k, bn * 0, bn == 0, ch_k, 0)
+        s8 = _tail_dot(s8, q1, self_k, bn * 0, bn == 0, ch_k, 1)
+        s8 = _tail_dot(s8, q2, self_k, bn * 0, bn == 0, ch_k, 2)
+        s8 = _tail_dot(s8, q3, self_k, bn * 0, bn == 0, ch_k, 3)
+        bcol = gl.arange(0, 8, layout=gl.SliceLayout(0, mma))
+        s_self = gl.where(first, gl.sum(gl.where(bcol[None, :] == 0, s8, 0.0), axis=1),
+                          float("-inf"))
+        m_new = gl.maximum(m_new, s_self)
+    alpha = gl.exp2(m_i - m_new)  # m_i starts finite (-1e30): never inf - inf
+    pt = gl.exp2(st - m_new[:, None])
+    p_self = gl.exp2(s_self - m_new)
+    l_i = l_i * alpha + gl.sum(pt, axis=1) + p_self
+    p16 = gl.convert_layout(pt.to(gl.float16), A)
+    # value dot: tail rows as B rows, channels in storage order
+    rv = gl.arange(0, BLOCK_R, layout=gl.SliceLayout(1, B))
+    pos_v = gl.where(rv < pinned, rv, tstart + rv - pinned)
+    row_v = gl.where(pos_v < sinks, pos_v, sinks + (pos_v - sinks) % (R - sinks))
+    row_v = row_v.to(gl.int64) * stride_tail_pos
+    ch_v = gl.arange(0, 32, layout=gl.SliceLayout(0, B))
+    ring_v = ring + stride_tail_kv
+    o0 = _tail_values(o0 * alpha[:, None], p16, p_self, ring_v, row_v, pos_v < ctx, ch_v,
+                      self_v, oc, 0, SELF)
+    o1 = _tail_values(o1 * alpha[:, None], p16, p_self, ring_v, row_v, pos_v < ctx, ch_v,
+                      self_v, oc, 1, SELF)
+    o2 = _tail_values(o2 * alpha[:, None], p16, p_self, ring_v, row_v, pos_v < ctx, ch_v,
+                      self_v, oc, 2, SELF)
+    o3 = _tail_values(o3 * alpha[:, None], p16, p_self, ring_v, row_v, pos_v < ctx, ch_v,
+                      self_v, oc, 3, SELF)
+    return m_new, l_i, o0, o1, o2, o3
+
+
+@gluon.jit
+def _store_head(mid_o, o0, o1, o2, o3, f, sel, oc):
+    """Row-weighted sum of the rows ``sel`` of the four output chunks, stored at ``mid_o``."""
+    w = gl.where(sel, f, 0.0)[:, None]
+    dtype: gl.constexpr = mid_o.dtype.element_ty
+    gl.store(mid_o + oc, gl.sum(o0 * w, axis=0).to(dtype))
+    gl.store(mid_o + 32 + oc, gl.sum(o1 * w, axis=0).to(dtype))
+    gl.store(mid_o + 64 + oc, gl.sum(o2 * w, axis=0).to(dtype))
+    gl.store(mid_o + 96 + oc, gl.sum(o3 * w, axis=0).to(dtype))
+
+
+@gluon.jit(do_not_specialize=["S", "sinks", "stride_bt", "stride_ot", "stride_oh",
+                              "stride_os", "stride_lt", "stride_lh"])
+def _kivi_decode_pages(
+    query,  # [T, HQ, D]: decode row i is request i
+    key,  # [T, HK, D]: the step's own token (TAIL and SELF)
+    value,
+    cache,  # uint8 [num_blocks, PAGE_BYTES]
+    tail,  # [2, slots, R, HK, D] (TAIL)
+    block_table,  # [num_reqs, max_blocks] int32
+    seq_lens,
+    tail_slots,
+    valid_from,
+    mid_o,  # fp32 [T, HQ, >=S, D]: split s's output (normalised); SINGLE: the output
+    mid_lse,  # fp32 [T, HQ, >=S] (log2 domain); SINGLE: the LSE [HQ, T] (natural log)
+    sm_scale,
+    S,
+    sinks,
+    stride_qt,
+    stride_qh,
+    stride_kt,
+    stride_kh,
+    stride_vt,
+    stride_vh,
+    stride_bt,
+    stride_tail_kv,
+    stride_tail_slot,
+    stride_tail_pos,
+    stride_tail_h,
+    stride_ot,
+    stride_oh,
+    stride_os,
+    stride_lt,
+    stride_lh,
+    R: gl.constexpr,
+    BLOCK_R: gl.constexpr,
+    TAIL: gl.constexpr,  # the last split also reads the tail ring (and SELF: the own token)
+    SELF: gl.constexpr,
+    SINGLE: gl.constexpr,  # S == 1 (with TAIL): write the output and natural-log LSE
+    WRITE_LSE: gl.constexpr,
+    PAGE_BYTES: gl.constexpr,
+    OFF_KC: gl.constexpr,
+    OFF_VC: gl.constexpr,
+    OFF_KS: gl.constexpr,
+    OFF_KM: gl.constexpr,
+    OFF_VS: gl.constexpr,
+    OFF_VM: gl.constexpr,
+    G: gl.constexpr,
+    D: gl.constexpr,
+):
+    req = gl.program_id(0)
+    kvh = gl.program_id(1)
+    split = gl.program_id(2)
+    # the pages of this split (as in attention._kivi_attend_context; the tail is not read)
+    ctx = gl.load(seq_lens + req) - 1
+    vfrom = gl.load(valid_from + req)
+    tstart = gl.maximum(gl.maximum(vfrom, (ctx // G) * G - (R - sinks - G)), 0)
+    pinned = gl.where(vfrom == 0, gl.minimum(sinks, tstart), 0)
+    p_first = pinned // G
+    n_pages = gl.maximum(tstart // G - p_first, 0)
+    per_split = gl.cdiv(gl.cdiv(n_pages, S), 4) * 4
+    p_lo = p_first + split * per_split
+    p_hi = gl.minimum(p_lo + per_split, tstart // G)
+    n_iter = gl.cdiv(gl.maximum(p_hi - p_lo, 0), 4)
+    p_last = p_hi - 1
+    bt_row = block_table + req.to(gl.int64) * stride_bt
+
+    mma: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, 1],
+                                                  instr_shape=[16, 8])
+    A: gl.constexpr = gl.DotOperandLayout(0, mma, 2)
+    B: gl.constexpr = gl.DotOperandLayout(1, mma, 2)
+    # storage-order load layouts: [rows, run, t, 4 elements] for A operands, [run, t, 4
+    # elements, cols] for B, [run, t, 4 bytes, j, ln] key codes, [pg, run, t, 4 bytes, j,
+    # ln] value codes; each converts to its dot operand without moving data between lanes
+    LA: gl.constexpr = gl.BlockedLayout([1, 1, 1, 4], [8, 1, 4, 1], [1, 1, 1, 1], [3, 2, 0, 1])
+    LB: gl.constexpr = gl.BlockedLayout([1, 1, 4, 1], [1, 4, 1, 8], [1, 1, 1, 1], [2, 1, 3, 0])
+    LK: gl.constexpr = gl.BlockedLayout([2, 1, 4, 16, 1], [1, 4, 1, 1, 8], [1, 1, 1, 1, 1],
+                                        [2, 1, 4, 3, 0])
+    LV: gl.constexpr = gl.BlockedLayout([4, 2, 1, 4, 4, 1], [1, 1, 4, 1, 1, 8],
+                                        [1, 1, 1, 1, 1, 1], [3, 2, 5, 4, 1, 0])
+    # the head's sections in page 0 (a page's are PAGE_BYTES further per block id)
+    cache16 = cache.to(gl.pointer_type(gl.float16))
+    kc = cache + (OFF_KC + kvh * G * 32)  # [G tokens, 32 bytes]
+    vc = cache + (OFF_VC + kvh * 32 * G)  # [32 byte columns, G tokens]
+    ks = cache16 + (OFF_KS // 2 + kvh * D)  # [D] float16
+    km = cache16 + (OFF_KM // 2 + kvh * D)
+    vs = cache16 + (OFF_VS // 2 + kvh * 4 * G)  # [4 groups, G tokens] float16
+    vm = cache16 + (OFF_VM // 2 + kvh * 4 * G)
+    PAGE16: gl.constexpr = PAGE_BYTES // 2
+    # dot row r: query head r % 2 + 2 (r // 8), page slot (r % 8) // 2; rows r and r + 8
+    # of a lane share a page, so no operand register is a known zero or a duplicate
+    ra = _ar(16, LA, 0, 4)
+    ra_slot = (ra % 8) // 2
+    qk_scale = sm_scale * 1.4426950408889634
+    q_rows = (query + req.to(gl.int64) * stride_qt
+              + (kvh * 4 + (ra % 2) + 2 * (ra // 8)).to(gl.int64) * stride_qh)
+    q0 = (_frag_a(q_rows, LA, A).to(gl.float32) * qk_scale).to(gl.float16)
+    q1 = (_frag_a(q_rows + 32, LA, A).to(gl.float32) * qk_scale).to(gl.float16)
+    q2 = (_frag_a(q_rows + 64, LA, A).to(gl.float32) * qk_scale).to(gl.float16)
+    q3 = (_frag_a(q_rows + 96, LA, A).to(gl.float32) * qk_scale).to(gl.float16)
+    rows = gl.arange(0, 16, layout=gl.SliceLayout(1, mma))
+    cols = gl.arange(0, 128, layout=gl.SliceLayout(0, mma))
+    slot = (rows % 8) // 2
+    same_page = slot[:, None] == (cols // 32)[None, :]
+    bn = _ar(8, LB, 3, 4)  # key-min columns: the 4 pages (4 of 8 used)
+    km_ok = bn < 4
+    bcol = gl.arange(0, 8, layout=gl.SliceLayout(0, mma))
+    # key code words [run, t, byte, j, ln]: bytes run*16 + 4t + byte of token frag(x)
+    k_r = _ar(2, LK, 0, 5)
+    k_t = _ar(4, LK, 1, 5)
+    k_b = _ar(4, LK, 2, 5)
+    k_j = _ar(16, LK, 3, 5)
+    k_ln = _ar(8, LK, 4, 5)
+    k_tok = _frag(((k_j % 4) * 8)[None, None, None, :, None] + k_ln[None, None, None, None, :])
+    k_off = (k_tok * 32 + (k_r * 16)[:, None, None, None, None]
+             + (k_t * 4)[None, :, None, None, None] + k_b[None, None, :, None, None])
+    k_pg = (k_j // 4)[None, None, None, :, None]
+    # value code words [pg, run, t, byte, j, ln]: byte column j*8 + ln, token pos
+    v_pg = _ar(4, LV, 0, 6)[:, None, None, None, None, None]
+    v_run = _ar(2, LV, 1, 6)
+    v_t = _ar(4, LV, 2, 6)
+    v_b = _ar(4, LV, 3, 6)
+    v_j = _ar(4, LV, 4, 6)
+    v_ln = _ar(8, LV, 5, 6)
+    v_pos = ((v_run * 16)[None, :, None, None, None, None]
+             + (v_t * 4)[None, None, :, None, None, None] + v_b[None, None, None, :, None, None])
+    v_col = (v_j * 8)[None, None, None, None, :, None] + v_ln[None, None, None, None, None, :]
+    v_off = v_col * G + v_pos
+
+    m_i = gl.full([16], -1e30, gl.float32, layout=gl.SliceLayout(1, mma))
+    l_i = gl.zeros([16], gl.float32, layout=gl.SliceLayout(1, mma))
+    o0 = gl.zeros([16, 32], gl.float32, layout=mma)
+    o1 = gl.zeros([16, 32], gl.float32, layout=mma)
+    o2 = gl.zeros([16, 32], gl.float32, layout=mma)
+    o3 = gl.zeros([16, 32], gl.float32, layout=mma)
+    kbuf = gl.allocate_shared_memory(gl.uint8, [2, 2, 4, 4, 16, 8],
+                                     gl.SwizzledSharedLayout(1, 1, 1, [2, 1, 4, 3, 0]))
+    vbuf = gl.allocate_shared_memory(gl.uint8, [2, 4, 2, 4, 4, 4, 8],
+                                     gl.SwizzledSharedLayout(1, 1, 1, [3, 2, 5, 4, 1, 0]))
+    if n_iter > 0:
+        _stage(kbuf.index(0), vbuf.index(0), kc, vc, bt_row, p_lo, p_last, k_pg, k_off, v_pg,
+               v_off, PAGE_BYTES)
+    for it in range(n_iter):
+        p0 = p_lo + it * 4
+        _stage(kbuf.index((it + 1) % 2), vbuf.index((it + 1) % 2), kc, vc, bt_row,
+               gl.minimum(p0 + 4, p_lo + (n_iter - 1) * 4), p_last, k_pg, k_off, v_pg,
+               v_off, PAGE_BYTES)
+        # key mins of the 4 pages as B columns: bias = q . m of each row's page
+        col_page = gl.load(bt_row + gl.minimum(p0 + gl.minimum(bn, 3), p_last)).to(gl.int64)
+        km_cols = km + col_page * PAGE16
+        bsc = gl.zeros([16, 8], gl.float32, layout=mma)
+        bsc = mma_v2(q0, _frag_b(km_cols, km_ok, LB, B), bsc)
+        bsc = mma_v2(q1, _frag_b(km_cols + 32, km_ok, LB, B), bsc)
+        bsc = mma_v2(q2, _frag_b(km_cols + 64, km_ok, LB, B), bsc)
+        bsc = mma_v2(q3, _frag_b(km_cols + 96, km_ok, LB, B), bsc)
+        bias = gl.sum(gl.where(bcol[None, :] == slot[:, None], bsc, 0.0), axis=1)
+        # per-row key scales of the row's page
+        ks_rows = ks + gl.load(bt_row + gl.minimum(p0 + ra_slot, p_last)).to(gl.int64) * PAGE16
+        async_copy.wait_group(1)
+        gl.thread_barrier()  # ldmatrix reads words other lanes copied
+        kt = kbuf.index(it % 2).load(LK)
+        s = gl.zeros([16, 128], gl.float32, layout=mma)
+        s = _key_dot(s, q0, ks_rows, kt, 0, LA, A, B)
+        s = _key_dot(s, q1, ks_rows, kt, 1, LA, A, B)
+        s = _key_dot(s, q2, ks_rows, kt, 2, LA, A, B)
+        s = _key_dot(s, q3, ks_rows, kt, 3, LA, A, B)
+        keep = same_page & (p0 + cols // 32 < p_hi)[None, :]
+        s = gl.where(keep, s + bias[:, None], float("-inf"))
+        m_cur = gl.max(s, axis=1)
+        if gl.max(m_cur - m_i, axis=0) > 8.0:  # lazy rescale, as in the Triton kernel
+            m_new = gl.maximum(m_i, m_cur)
+            alpha = gl.exp2(m_i - m_new)
+            l_i = l_i * alpha
+            o0 = o0 * alpha[:, None]
+            o1 = o1 * alpha[:, None]
+            o2 = o2 * alpha[:, None]
+            o3 = o3 * alpha[:, None]
+            m_i = m_new
+        pr = gl.exp2(s - m_i[:, None])
+        l_i = l_i + gl.sum(pr, axis=1)
+        p16 = gl.convert_layout(pr.to(gl.float16), A)
+        vpage = gl.load(bt_row + gl.minimum(p0 + v_pg, p_last)).to(gl.int64) * PAGE16
+        vt = vbuf.index(it % 2).load(LV)
+        o0 = _value_dot(o0, p16, vt, vs + vpage + v_pos, vm + vpage + v_pos, 0, G, B)
+        o1 = _value_dot(o1, p16, vt, vs + vpage + v_pos, vm + vpage + v_pos, 1, G, B)
+        o2 = _value_dot(o2, p16, vt, vs + vpage + v_pos, vm + vpage + v_pos, 2, G, B)
+        o3 = _value_dot(o3, p16, vt, vs + vpage + v_pos, vm + vpage + v_pos, 3, G, B)
+    async_copy.wait_group(0)
+    if TAIL:
+        if split == S - 1:
+            m_i, l_i, o0, o1, o2, o3 = _attend_tail(
+                m_i, l_i, o0, o1, o2, o3, q0, q1, q2, q3, key, value, tail, tail_slots, req,
+                kvh, ctx, tstart, pinned, sinks, stride_kt, stride_kh, stride_vt, stride_vh,
+                stride_tail_kv, stride_tail_slot, stride_tail_pos, stride_tail_h, R, BLOCK_R,
+                SELF, mma, A, B)
+
+    # merge the 4 slot rows of each query head by log-sum-exp; write the split's output
+    lse_r = gl.where(l_i > 0.0, m_i + gl.log2(gl.maximum(l_i, 1e-30)), float("-inf"))
+    head_r = (rows % 2) + 2 * (rows // 8)
+    oc = gl.arange(0, 32, layout=gl.SliceLayout(0, mma))
+    for h in gl.static_range(4):
+        sel = head_r == h
+        mx = gl.max(gl.where(sel, lse_r, float("-inf")), axis=0)
+        mx_safe = gl.where(mx == float("-inf"), 0.0, mx)
+        wr = gl.where(sel, gl.exp2(lse_r - mx_safe), 0.0)
+        total = gl.sum(wr, axis=0)
+        # o_r / l_r weighted by exp2(lse_r - mx) / total = exp2(m_r - mx) / total
+        f = gl.where(l_i > 0.0, gl.exp2(m_i - mx_safe), 0.0) / gl.where(total > 0.0, total, 1.0)
+        head = kvh * 4 + h
+        _store_head(mid_o + req.to(gl.int64) * stride_ot + head * stride_oh + split * stride_os,
+                    o0, o1, o2, o3, f, sel, oc)
+        lse = gl.where(total > 0.0, mx_safe + gl.log2(gl.where(total > 0.0, total, 1.0)),
+                       float("-inf"))
+        if SINGLE:
+            lse = lse * 0.6931471805599453
+        if WRITE_LSE:
+            gl.store(mid_lse + req.to(gl.int64) * stride_lt + head * stride_lh + split, lse)
+
+
+def decode_pages(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                 cache: torch.Tensor, tail: torch.Tensor, block_table: torch.Tensor,
+                 seq_lens: torch.Tensor, tail_slots: torch.Tensor, valid_from: torch.Tensor,
+                 mid_o: torch.Tensor, mid_lse: torch.Tensor, scale: float, splits: int,
+                 sinks: int, residual: int, num_rows: int, constants: dict[str, int], *,
+                 with_tail: bool, add_self: bool, single: bool, write_lse: bool) -> None:
+    """Splits ``0 .. splits - 1`` of ``num_rows`` decode rows over their pages (``with_tail``:
+    the last split also over the tail and, ``add_self``, the step's token) into ``mid_o`` /
+    ``mid_lse`` as ``attention._kivi_attend_context`` writes them (``single``: the output
+    and natural-log LSE); ``constants``: ``common.format_constants`` of the format."""
+    _kivi_decode_pages[(num_rows, constants["HK"], splits)](
+        query, key, value, cache, tail, block_table, seq_lens, tail_slots, valid_from, mid_o,
+        mid_lse, scale, splits, sinks, query.stride(0), query.stride(1), key.stride(0),
+        key.stride(1), value.stride(0), value.stride(1), block_table.stride(0),
+        tail.stride(0), tail.stride(1), tail.stride(2), tail.stride(3),
+        mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0),
+        mid_lse.stride(1), R=residual, BLOCK_R=max(16, triton.next_power_of_2(residual)),
+        TAIL=with_tail, SELF=add_self, SINGLE=single, WRITE_LSE=write_lse,
+        **{k: constants[k] for k in _FORMAT_ARGS}, num_warps=1,
+    )
+
+
+_FORMAT_ARGS = ("PAGE_BYTES", "OFF_KC", "OFF_VC", "OFF_KS", "OFF_KM", "OFF_VS", "OFF_VM", "G",
+                "D")
