@@ -87,7 +87,8 @@ def compile_gluon_decode(kv_heads: int, residual: int):
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 1})
 
 
-def sass_report(cubin: bytes) -> None:
+def sass_loops(cubin: bytes) -> tuple[str, list[tuple[int, int, collections.Counter]]]:
+    """(register usage line, [(start, end, opcode histogram of one iteration)] per loop)."""
     import triton
 
     tool = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/cuobjdump")
@@ -96,21 +97,28 @@ def sass_report(cubin: bytes) -> None:
         f.flush()
         usage = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True)
         sass = subprocess.run([tool, "-sass", f.name], capture_output=True, text=True).stdout
-    print(usage.stdout.strip().splitlines()[-1].strip())
     ins = []
     for line in sass.splitlines():
         m = re.match(r"\s*/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z0-9_.]+)(.*);", line)
         if m:
             ins.append((int(m.group(1), 16), m.group(3), m.group(4)))
+    loops = []
     for addr, op, rest in ins:
         target = re.search(r"0x([0-9a-f]+)", rest) if op.startswith("BRA") else None
         if target and int(target.group(1), 16) < addr:  # a backward branch closes a loop
             lo = int(target.group(1), 16)
-            body = collections.Counter(o for a, o, _ in ins if lo <= a <= addr)
-            print(f"loop {lo:#x}-{addr:#x}: {sum(body.values())} instructions per warp "
-                  "per iteration")
-            for name, count in body.most_common(int(os.environ.get("KIVI_SASS_TOP", 24))):
-                print(f"  {count:5d} {name}")
+            loops.append((lo, addr, collections.Counter(o for a, o, _ in ins if lo <= a <= addr)))
+    return usage.stdout.strip().splitlines()[-1].strip(), loops
+
+
+def sass_report(cubin: bytes) -> None:
+    usage, loops = sass_loops(cubin)
+    print(usage)
+    for lo, hi, body in loops:
+        print(f"loop {lo:#x}-{hi:#x}: {sum(body.values())} instructions per warp "
+              "per iteration")
+        for name, count in body.most_common(int(os.environ.get("KIVI_SASS_TOP", 24))):
+            print(f"  {count:5d} {name}")
 
 
 def main() -> None:

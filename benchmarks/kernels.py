@@ -91,6 +91,17 @@ def fa_case(batch: int, ctx: int, block: int = 16):
     return run, nbytes
 
 
+def decode_loop(kv: str) -> str:
+    """Which page loop serves ``kv``: FlashAttention, decode v7 (Gluon) or the Triton loop."""
+    from kivi_vllm.kernels import attention
+    from kivi_vllm.kernels.decode_gluon import gluon_supports
+
+    if kv == "bf16_fa":
+        return "fa3"
+    fmt = PageFormat(int(kv[4]), 32, D, HK, fp8_scales=kv.endswith("-fp8s"))
+    return "v7" if attention.USE_GLUON and gluon_supports(fmt, HQ // HK) else "triton"
+
+
 TUNE_SETTINGS = (  # (warps, stages, max registers, decode slots)
     (2, 3, 128, 1), (2, 2, None, 4), (2, 3, None, 4), (2, 2, 168, 4), (2, 2, None, 2),
 )
@@ -106,6 +117,7 @@ def tune() -> None:
 
     from kivi_vllm.kernels import attention
 
+    attention.USE_GLUON = False  # the Triton loop's launch settings
     for batch, ctx, bits, group, qpk in TUNE_CASES:
         run, nbytes = kivi_case(bits, batch, ctx, group=group, q_heads=HK * qpk)
         for warps, stages, regs, slots in TUNE_SETTINGS:
@@ -155,7 +167,8 @@ def main() -> None:
                 run, nbytes = fa_case(batch, ctx) if kv == "bf16_fa" else kivi_case(
                     int(kv[4]), batch, ctx, fp8_scales=kv.endswith("-fp8s"))
                 ms = triton.testing.do_bench(run, warmup=25, rep=100, return_mode="median")
-                rec = {"kv": kv, "batch": batch, "context": ctx, "time_us": round(ms * 1e3, 2),
+                rec = {"kv": kv, "batch": batch, "context": ctx, "loop": decode_loop(kv),
+                       "time_us": round(ms * 1e3, 2),
                        "bytes": nbytes, "bytes_per_s": round(nbytes / (ms * 1e-3)),
                        "fraction_of_copy_bw": round(nbytes / (ms * 1e-3) / bw, 3),
                        "copy_bandwidth_bytes_per_s": round(bw),
@@ -167,7 +180,7 @@ def main() -> None:
                 torch.cuda.empty_cache()
             fa = row["bf16_fa"]["time_us"]
             print(f"B={batch:4d} ctx={ctx:6d}  FA-bf16 {fa:9.1f}us  " + "  ".join(
-                f"{kv} {r['time_us']:9.1f}us ({fa / r['time_us']:.2f}x, "
+                f"{kv}[{r['loop']}] {r['time_us']:9.1f}us ({fa / r['time_us']:.2f}x, "
                 f"{r['fraction_of_copy_bw']:.0%} bw)" for kv, r in row.items() if kv != "bf16_fa"),
                 flush=True)
     if args.out:

@@ -597,8 +597,9 @@ MAX_SLOTS = int(os.environ.get("KIVI_DECODE_SLOTS", 4))
 SLOT_STAGES = int(os.environ.get("KIVI_SLOT_STAGES", 2))
 SLOT_MAX_REGISTERS = int(os.environ.get("KIVI_SLOT_MAX_REGISTERS", 0)) or None
 USE_ASM = os.environ.get("TRITON_INTERPRET", "0") != "1"
-# Decode v7 (``decode_gluon``) where it serves the format; KIVI_GLUON=0 keeps the Triton loop.
-USE_GLUON = USE_ASM and os.environ.get("KIVI_GLUON", "1") == "1"
+# Decode v7 (``decode_gluon``) where it serves the format: KIVI_GLUON=1. Off by default until
+# it has run on a GPU (written in a session without one; docs/kernel-notes.md "v7").
+USE_GLUON = USE_ASM and os.environ.get("KIVI_GLUON", "0") == "1"
 GLUON_TAIL = os.environ.get("KIVI_GLUON_TAIL", "1") == "1"  # else the tail by Triton
 
 
