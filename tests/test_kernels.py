@@ -297,6 +297,34 @@ def test_decode_v7_matches_reference(residual, sinks, dtype):
             assert rel_err(outs[name, splits], outs["Triton", splits]) < 2e-3, (name, splits)
 
 
+@pytest.mark.skipif(DEVICE != "cpu", reason="the GPU runs the compiled kernel (above)")
+@pytest.mark.parametrize("gluon_tail", [True, False])
+@pytest.mark.parametrize(("residual", "sinks"), [(32, 0), (96, 32)])
+def test_decode_v7_source_matches_reference(residual, sinks, gluon_tail, monkeypatch):
+    """Decode v7's Gluon source, executed on the CPU by ``tests/gluon_shim.py`` (index
+    arithmetic, masks, splits, tail, slot merge; not the lane layouts), through
+    ``attend_context`` as the backend calls it."""
+    from kivi_vllm.kernels import attention, decode_gluon
+    from tests.gluon_shim import emulate
+
+    monkeypatch.setattr(decode_gluon, "_kivi_decode_pages",
+                        emulate(decode_gluon, "_kivi_decode_pages"))
+    monkeypatch.setattr(attention, "USE_GLUON", True)
+    monkeypatch.setattr(attention, "GLUON_TAIL", gluon_tail)
+    fmt = PageFormat(2, 32, 128, 2)
+    ctx = [0, 5, 33, 95, 4 * 32, 4 * 32 + 1, 5 * 32 - 1, 9 * 32 + 7, 13 * 32]
+    sc = make_scenario(fmt, residual, 8, ctx, [1] * len(ctx), seed=residual + sinks,
+                       sinks=sinks)
+    ref = reference_context_attention(sc, include_self=True)
+    for splits in (1, 3):
+        out = torch.full_like(sc.query, float("nan"))
+        attend_context(sc.query, sc.key, sc.value, sc.cache, sc.tail, sc.block_table,
+                       sc.seq_lens, sc.query_start_loc, sc.tail_slots,
+                       torch.tensor(sc.valid_from, dtype=torch.int32), fmt, residual, sc.scale,
+                       out, decode=True, num_tiles=len(ctx), num_splits=splits, sinks=sinks)
+        assert rel_err(out, ref) < 5e-3, splits  # float16 dot operands
+
+
 def test_per_row_vectors_need_unit_stride():
     """The kernels read per-row vectors as ``ptr + i``: a strided view is refused before
     any launch (a row of a Fortran-ordered plan once packed nothing this way)."""
