@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import json
 import os
 import re
 import subprocess
@@ -135,9 +136,16 @@ def main() -> None:
     p.add_argument("--fp8-scales", action="store_true", help="the kivi.fp8_scales variant")
     p.add_argument("--gluon", action="store_true",
                    help="the Gluon page loop (decode v7) instead of the Triton kernel")
+    p.add_argument("--json", action="store_true",
+                   help="print the register usage and each loop's opcode counts as JSON")
     a = p.parse_args()
     if a.gluon:
-        sass_report(compile_gluon_decode(a.kv_heads, a.residual).asm["cubin"])
+        cubin = compile_gluon_decode(a.kv_heads, a.residual).asm["cubin"]
+        if a.json:
+            usage, loops = sass_loops(cubin)
+            print(json.dumps({"usage": usage, "loops": [dict(body) for _, _, body in loops]}))
+        else:
+            sass_report(cubin)
         return
     kernel = compile_decode(a.bits, a.group, a.head_dim, a.kv_heads, a.qpk, a.residual,
                             a.warps, a.stages, a.maxnreg or None, a.fp8_scales)

@@ -12,17 +12,21 @@ the layouts be chosen so that no operand moves between lanes:
   2t+9`` of a run of 16) and the natural page order stores bytes ``4t..4t+3`` together. The
   kernel's contraction index ``k`` therefore stands for storage position ``frag(k)``
   (:func:`_frag`): the query rows, key scales and key mins are loaded in that channel order
-  (loop-invariant), and score column ``n`` of a page holds token ``frag(n)`` (the key tile
-  rows are loaded in that order). The score accumulator then is the value dot's A operand
-  in registers, and the value codes, scales and mins are read in storage order.
-- The code tiles of the next iteration come by ``cp.async`` into a second shared-memory
-  stage while this one is computed.
+  (vector loads of 4 elements, permuted in registers), and score column ``n`` of a page
+  holds token ``frag(n)`` (the key tile rows are loaded in that order). The score
+  accumulator then is the value dot's A operand in registers, and the value codes, scales
+  and mins are read in storage order.
+- The next iteration's code tiles, value scales and value mins come by ``cp.async`` into a
+  second shared-memory stage while this one is computed (each plane's scales and mins are
+  then read right before its dot: loaded all at once from global memory they spilled).
 - The 4 page slots of a query head are merged by log-sum-exp at the end.
 
-The program writes one split's partial output and log2-domain LSE (``mid_o``,
-``mid_lse``); the full-precision tail, the step's own token and the split reduce stay with
-the Triton kernels (``attention.attend_context``). Gluon does not run under
-``TRITON_INTERPRET``: the tests run this kernel on the GPU only.
+The last split also reads the full-precision tail ring and the step's own token (``TAIL``;
+else the Triton kernel does, as one more split). A program writes its split's output and
+log2-domain LSE for ``attention._kivi_reduce_splits``, or with one split the final output
+(``SINGLE``), as ``attention._kivi_attend_context`` does. Gluon does not run under
+``TRITON_INTERPRET``: on the CPU the tests compile this kernel for sm_90 and execute its
+source through ``tests/gluon_shim.py``; on the GPU they run it.
 """
 
 from __future__ import annotations
@@ -118,24 +122,30 @@ def _key_dot(s, q, ks_rows, kt, PLANE: gl.constexpr, LA: gl.constexpr, A: gl.con
 
 
 @gluon.jit
-def _value_dot(o, p16, vt, vs, vm, PLANE: gl.constexpr, G: gl.constexpr, B: gl.constexpr):
-    """``o += p . (s*v + m)`` over bit plane PLANE's 32 channels (= value group PLANE)."""
-    v = gl.inline_asm_elementwise(plane_asm(2, PLANE, True), "=r,=r,r,r,r,r,r",
-                                  [vt, gl.load(vs + G * PLANE), gl.load(vm + G * PLANE)],
+def _value_dot(o, p16, vt, sbuf, stage, PLANE: gl.constexpr, LS: gl.constexpr,
+               B: gl.constexpr):
+    """``o += p . (s*v + m)`` over bit plane PLANE's 32 channels (= value group PLANE);
+    the per-token scales and mins from ``stage`` of their shared-memory buffers."""
+    vs = sbuf[PLANE].index(stage).load(LS)[:, :, :, :, None, None]
+    vm = sbuf[4 + PLANE].index(stage).load(LS)[:, :, :, :, None, None]
+    v = gl.inline_asm_elementwise(plane_asm(2, PLANE, True), "=r,=r,r,r,r,r,r", [vt, vs, vm],
                                   dtype=gl.float16, is_pure=True, pack=4)
     return mma_v2(p16, _value_chunk(v, B), o)
 
 
 @gluon.jit
-def _stage(kbuf, vbuf, kc, vc, bt_row, p0, p_last, k_pg, k_off, v_pg, v_off,
-           PAGE_BYTES: gl.constexpr):
-    """Start copying the key and value code tiles of pages ``p0 .. p0 + 3`` (each clamped
-    to ``p_last``) into one shared-memory stage (``kc``, ``vc``: the head's code sections
-    in page 0)."""
+def _stage(kbuf, vbuf, sbuf, stage, kc, vc, vs, bt_row, p0, p_last, k_pg, k_off, v_pg, v_off,
+           s_pg, s_off, PAGE_BYTES: gl.constexpr):
+    """Start copying pages ``p0 .. p0 + 3`` (each clamped to ``p_last``) into one
+    shared-memory stage: the key and value code tiles, the value scales and mins (``kc``,
+    ``vc``, ``vs``: the head's sections in page 0)."""
     kpages = gl.load(bt_row + gl.minimum(p0 + k_pg, p_last)).to(gl.int64) * PAGE_BYTES
     async_copy.async_copy_global_to_shared(kbuf, kc + kpages + k_off)
     vpages = gl.load(bt_row + gl.minimum(p0 + v_pg, p_last)).to(gl.int64) * PAGE_BYTES
     async_copy.async_copy_global_to_shared(vbuf, vc + vpages + v_off)
+    sp = vs + gl.load(bt_row + gl.minimum(p0 + s_pg, p_last)).to(gl.int64) * (PAGE_BYTES // 2)
+    for i in gl.static_range(8):  # scales of planes 0-3, then mins
+        async_copy.async_copy_global_to_shared(sbuf[i].index(stage), sp + s_off[i])
     async_copy.commit_group()
 
 
@@ -316,14 +326,18 @@ def _kivi_decode_pages(
                                         [2, 1, 4, 3, 0])
     LV: gl.constexpr = gl.BlockedLayout([4, 2, 1, 4, 4, 1], [1, 1, 4, 1, 1, 8],
                                         [1, 1, 1, 1, 1, 1], [3, 2, 5, 4, 1, 0])
+    # value scales and mins of one plane: copied as [pg, run, t, 4 tokens] (8 bytes a
+    # lane), read in the value codes' layout (each lane its own tokens)
+    LSC: gl.constexpr = gl.BlockedLayout([1, 1, 1, 4], [4, 2, 4, 1], [1, 1, 1, 1],
+                                         [3, 2, 1, 0])
+    LS: gl.constexpr = gl.SliceLayout(4, gl.SliceLayout(5, LV))
     # the head's sections in page 0 (a page's are PAGE_BYTES further per block id)
     cache16 = cache.to(gl.pointer_type(gl.float16))
     kc = cache + (OFF_KC + kvh * G * 32)  # [G tokens, 32 bytes]
     vc = cache + (OFF_VC + kvh * 32 * G)  # [32 byte columns, G tokens]
     ks = cache16 + (OFF_KS // 2 + kvh * D)  # [D] float16
     km = cache16 + (OFF_KM // 2 + kvh * D)
-    vs = cache16 + (OFF_VS // 2 + kvh * 4 * G)  # [4 groups, G tokens] float16
-    vm = cache16 + (OFF_VM // 2 + kvh * 4 * G)
+    vs = cache16 + (OFF_VS // 2 + kvh * 4 * G)  # [4 groups, G tokens] float16; mins after
     PAGE16: gl.constexpr = PAGE_BYTES // 2
     # dot row r: query head r % 2 + 2 (r // 8), page slot (r % 8) // 2; rows r and r + 8
     # of a lane share a page, so no operand register is a known zero or a duplicate
@@ -364,6 +378,14 @@ def _kivi_decode_pages(
              + (v_t * 4)[None, None, :, None, None, None] + v_b[None, None, None, :, None, None])
     v_col = (v_j * 8)[None, None, None, None, :, None] + v_ln[None, None, None, None, None, :]
     v_off = v_col * G + v_pos
+    # value scale and min words [pg, run, t, 4 tokens] of each plane (scales, then mins)
+    s_pg = _ar(4, LSC, 0, 4)[:, None, None, None]
+    s_pos = ((_ar(2, LSC, 1, 4) * 16)[None, :, None, None]
+             + (_ar(4, LSC, 2, 4) * 4)[None, None, :, None]
+             + _ar(4, LSC, 3, 4)[None, None, None, :])
+    s_off = (s_pos, s_pos + G, s_pos + 2 * G, s_pos + 3 * G,
+             s_pos + (OFF_VM - OFF_VS) // 2, s_pos + (OFF_VM - OFF_VS) // 2 + G,
+             s_pos + (OFF_VM - OFF_VS) // 2 + 2 * G, s_pos + (OFF_VM - OFF_VS) // 2 + 3 * G)
 
     m_i = gl.full([16], -1e30, gl.float32, layout=gl.SliceLayout(1, mma))
     l_i = gl.zeros([16], gl.float32, layout=gl.SliceLayout(1, mma))
@@ -375,14 +397,24 @@ def _kivi_decode_pages(
                                      gl.SwizzledSharedLayout(1, 1, 1, [2, 1, 4, 3, 0]))
     vbuf = gl.allocate_shared_memory(gl.uint8, [2, 4, 2, 4, 4, 4, 8],
                                      gl.SwizzledSharedLayout(1, 1, 1, [3, 2, 5, 4, 1, 0]))
+    SL: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [3, 2, 1, 0])
+    sbuf = (gl.allocate_shared_memory(gl.float16, [2, 4, 2, 4, 4], SL),
+            gl.allocate_shared_memory(gl.float16, [2, 4, 2, 4, 4], SL),
+            gl.allocate_shared_memory(gl.float16, [2, 4, 2, 4, 4], SL),
+            gl.allocate_shared_memory(gl.float16, [2, 4, 2, 4, 4], SL),
+            gl.allocate_shared_memory(gl.float16, [2, 4, 2, 4, 4], SL),
+            gl.allocate_shared_memory(gl.float16, [2, 4, 2, 4, 4], SL),
+            gl.allocate_shared_memory(gl.float16, [2, 4, 2, 4, 4], SL),
+            gl.allocate_shared_memory(gl.float16, [2, 4, 2, 4, 4], SL))
     if n_iter > 0:
-        _stage(kbuf.index(0), vbuf.index(0), kc, vc, bt_row, p_lo, p_last, k_pg, k_off, v_pg,
-               v_off, PAGE_BYTES)
+        _stage(kbuf.index(0), vbuf.index(0), sbuf, 0, kc, vc, vs, bt_row, p_lo, p_last, k_pg,
+               k_off, v_pg, v_off, s_pg, s_off, PAGE_BYTES)
     for it in range(n_iter):
         p0 = p_lo + it * 4
-        _stage(kbuf.index((it + 1) % 2), vbuf.index((it + 1) % 2), kc, vc, bt_row,
+        nxt = (it + 1) % 2
+        _stage(kbuf.index(nxt), vbuf.index(nxt), sbuf, nxt, kc, vc, vs, bt_row,
                gl.minimum(p0 + 4, p_lo + (n_iter - 1) * 4), p_last, k_pg, k_off, v_pg,
-               v_off, PAGE_BYTES)
+               v_off, s_pg, s_off, PAGE_BYTES)
         # key mins of the 4 pages as B columns: bias = q . m of each row's page
         col_page = gl.load(bt_row + gl.minimum(p0 + gl.minimum(bn, 3), p_last)).to(gl.int64)
         km_cols = km + col_page * PAGE16
@@ -417,12 +449,11 @@ def _kivi_decode_pages(
         pr = gl.exp2(s - m_i[:, None])
         l_i = l_i + gl.sum(pr, axis=1)
         p16 = gl.convert_layout(pr.to(gl.float16), A)
-        vpage = gl.load(bt_row + gl.minimum(p0 + v_pg, p_last)).to(gl.int64) * PAGE16
         vt = vbuf.index(it % 2).load(LV)
-        o0 = _value_dot(o0, p16, vt, vs + vpage + v_pos, vm + vpage + v_pos, 0, G, B)
-        o1 = _value_dot(o1, p16, vt, vs + vpage + v_pos, vm + vpage + v_pos, 1, G, B)
-        o2 = _value_dot(o2, p16, vt, vs + vpage + v_pos, vm + vpage + v_pos, 2, G, B)
-        o3 = _value_dot(o3, p16, vt, vs + vpage + v_pos, vm + vpage + v_pos, 3, G, B)
+        o0 = _value_dot(o0, p16, vt, sbuf, it % 2, 0, LS, B)
+        o1 = _value_dot(o1, p16, vt, sbuf, it % 2, 1, LS, B)
+        o2 = _value_dot(o2, p16, vt, sbuf, it % 2, 2, LS, B)
+        o3 = _value_dot(o3, p16, vt, sbuf, it % 2, 3, LS, B)
     async_copy.wait_group(0)
     if TAIL:
         if split == S - 1:
