@@ -89,15 +89,17 @@ def store(ptr: Ptr, value, mask=None):
 
 
 def inline_asm_elementwise(asm, constraints, args, dtype, is_pure, pack):
-    """``plane_asm``'s unpack: the masked byte under a float16 exponent, minus 2**k; then
-    ``code * s + m`` in one rounding (float32 here) where the asm has the fma."""
+    """``plane_asm``'s unpack: the masked byte under a float16 exponent, minus 2**k where
+    the asm subtracts it; then ``code * s + m`` in one rounding (float32 here) where the asm
+    has the fma."""
     consts = {name: int(value, 16) for name, value in
               re.findall(r"mov\.b32 (\w), (0x[0-9a-f]+);", asm)}
     mask = int(re.search(r"and\.b32 a, \$2, (0x[0-9a-f]+);", asm).group(1), 16) & 0xFF
     x = args[0].to(torch.int32)
     bits = ((consts["h"] & 0xFF) << 8) | (x & mask)
-    codes = bits.to(torch.int16).view(torch.float16).float() - \
-        torch.tensor([consts["k"] & 0xFFFF], dtype=torch.int16).view(torch.float16).float()
+    codes = bits.to(torch.int16).view(torch.float16).float()
+    if "sub.f16x2" in asm:
+        codes -= torch.tensor([consts["k"] & 0xFFFF], dtype=torch.int16).view(torch.float16)[0]
     if "fma.rn.f16x2" in asm:
         codes = codes * args[1].float() + args[2].float()
     return codes.to(dtype)

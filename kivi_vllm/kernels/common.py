@@ -15,9 +15,10 @@ MAX_REQS_LOG2 = 14  # binary search over query_start_loc: up to 16384 requests
 
 
 @triton.constexpr_function
-def plane_asm(bits, plane, scaled):
+def plane_asm(bits, plane, scaled, biased=False):
     """PTX: 4 packed bytes -> bit plane ``plane``'s 4 codes as float16 pairs, exact
-    (``scaled``: ``code * s + m``).
+    (``scaled``: ``code * s + m``; ``biased``: ``2**(10 - plane*bits) + code``, for a dot
+    that removes the offset itself).
 
     Operands: outputs ``$0, $1``; the bytes ``$2``; with ``scaled`` the scale ``$3, $4`` and
     the min ``$5, $6`` (two float16 each). The plane is masked in place (no shift) and
@@ -30,8 +31,9 @@ def plane_asm(bits, plane, scaled):
     offset = 0x6400 - plane * bits * 0x400  # float16 bits of 2**(10 - plane*bits)
     lines = ["{", ".reg .b32 a, h, k;", f"mov.b32 h, {(offset >> 8) * 0x01010101:#x};",
              f"mov.b32 k, {offset * 0x10001:#x};", f"and.b32 a, $2, {mask:#x};",
-             "prmt.b32 $0, a, h, 0x4140;", "prmt.b32 $1, a, h, 0x4342;",
-             "sub.f16x2 $0, $0, k;", "sub.f16x2 $1, $1, k;"]
+             "prmt.b32 $0, a, h, 0x4140;", "prmt.b32 $1, a, h, 0x4342;"]
+    if not biased:
+        lines += ["sub.f16x2 $0, $0, k;", "sub.f16x2 $1, $1, k;"]
     if scaled:
         lines += ["fma.rn.f16x2 $0, $0, $3, $5;", "fma.rn.f16x2 $1, $1, $4, $6;"]
     return "\n".join(lines + ["}"])

@@ -112,13 +112,16 @@ def _frag_b(cols, ok, LB: gl.constexpr, B: gl.constexpr):
 
 
 @gluon.jit
-def _key_dot(s, q, ks_rows, kt, PLANE: gl.constexpr, LA: gl.constexpr, A: gl.constexpr,
-             B: gl.constexpr):
-    """``s += (q * ks) . k`` over bit plane PLANE's 32 channels (exact codes as B)."""
+def _key_dot(s, bsc, q, ks_rows, kt, PLANE: gl.constexpr, LA: gl.constexpr,
+             A: gl.constexpr, B: gl.constexpr):
+    """``s += (q * ks) . k`` over bit plane PLANE's 32 channels. The codes enter the dot
+    as ``2**e + code`` (``plane_asm(biased=True)``: no subtraction per pair), and
+    ``-2**e * sum(q * ks)`` goes to every column of the bias tile ``bsc`` instead."""
     a = q * _frag_a(ks_rows + 32 * PLANE, LA, A)
-    k = gl.inline_asm_elementwise(plane_asm(2, PLANE, False), "=r,=r,r", [kt],
+    k = gl.inline_asm_elementwise(plane_asm(2, PLANE, False, True), "=r,=r,r", [kt],
                                   dtype=gl.float16, is_pure=True, pack=4)
-    return mma_v2(a, _key_chunk(k, B), s)
+    offset = gl.full([32, 8], -(1 << (10 - 2 * PLANE)), gl.float16, layout=B)
+    return mma_v2(a, _key_chunk(k, B), s), mma_v2(a, offset, bsc)
 
 
 @gluon.jit
@@ -423,17 +426,17 @@ def _kivi_decode_pages(
         bsc = mma_v2(q1, _frag_b(km_cols + 32, km_ok, LB, B), bsc)
         bsc = mma_v2(q2, _frag_b(km_cols + 64, km_ok, LB, B), bsc)
         bsc = mma_v2(q3, _frag_b(km_cols + 96, km_ok, LB, B), bsc)
-        bias = gl.sum(gl.where(bcol[None, :] == slot[:, None], bsc, 0.0), axis=1)
         # per-row key scales of the row's page
         ks_rows = ks + gl.load(bt_row + gl.minimum(p0 + ra_slot, p_last)).to(gl.int64) * PAGE16
         async_copy.wait_group(1)
         gl.thread_barrier()  # ldmatrix reads words other lanes copied
         kt = kbuf.index(it % 2).load(LK)
         s = gl.zeros([16, 128], gl.float32, layout=mma)
-        s = _key_dot(s, q0, ks_rows, kt, 0, LA, A, B)
-        s = _key_dot(s, q1, ks_rows, kt, 1, LA, A, B)
-        s = _key_dot(s, q2, ks_rows, kt, 2, LA, A, B)
-        s = _key_dot(s, q3, ks_rows, kt, 3, LA, A, B)
+        s, bsc = _key_dot(s, bsc, q0, ks_rows, kt, 0, LA, A, B)
+        s, bsc = _key_dot(s, bsc, q1, ks_rows, kt, 1, LA, A, B)
+        s, bsc = _key_dot(s, bsc, q2, ks_rows, kt, 2, LA, A, B)
+        s, bsc = _key_dot(s, bsc, q3, ks_rows, kt, 3, LA, A, B)
+        bias = gl.sum(gl.where(bcol[None, :] == slot[:, None], bsc, 0.0), axis=1)
         keep = same_page & (p0 + cols // 32 < p_hi)[None, :]
         s = gl.where(keep, s + bias[:, None], float("-inf"))
         m_cur = gl.max(s, axis=1)
