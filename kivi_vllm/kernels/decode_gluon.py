@@ -391,7 +391,8 @@ def _kivi_decode_pages(
              s_pos + (OFF_VM - OFF_VS) // 2 + 2 * G, s_pos + (OFF_VM - OFF_VS) // 2 + 3 * G)
 
     m_i = gl.full([16], -1e30, gl.float32, layout=gl.SliceLayout(1, mma))
-    l_i = gl.zeros([16], gl.float32, layout=gl.SliceLayout(1, mma))
+    l_t = gl.zeros([16, 8], gl.float32, layout=mma)  # row sums, in every column
+    ones = gl.full([128, 8], 1.0, gl.float16, layout=B)
     o0 = gl.zeros([16, 32], gl.float32, layout=mma)
     o1 = gl.zeros([16, 32], gl.float32, layout=mma)
     o2 = gl.zeros([16, 32], gl.float32, layout=mma)
@@ -438,26 +439,27 @@ def _kivi_decode_pages(
         s, bsc = _key_dot(s, bsc, q3, ks_rows, kt, 3, LA, A, B)
         bias = gl.sum(gl.where(bcol[None, :] == slot[:, None], bsc, 0.0), axis=1)
         keep = same_page & (p0 + cols // 32 < p_hi)[None, :]
-        s = gl.where(keep, s + bias[:, None], float("-inf"))
-        m_cur = gl.max(s, axis=1)
+        s = gl.where(keep, s, float("-inf"))  # scores are s + bias: a constant per row
+        m_cur = gl.max(s, axis=1) + bias
         if gl.max(m_cur - m_i, axis=0) > 8.0:  # lazy rescale, as in the Triton kernel
             m_new = gl.maximum(m_i, m_cur)
             alpha = gl.exp2(m_i - m_new)
-            l_i = l_i * alpha
+            l_t = l_t * alpha[:, None]
             o0 = o0 * alpha[:, None]
             o1 = o1 * alpha[:, None]
             o2 = o2 * alpha[:, None]
             o3 = o3 * alpha[:, None]
             m_i = m_new
-        pr = gl.exp2(s - m_i[:, None])
-        l_i = l_i + gl.sum(pr, axis=1)
+        pr = gl.exp2(s - (m_i - bias)[:, None])
         p16 = gl.convert_layout(pr.to(gl.float16), A)
+        l_t = mma_v2(p16, ones, l_t)  # the row sums of the float16 probabilities
         vt = vbuf.index(it % 2).load(LV)
         o0 = _value_dot(o0, p16, vt, sbuf, it % 2, 0, LS, B)
         o1 = _value_dot(o1, p16, vt, sbuf, it % 2, 1, LS, B)
         o2 = _value_dot(o2, p16, vt, sbuf, it % 2, 2, LS, B)
         o3 = _value_dot(o3, p16, vt, sbuf, it % 2, 3, LS, B)
     async_copy.wait_group(0)
+    l_i = gl.max(l_t, axis=1)
     if TAIL:
         if split == S - 1:
             m_i, l_i, o0, o1, o2, o3 = _attend_tail(
