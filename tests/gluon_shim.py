@@ -112,8 +112,14 @@ class SharedBuffer:
     def index(self, i) -> SharedBuffer:
         return SharedBuffer(self.data[int(i)])
 
+    def slice(self, start: int, length: int, dim: int = 0) -> SharedBuffer:
+        return SharedBuffer(self.data.narrow(dim, start, length))
+
     def load(self, layout=None) -> torch.Tensor:
         return self.data.clone()
+
+    def store(self, value: torch.Tensor) -> None:
+        self.data.copy_(value)
 
 
 class _Program:
@@ -149,7 +155,8 @@ gl = types.SimpleNamespace(
         torch.zeros(shape, dtype=dtype)),
     static_range=range, thread_barrier=lambda: None,
     pointer_type=PointerType,
-    float16=torch.float16, float32=torch.float32, int64=torch.int64, uint8=torch.uint8,
+    float16=torch.float16, float32=torch.float32, int32=torch.int32, int64=torch.int64,
+    uint8=torch.uint8,
     NVMMADistributedLayout=_layout, DotOperandLayout=_layout, BlockedLayout=_layout,
     SliceLayout=_layout, SwizzledSharedLayout=_layout,
 )

@@ -15,24 +15,26 @@ MAX_REQS_LOG2 = 14  # binary search over query_start_loc: up to 16384 requests
 
 
 @triton.constexpr_function
-def plane_asm(bits, plane, scaled, biased=False):
+def plane_asm(bits, plane, scaled, subnormal=False):
     """PTX: 4 packed bytes -> bit plane ``plane``'s 4 codes as float16 pairs, exact
-    (``scaled``: ``code * s + m``; ``biased``: ``2**(10 - plane*bits) + code``, for a dot
-    that removes the offset itself).
+    (``scaled``: ``code * s + m``; ``subnormal``: ``code * 2**(plane*bits - 24)``).
 
     Operands: outputs ``$0, $1``; the bytes ``$2``; with ``scaled`` the scale ``$3, $4`` and
     the min ``$5, $6`` (two float16 each). The plane is masked in place (no shift) and
     ``prmt`` puts each byte under the exponent of ``2**(10 - plane*bits)``, whose last
     mantissa bit is the plane's lowest bit: the half reads ``2**(10 - plane*bits) + code``,
-    and one ``sub.f16x2`` per pair makes it exact. One plane per asm block, so each chunk
-    can be unpacked next to the dot that consumes it.
+    and one ``sub.f16x2`` per pair makes it exact. ``subnormal`` puts the byte under a zero
+    exponent instead: a float16 subnormal, exact with no offset to remove (tensor cores take
+    subnormal float16 operands), for a dot that scales by ``2**(24 - plane*bits)`` itself.
+    One plane per asm block, so each chunk can be unpacked next to the dot that consumes it.
     """
+    assert not (scaled and subnormal)
     mask = {2: 0x03030303, 4: 0x0F0F0F0F}[bits] << (plane * bits)
-    offset = 0x6400 - plane * bits * 0x400  # float16 bits of 2**(10 - plane*bits)
+    offset = 0 if subnormal else 0x6400 - plane * bits * 0x400  # 2**(10 - plane*bits)
     lines = ["{", ".reg .b32 a, h, k;", f"mov.b32 h, {(offset >> 8) * 0x01010101:#x};",
              f"mov.b32 k, {offset * 0x10001:#x};", f"and.b32 a, $2, {mask:#x};",
              "prmt.b32 $0, a, h, 0x4140;", "prmt.b32 $1, a, h, 0x4342;"]
-    if not biased:
+    if not subnormal:
         lines += ["sub.f16x2 $0, $0, k;", "sub.f16x2 $1, $1, k;"]
     if scaled:
         lines += ["fma.rn.f16x2 $0, $0, $3, $5;", "fma.rn.f16x2 $1, $1, $4, $6;"]

@@ -5,7 +5,7 @@ keys and values, group 32, head_dim 128, 4 query heads per KV head, float16 scal
 program (one warp) reads four pages of one KV head per loop iteration, like the Triton
 kernel's slotted loop (``attention._attend_slots``): 16 dot rows = 4 query heads x 4 page
 slots, scores masked block-diagonally, the key scale folded into the query rows and the
-key min added as ``q . m`` (one extra n8 tile of the score dot). Unlike Triton, Gluon lets
+key min added as ``q . m`` (one extra n8 tile, a constant per row). Unlike Triton, Gluon lets
 the layouts be chosen so that no operand moves between lanes:
 
 - A lane's ``mma.m16n8k16`` B fragment is 4 bytes (contraction indices ``2t, 2t+1, 2t+8,
@@ -14,11 +14,17 @@ the layouts be chosen so that no operand moves between lanes:
   (:func:`_frag`): the query rows, key scales and key mins are loaded in that channel order
   (vector loads of 4 elements, permuted in registers), and score column ``n`` of a page
   holds token ``frag(n)`` (the key tile rows are loaded in that order). The score
-  accumulator then is the value dot's A operand in registers, and the value codes, scales
-  and mins are read in storage order.
+  accumulator then is the value dot's A operand in registers; the value codes are read in
+  storage order, the value scales and mins in that token order.
 - The next iteration's code tiles, value scales and value mins come by ``cp.async`` into a
-  second shared-memory stage while this one is computed (each plane's scales and mins are
-  then read right before its dot: loaded all at once from global memory they spilled).
+  second shared-memory stage while this one is computed.
+- Codes enter both dots as float16 subnormals (``plane_asm(subnormal=True)``: a mask and
+  two byte permutes per four codes, no offset to subtract). Plane ``p`` reads ``code *
+  2**(2p - 24)``: the query planes carry ``2**(6 - 2p)`` so that every score product carries
+  ``2**-18`` (undone in the exponent), and each value plane has its own accumulator.
+- Values are ``s * code + m`` per token: the scales multiply the probabilities (the
+  A operand, one float16 product per pair), and ``p . m`` of the four planes comes from
+  one more n8 tile whose column 4 is ones (the row sums).
 - The 4 page slots of a query head are merged by log-sum-exp at the end.
 
 The last split also reads the full-precision tail ring and the step's own token (``TAIL``;
@@ -112,33 +118,46 @@ def _frag_b(cols, ok, LB: gl.constexpr, B: gl.constexpr):
 
 
 @gluon.jit
-def _key_dot(s, bsc, q, ks_rows, kt, PLANE: gl.constexpr, LA: gl.constexpr,
-             A: gl.constexpr, B: gl.constexpr):
-    """``s += (q * ks) . k`` over bit plane PLANE's 32 channels. The codes enter the dot
-    as ``2**e + code`` (``plane_asm(biased=True)``: no subtraction per pair), and
-    ``-2**e * sum(q * ks)`` goes to every column of the bias tile ``bsc`` instead."""
+def _codes(x, PLANE: gl.constexpr):
+    """Bit plane PLANE of code bytes as float16 subnormals ``code * 2**(2 PLANE - 24)``."""
+    return gl.inline_asm_elementwise(plane_asm(2, PLANE, False, True), "=r,=r,r", [x],
+                                     dtype=gl.float16, is_pure=True, pack=4)
+
+
+@gluon.jit
+def _key_dot(s, q, ks_rows, kt, PLANE: gl.constexpr, LA: gl.constexpr, A: gl.constexpr,
+             B: gl.constexpr):
+    """``s += (q * ks) . k * 2**-18`` over bit plane PLANE's 32 channels: the codes are
+    subnormals ``code * 2**(2 PLANE - 24)`` and ``q`` holds ``2**(6 - 2 PLANE)``."""
     a = q * _frag_a(ks_rows + 32 * PLANE, LA, A)
-    k = gl.inline_asm_elementwise(plane_asm(2, PLANE, False, True), "=r,=r,r", [kt],
-                                  dtype=gl.float16, is_pure=True, pack=4)
-    offset = gl.full([32, 8], -(1 << (10 - 2 * PLANE)), gl.float16, layout=B)
-    return mma_v2(a, _key_chunk(k, B), s), mma_v2(a, offset, bsc)
+    return mma_v2(a, _key_chunk(_codes(kt, PLANE), B), s)
 
 
 @gluon.jit
-def _value_dot(o, p16, vt, sbuf, stage, PLANE: gl.constexpr, LS: gl.constexpr,
-               B: gl.constexpr):
-    """``o += p . (s*v + m)`` over bit plane PLANE's 32 channels (= value group PLANE);
-    the per-token scales and mins from ``stage`` of their shared-memory buffers."""
-    vs = sbuf[PLANE].index(stage).load(LS)[:, :, :, :, None, None]
-    vm = sbuf[4 + PLANE].index(stage).load(LS)[:, :, :, :, None, None]
-    v = gl.inline_asm_elementwise(plane_asm(2, PLANE, True), "=r,=r,r,r,r,r,r", [vt, vs, vm],
-                                  dtype=gl.float16, is_pure=True, pack=4)
-    return mma_v2(p16, _value_chunk(v, B), o)
+def _value_dot(o, p16, vt, sbuf, stage, PLANE: gl.constexpr, LSR: gl.constexpr,
+               mma: gl.constexpr, A: gl.constexpr, B: gl.constexpr):
+    """``o += (p * s) . code * 2**(2 PLANE - 24)`` over bit plane PLANE's 32 channels (=
+    value group PLANE): the per-token scales (from ``stage`` of their shared-memory buffer)
+    are folded into the probabilities, the codes enter as subnormals."""
+    x = sbuf[PLANE].index(stage).load(LSR)  # [pg, run, t, 4 tokens]
+    x = gl.permute(gl.reshape(x, [4, 2, 4, 2, 2]), [0, 1, 3, 2, 4])
+    vs = gl.convert_layout(gl.reshape(x, [128]), gl.SliceLayout(0, mma))
+    a = gl.convert_layout(p16 * vs[None, :], A)
+    return mma_v2(a, _value_chunk(_codes(vt, PLANE), B), o)
 
 
 @gluon.jit
-def _stage(kbuf, vbuf, sbuf, stage, kc, vc, vs, bt_row, p0, p_last, k_pg, k_off, v_pg, v_off,
-           s_pg, s_off, PAGE_BYTES: gl.constexpr):
+def _mins_and_ones(mbuf, stage, LMR: gl.constexpr, B: gl.constexpr):
+    """B operand [128 tokens, 8]: columns 0-3 the value mins of planes 0-3, column 4 ones
+    (the row sums), from ``stage`` of the mins' shared-memory buffer."""
+    x = mbuf.index(stage).load(LMR)  # [col, pg, run, t, 4 tokens]
+    x = gl.permute(gl.reshape(x, [8, 4, 2, 4, 2, 2]), [0, 1, 2, 4, 3, 5])
+    return gl.convert_layout(gl.permute(gl.reshape(x, [8, 128]), [1, 0]), B)
+
+
+@gluon.jit
+def _stage(kbuf, vbuf, sbuf, mbuf, stage, kc, vc, vs, bt_row, p0, p_last, k_pg, k_off, v_pg,
+           v_off, s_pg, s_off, m_pg, m_off, PAGE_BYTES: gl.constexpr):
     """Start copying pages ``p0 .. p0 + 3`` (each clamped to ``p_last``) into one
     shared-memory stage: the key and value code tiles, the value scales and mins (``kc``,
     ``vc``, ``vs``: the head's sections in page 0)."""
@@ -147,8 +166,10 @@ def _stage(kbuf, vbuf, sbuf, stage, kc, vc, vs, bt_row, p0, p_last, k_pg, k_off,
     vpages = gl.load(bt_row + gl.minimum(p0 + v_pg, p_last)).to(gl.int64) * PAGE_BYTES
     async_copy.async_copy_global_to_shared(vbuf, vc + vpages + v_off)
     sp = vs + gl.load(bt_row + gl.minimum(p0 + s_pg, p_last)).to(gl.int64) * (PAGE_BYTES // 2)
-    for i in gl.static_range(8):  # scales of planes 0-3, then mins
+    for i in gl.static_range(4):  # the scales of planes 0-3
         async_copy.async_copy_global_to_shared(sbuf[i].index(stage), sp + s_off[i])
+    mp = vs + gl.load(bt_row + gl.minimum(p0 + m_pg, p_last)).to(gl.int64) * (PAGE_BYTES // 2)
+    async_copy.async_copy_global_to_shared(mbuf.index(stage).slice(0, 4), mp + m_off)
     async_copy.commit_group()
 
 
@@ -184,6 +205,9 @@ def _attend_tail(m_i, l_i, o0, o1, o2, o3, q0, q1, q2, q3, key, value, tail, tai
     rows of page slot 0 hold each query head once, the other slots take no part."""
     ring = (tail + gl.load(tail_slots + req).to(gl.int64) * stride_tail_slot
             + kvh * stride_tail_h)
+    q0 = q0 * 0.015625  # the query planes without the page loop's 2**(6 - 2p)
+    q1 = q1 * 0.0625
+    q2 = q2 * 0.25
     # key dot: tail rows as B columns, channels in fragment order (as the query's)
     rk = gl.arange(0, BLOCK_R, layout=gl.SliceLayout(0, B))
     pos_k = gl.where(rk < pinned, rk, tstart + rk - pinned)
@@ -329,11 +353,17 @@ def _kivi_decode_pages(
                                         [2, 1, 4, 3, 0])
     LV: gl.constexpr = gl.BlockedLayout([4, 2, 1, 4, 4, 1], [1, 1, 4, 1, 1, 8],
                                         [1, 1, 1, 1, 1, 1], [3, 2, 5, 4, 1, 0])
-    # value scales and mins of one plane: copied as [pg, run, t, 4 tokens] (8 bytes a
-    # lane), read in the value codes' layout (each lane its own tokens)
+    # value scales of one plane: copied as [pg, run, t, 4 tokens] (8 bytes a lane), read
+    # as the score columns' tokens (each lane its 32, in every row group); value mins of the
+    # 4 planes: copied as [plane, pg, run, t, 4 tokens], read as B operand columns
     LSC: gl.constexpr = gl.BlockedLayout([1, 1, 1, 4], [4, 2, 4, 1], [1, 1, 1, 1],
                                          [3, 2, 1, 0])
-    LS: gl.constexpr = gl.SliceLayout(4, gl.SliceLayout(5, LV))
+    LSR: gl.constexpr = gl.BlockedLayout([4, 2, 1, 4], [8, 1, 4, 1], [1, 1, 1, 1],
+                                         [3, 2, 1, 0])
+    LMC: gl.constexpr = gl.BlockedLayout([1, 1, 1, 1, 4], [4, 4, 2, 1, 1], [1, 1, 1, 1, 1],
+                                         [4, 3, 2, 1, 0])
+    LMR: gl.constexpr = gl.BlockedLayout([1, 4, 2, 1, 4], [8, 1, 1, 4, 1], [1, 1, 1, 1, 1],
+                                         [4, 3, 2, 1, 0])
     # the head's sections in page 0 (a page's are PAGE_BYTES further per block id)
     cache16 = cache.to(gl.pointer_type(gl.float16))
     kc = cache + (OFF_KC + kvh * G * 32)  # [G tokens, 32 bytes]
@@ -341,6 +371,9 @@ def _kivi_decode_pages(
     ks = cache16 + (OFF_KS // 2 + kvh * D)  # [D] float16
     km = cache16 + (OFF_KM // 2 + kvh * D)
     vs = cache16 + (OFF_VS // 2 + kvh * 4 * G)  # [4 groups, G tokens] float16; mins after
+    # the key codes enter the score dot as subnormals code * 2**(2p - 24): query plane p
+    # holds 2**(6 - 2p), so every plane's products carry 2**-18 (SCORE undoes it)
+    SCORE: gl.constexpr = 262144.0
     PAGE16: gl.constexpr = PAGE_BYTES // 2
     # dot row r: query head r % 2 + 2 (r // 8), page slot (r % 8) // 2; rows r and r + 8
     # of a lane share a page, so no operand register is a known zero or a duplicate
@@ -349,9 +382,9 @@ def _kivi_decode_pages(
     qk_scale = sm_scale * 1.4426950408889634
     q_rows = (query + req.to(gl.int64) * stride_qt
               + (kvh * 4 + (ra % 2) + 2 * (ra // 8)).to(gl.int64) * stride_qh)
-    q0 = (_frag_a(q_rows, LA, A).to(gl.float32) * qk_scale).to(gl.float16)
-    q1 = (_frag_a(q_rows + 32, LA, A).to(gl.float32) * qk_scale).to(gl.float16)
-    q2 = (_frag_a(q_rows + 64, LA, A).to(gl.float32) * qk_scale).to(gl.float16)
+    q0 = (_frag_a(q_rows, LA, A).to(gl.float32) * (qk_scale * 64.0)).to(gl.float16)
+    q1 = (_frag_a(q_rows + 32, LA, A).to(gl.float32) * (qk_scale * 16.0)).to(gl.float16)
+    q2 = (_frag_a(q_rows + 64, LA, A).to(gl.float32) * (qk_scale * 4.0)).to(gl.float16)
     q3 = (_frag_a(q_rows + 96, LA, A).to(gl.float32) * qk_scale).to(gl.float16)
     rows = gl.arange(0, 16, layout=gl.SliceLayout(1, mma))
     cols = gl.arange(0, 128, layout=gl.SliceLayout(0, mma))
@@ -381,18 +414,21 @@ def _kivi_decode_pages(
              + (v_t * 4)[None, None, :, None, None, None] + v_b[None, None, None, :, None, None])
     v_col = (v_j * 8)[None, None, None, None, :, None] + v_ln[None, None, None, None, None, :]
     v_off = v_col * G + v_pos
-    # value scale and min words [pg, run, t, 4 tokens] of each plane (scales, then mins)
+    # value scale words [pg, run, t, 4 tokens] of each plane
     s_pg = _ar(4, LSC, 0, 4)[:, None, None, None]
     s_pos = ((_ar(2, LSC, 1, 4) * 16)[None, :, None, None]
              + (_ar(4, LSC, 2, 4) * 4)[None, None, :, None]
              + _ar(4, LSC, 3, 4)[None, None, None, :])
-    s_off = (s_pos, s_pos + G, s_pos + 2 * G, s_pos + 3 * G,
-             s_pos + (OFF_VM - OFF_VS) // 2, s_pos + (OFF_VM - OFF_VS) // 2 + G,
-             s_pos + (OFF_VM - OFF_VS) // 2 + 2 * G, s_pos + (OFF_VM - OFF_VS) // 2 + 3 * G)
+    s_off = (s_pos, s_pos + G, s_pos + 2 * G, s_pos + 3 * G)
+    # value min words [plane, pg, run, t, 4 tokens]
+    m_pg = _ar(4, LMC, 1, 5)[None, :, None, None, None]
+    m_off = ((OFF_VM - OFF_VS) // 2 + (_ar(4, LMC, 0, 5) * G)[:, None, None, None, None]
+             + (_ar(2, LMC, 2, 5) * 16)[None, None, :, None, None]
+             + (_ar(4, LMC, 3, 5) * 4)[None, None, None, :, None]
+             + _ar(4, LMC, 4, 5)[None, None, None, None, :])
 
     m_i = gl.full([16], -1e30, gl.float32, layout=gl.SliceLayout(1, mma))
-    l_t = gl.zeros([16, 8], gl.float32, layout=mma)  # row sums, in every column
-    ones = gl.full([128, 8], 1.0, gl.float16, layout=B)
+    mo = gl.zeros([16, 8], gl.float32, layout=mma)  # p . min of planes 0-3; row sums
     o0 = gl.zeros([16, 32], gl.float32, layout=mma)
     o1 = gl.zeros([16, 32], gl.float32, layout=mma)
     o2 = gl.zeros([16, 32], gl.float32, layout=mma)
@@ -405,27 +441,30 @@ def _kivi_decode_pages(
     sbuf = (gl.allocate_shared_memory(gl.float16, [2, 4, 2, 4, 4], SL),
             gl.allocate_shared_memory(gl.float16, [2, 4, 2, 4, 4], SL),
             gl.allocate_shared_memory(gl.float16, [2, 4, 2, 4, 4], SL),
-            gl.allocate_shared_memory(gl.float16, [2, 4, 2, 4, 4], SL),
-            gl.allocate_shared_memory(gl.float16, [2, 4, 2, 4, 4], SL),
-            gl.allocate_shared_memory(gl.float16, [2, 4, 2, 4, 4], SL),
-            gl.allocate_shared_memory(gl.float16, [2, 4, 2, 4, 4], SL),
             gl.allocate_shared_memory(gl.float16, [2, 4, 2, 4, 4], SL))
+    # the mins' B operand columns: 0-3 copied per stage, 4 ones, 5-7 zeros
+    mbuf = gl.allocate_shared_memory(gl.float16, [2, 8, 4, 2, 4, 4],
+                                     gl.SwizzledSharedLayout(1, 1, 1, [4, 3, 2, 1, 0]))
+    col = _ar(4, LMC, 0, 5)[:, None, None, None, None] + gl.zeros([4, 4, 2, 4, 4], gl.int32,
+                                                                    layout=LMC)
+    mbuf.index(0).slice(4, 4).store(gl.where(col == 0, 1.0, 0.0).to(gl.float16))
+    mbuf.index(1).slice(4, 4).store(gl.where(col == 0, 1.0, 0.0).to(gl.float16))
     if n_iter > 0:
-        _stage(kbuf.index(0), vbuf.index(0), sbuf, 0, kc, vc, vs, bt_row, p_lo, p_last, k_pg,
-               k_off, v_pg, v_off, s_pg, s_off, PAGE_BYTES)
+        _stage(kbuf.index(0), vbuf.index(0), sbuf, mbuf, 0, kc, vc, vs, bt_row, p_lo, p_last,
+               k_pg, k_off, v_pg, v_off, s_pg, s_off, m_pg, m_off, PAGE_BYTES)
     for it in range(n_iter):
         p0 = p_lo + it * 4
         nxt = (it + 1) % 2
-        _stage(kbuf.index(nxt), vbuf.index(nxt), sbuf, nxt, kc, vc, vs, bt_row,
+        _stage(kbuf.index(nxt), vbuf.index(nxt), sbuf, mbuf, nxt, kc, vc, vs, bt_row,
                gl.minimum(p0 + 4, p_lo + (n_iter - 1) * 4), p_last, k_pg, k_off, v_pg,
-               v_off, s_pg, s_off, PAGE_BYTES)
+               v_off, s_pg, s_off, m_pg, m_off, PAGE_BYTES)
         # key mins of the 4 pages as B columns: bias = q . m of each row's page
         col_page = gl.load(bt_row + gl.minimum(p0 + gl.minimum(bn, 3), p_last)).to(gl.int64)
         km_cols = km + col_page * PAGE16
-        bsc = gl.zeros([16, 8], gl.float32, layout=mma)
-        bsc = mma_v2(q0, _frag_b(km_cols, km_ok, LB, B), bsc)
-        bsc = mma_v2(q1, _frag_b(km_cols + 32, km_ok, LB, B), bsc)
-        bsc = mma_v2(q2, _frag_b(km_cols + 64, km_ok, LB, B), bsc)
+        bsc = gl.zeros([16, 8], gl.float32, layout=mma)  # (mins scaled as the query planes)
+        bsc = mma_v2(q0, _frag_b(km_cols, km_ok, LB, B) * 0.015625, bsc)
+        bsc = mma_v2(q1, _frag_b(km_cols + 32, km_ok, LB, B) * 0.0625, bsc)
+        bsc = mma_v2(q2, _frag_b(km_cols + 64, km_ok, LB, B) * 0.25, bsc)
         bsc = mma_v2(q3, _frag_b(km_cols + 96, km_ok, LB, B), bsc)
         # per-row key scales of the row's page
         ks_rows = ks + gl.load(bt_row + gl.minimum(p0 + ra_slot, p_last)).to(gl.int64) * PAGE16
@@ -433,33 +472,38 @@ def _kivi_decode_pages(
         gl.thread_barrier()  # ldmatrix reads words other lanes copied
         kt = kbuf.index(it % 2).load(LK)
         s = gl.zeros([16, 128], gl.float32, layout=mma)
-        s, bsc = _key_dot(s, bsc, q0, ks_rows, kt, 0, LA, A, B)
-        s, bsc = _key_dot(s, bsc, q1, ks_rows, kt, 1, LA, A, B)
-        s, bsc = _key_dot(s, bsc, q2, ks_rows, kt, 2, LA, A, B)
-        s, bsc = _key_dot(s, bsc, q3, ks_rows, kt, 3, LA, A, B)
+        s = _key_dot(s, q0, ks_rows, kt, 0, LA, A, B)
+        s = _key_dot(s, q1, ks_rows, kt, 1, LA, A, B)
+        s = _key_dot(s, q2, ks_rows, kt, 2, LA, A, B)
+        s = _key_dot(s, q3, ks_rows, kt, 3, LA, A, B)
         bias = gl.sum(gl.where(bcol[None, :] == slot[:, None], bsc, 0.0), axis=1)
         keep = same_page & (p0 + cols // 32 < p_hi)[None, :]
-        s = gl.where(keep, s, float("-inf"))  # scores are s + bias: a constant per row
-        m_cur = gl.max(s, axis=1) + bias
+        s = gl.where(keep, s, float("-inf"))  # scores: s * SCORE + bias (a row constant)
+        m_cur = gl.max(s, axis=1) * SCORE + bias
         if gl.max(m_cur - m_i, axis=0) > 8.0:  # lazy rescale, as in the Triton kernel
             m_new = gl.maximum(m_i, m_cur)
             alpha = gl.exp2(m_i - m_new)
-            l_t = l_t * alpha[:, None]
+            mo = mo * alpha[:, None]
             o0 = o0 * alpha[:, None]
             o1 = o1 * alpha[:, None]
             o2 = o2 * alpha[:, None]
             o3 = o3 * alpha[:, None]
             m_i = m_new
-        pr = gl.exp2(s - (m_i - bias)[:, None])
-        p16 = gl.convert_layout(pr.to(gl.float16), A)
-        l_t = mma_v2(p16, ones, l_t)  # the row sums of the float16 probabilities
+        p16 = gl.exp2(s * SCORE - (m_i - bias)[:, None]).to(gl.float16)
+        mo = mma_v2(gl.convert_layout(p16, A), _mins_and_ones(mbuf, it % 2, LMR, B), mo)
         vt = vbuf.index(it % 2).load(LV)
-        o0 = _value_dot(o0, p16, vt, sbuf, it % 2, 0, LS, B)
-        o1 = _value_dot(o1, p16, vt, sbuf, it % 2, 1, LS, B)
-        o2 = _value_dot(o2, p16, vt, sbuf, it % 2, 2, LS, B)
-        o3 = _value_dot(o3, p16, vt, sbuf, it % 2, 3, LS, B)
+        o0 = _value_dot(o0, p16, vt, sbuf, it % 2, 0, LSR, mma, A, B)
+        o1 = _value_dot(o1, p16, vt, sbuf, it % 2, 1, LSR, mma, A, B)
+        o2 = _value_dot(o2, p16, vt, sbuf, it % 2, 2, LSR, mma, A, B)
+        o3 = _value_dot(o3, p16, vt, sbuf, it % 2, 3, LSR, mma, A, B)
     async_copy.wait_group(0)
-    l_i = gl.max(l_t, axis=1)
+    # undo the value codes' subnormal scale 2**(2p - 24), add p . min; the row sums are
+    # mo's column 4
+    o0 = o0 * 16777216.0 + gl.sum(gl.where(bcol[None, :] == 0, mo, 0.0), axis=1)[:, None]
+    o1 = o1 * 4194304.0 + gl.sum(gl.where(bcol[None, :] == 1, mo, 0.0), axis=1)[:, None]
+    o2 = o2 * 1048576.0 + gl.sum(gl.where(bcol[None, :] == 2, mo, 0.0), axis=1)[:, None]
+    o3 = o3 * 262144.0 + gl.sum(gl.where(bcol[None, :] == 3, mo, 0.0), axis=1)[:, None]
+    l_i = gl.sum(gl.where(bcol[None, :] == 4, mo, 0.0), axis=1)
     if TAIL:
         if split == S - 1:
             m_i, l_i, o0, o1, o2, o3 = _attend_tail(
