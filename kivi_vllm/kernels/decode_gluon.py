@@ -20,8 +20,8 @@ the layouts be chosen so that no operand moves between lanes:
   second shared-memory stage while this one is computed.
 - Codes enter both dots as float16 subnormals (``plane_asm(subnormal=True)``: a mask and
   two byte permutes per four codes, no offset to subtract). Plane ``p`` reads ``code *
-  2**(2p - 24)``: the query planes carry ``2**(6 - 2p)`` so that every score product carries
-  ``2**-18`` (undone in the exponent), and each value plane has its own accumulator.
+  2**(2p - 24)``: the query planes carry ``2**(3 - 2p)`` so that every score product carries
+  ``2**-21`` (undone in the exponent), and each value plane has its own accumulator.
 - Values are ``s * code + m`` per token: the scales multiply the probabilities (the
   A operand, one float16 product per pair), and ``p . m`` of the four planes comes from
   one more n8 tile whose column 4 is ones (the row sums).
@@ -127,8 +127,8 @@ def _codes(x, PLANE: gl.constexpr):
 @gluon.jit
 def _key_dot(s, q, ks_rows, kt, PLANE: gl.constexpr, LA: gl.constexpr, A: gl.constexpr,
              B: gl.constexpr):
-    """``s += (q * ks) . k * 2**-18`` over bit plane PLANE's 32 channels: the codes are
-    subnormals ``code * 2**(2 PLANE - 24)`` and ``q`` holds ``2**(6 - 2 PLANE)``."""
+    """``s += (q * ks) . k * 2**-21`` over bit plane PLANE's 32 channels: the codes are
+    subnormals ``code * 2**(2 PLANE - 24)`` and ``q`` holds ``2**(3 - 2 PLANE)``."""
     a = q * _frag_a(ks_rows + 32 * PLANE, LA, A)
     return mma_v2(a, _key_chunk(_codes(kt, PLANE), B), s)
 
@@ -205,9 +205,10 @@ def _attend_tail(m_i, l_i, o0, o1, o2, o3, q0, q1, q2, q3, key, value, tail, tai
     rows of page slot 0 hold each query head once, the other slots take no part."""
     ring = (tail + gl.load(tail_slots + req).to(gl.int64) * stride_tail_slot
             + kvh * stride_tail_h)
-    q0 = q0 * 0.015625  # the query planes without the page loop's 2**(6 - 2p)
-    q1 = q1 * 0.0625
-    q2 = q2 * 0.25
+    q0 = q0 * 0.125  # the query planes without the page loop's 2**(3 - 2p)
+    q1 = q1 * 0.5
+    q2 = q2 * 2.0
+    q3 = q3 * 8.0
     # key dot: tail rows as B columns, channels in fragment order (as the query's)
     rk = gl.arange(0, BLOCK_R, layout=gl.SliceLayout(0, B))
     pos_k = gl.where(rk < pinned, rk, tstart + rk - pinned)
@@ -372,8 +373,8 @@ def _kivi_decode_pages(
     km = cache16 + (OFF_KM // 2 + kvh * D)
     vs = cache16 + (OFF_VS // 2 + kvh * 4 * G)  # [4 groups, G tokens] float16; mins after
     # the key codes enter the score dot as subnormals code * 2**(2p - 24): query plane p
-    # holds 2**(6 - 2p), so every plane's products carry 2**-18 (SCORE undoes it)
-    SCORE: gl.constexpr = 262144.0
+    # holds 2**(3 - 2p), so every plane's products carry 2**-21 (SCORE undoes it)
+    SCORE: gl.constexpr = 2097152.0
     PAGE16: gl.constexpr = PAGE_BYTES // 2
     # dot row r: query head r % 2 + 2 (r // 8), page slot (r % 8) // 2; rows r and r + 8
     # of a lane share a page, so no operand register is a known zero or a duplicate
@@ -382,10 +383,10 @@ def _kivi_decode_pages(
     qk_scale = sm_scale * 1.4426950408889634
     q_rows = (query + req.to(gl.int64) * stride_qt
               + (kvh * 4 + (ra % 2) + 2 * (ra // 8)).to(gl.int64) * stride_qh)
-    q0 = (_frag_a(q_rows, LA, A).to(gl.float32) * (qk_scale * 64.0)).to(gl.float16)
-    q1 = (_frag_a(q_rows + 32, LA, A).to(gl.float32) * (qk_scale * 16.0)).to(gl.float16)
-    q2 = (_frag_a(q_rows + 64, LA, A).to(gl.float32) * (qk_scale * 4.0)).to(gl.float16)
-    q3 = (_frag_a(q_rows + 96, LA, A).to(gl.float32) * qk_scale).to(gl.float16)
+    q0 = (_frag_a(q_rows, LA, A).to(gl.float32) * (qk_scale * 8.0)).to(gl.float16)
+    q1 = (_frag_a(q_rows + 32, LA, A).to(gl.float32) * (qk_scale * 2.0)).to(gl.float16)
+    q2 = (_frag_a(q_rows + 64, LA, A).to(gl.float32) * (qk_scale * 0.5)).to(gl.float16)
+    q3 = (_frag_a(q_rows + 96, LA, A).to(gl.float32) * (qk_scale * 0.125)).to(gl.float16)
     rows = gl.arange(0, 16, layout=gl.SliceLayout(1, mma))
     cols = gl.arange(0, 128, layout=gl.SliceLayout(0, mma))
     slot = (rows % 8) // 2
@@ -462,10 +463,10 @@ def _kivi_decode_pages(
         col_page = gl.load(bt_row + gl.minimum(p0 + gl.minimum(bn, 3), p_last)).to(gl.int64)
         km_cols = km + col_page * PAGE16
         bsc = gl.zeros([16, 8], gl.float32, layout=mma)  # (mins scaled as the query planes)
-        bsc = mma_v2(q0, _frag_b(km_cols, km_ok, LB, B) * 0.015625, bsc)
-        bsc = mma_v2(q1, _frag_b(km_cols + 32, km_ok, LB, B) * 0.0625, bsc)
-        bsc = mma_v2(q2, _frag_b(km_cols + 64, km_ok, LB, B) * 0.25, bsc)
-        bsc = mma_v2(q3, _frag_b(km_cols + 96, km_ok, LB, B), bsc)
+        bsc = mma_v2(q0, _frag_b(km_cols, km_ok, LB, B) * 0.125, bsc)
+        bsc = mma_v2(q1, _frag_b(km_cols + 32, km_ok, LB, B) * 0.5, bsc)
+        bsc = mma_v2(q2, _frag_b(km_cols + 64, km_ok, LB, B) * 2.0, bsc)
+        bsc = mma_v2(q3, _frag_b(km_cols + 96, km_ok, LB, B) * 8.0, bsc)
         # per-row key scales of the row's page
         ks_rows = ks + gl.load(bt_row + gl.minimum(p0 + ra_slot, p_last)).to(gl.int64) * PAGE16
         async_copy.wait_group(1)
@@ -480,7 +481,9 @@ def _kivi_decode_pages(
         keep = same_page & (p0 + cols // 32 < p_hi)[None, :]
         s = gl.where(keep, s, float("-inf"))  # scores: s * SCORE + bias (a row constant)
         m_cur = gl.max(s, axis=1) * SCORE + bias
-        if gl.max(m_cur - m_i, axis=0) > 8.0:  # lazy rescale, as in the Triton kernel
+        # lazy rescale, as in the Triton kernel but at 2**4: the probabilities times the value
+        # scales are float16 operands (p * s <= 16 s)
+        if gl.max(m_cur - m_i, axis=0) > 4.0:
             m_new = gl.maximum(m_i, m_cur)
             alpha = gl.exp2(m_i - m_new)
             mo = mo * alpha[:, None]
