@@ -66,7 +66,8 @@ for step in "$@"; do
       kv=${step#ncu:}
       IFS=x read -r nb nc <<< "${KIVI_NCU_GRID:-64x8192}"
       ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu | head -1)
-      "$ncu" --clock-control none -k regex:_kivi_attend --launch-skip 5 --launch-count 1 \
+      "$ncu" --clock-control none -k "regex:_kivi_attend_context|_kivi_decode_pages" \
+        --launch-skip 5 --launch-count 1 \
         --section SpeedOfLight --section Occupancy --section LaunchStats \
         --section SchedulerStats --section WarpStateStats --section ComputeWorkloadAnalysis \
         --section MemoryWorkloadAnalysis --section InstructionStats --section SourceCounters \
