@@ -36,34 +36,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.kernel_sass import sass_report  # noqa: E402
 from kivi_vllm.kernels.common import plane_asm  # noqa: E402
-
-
-@gluon.constexpr_function
-def _only(layout, keep, ndim):
-    """Slice every dim of ``layout`` but ``keep`` (for a 1-D arange along ``keep``)."""
-    for d in reversed(range(ndim)):
-        if d != keep:
-            layout = gl.SliceLayout(d, layout)
-    return layout
-
-
-@gluon.jit
-def _ar(n: gl.constexpr, layout: gl.constexpr, keep: gl.constexpr, ndim: gl.constexpr):
-    return gl.arange(0, n, layout=_only(layout, keep, ndim))
-
-
-@gluon.jit
-def _key_chunk(kt, B: gl.constexpr):
-    """fp16 [2 r, 4 t, 4 kk, 16 j, 8 ln] (storage order) -> B operand [32 ch, 128 tok]."""
-    kt = gl.permute(gl.reshape(kt, [2, 4, 2, 2, 16, 8]), [0, 2, 1, 3, 4, 5])
-    return gl.convert_layout(gl.reshape(kt, [32, 128]), B)
-
-
-@gluon.jit
-def _value_chunk(vt, B: gl.constexpr):
-    """fp16 [4 pg, 2 run, 4 t, 4 kk, 4 j, 8 ln] -> B operand [128 tok, 32 ch]."""
-    vt = gl.permute(gl.reshape(vt, [4, 2, 4, 2, 2, 4, 8]), [0, 1, 3, 2, 4, 5, 6])
-    return gl.convert_layout(gl.reshape(vt, [128, 32]), B)
+from kivi_vllm.kernels.decode_gluon import _ar, _key_chunk, _value_chunk  # noqa: E402
 
 
 @gluon.jit

@@ -32,6 +32,17 @@ ALIGNED_STRIDES = ("stride_bt", "stride_tail_kv", "stride_tail_slot", "stride_ta
                    "stride_qt", "stride_kt", "stride_vt", "stride_ot", "stride_oh", "stride_os")
 
 
+def _launch_like(names: list[str], consts: dict) -> dict:
+    """Signature, alignment attributes and constexprs of a kernel with arguments ``names``
+    as a real launch specializes them."""
+    signature = {n: POINTERS.get(n) or SCALARS.get(n) or
+                 ("i32" if n.startswith("stride_") else "constexpr") for n in names}
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in names
+             if n in POINTERS or n in ALIGNED_STRIDES}
+    return {"signature": signature, "attrs": attrs,
+            "constexprs": {(names.index(k),): v for k, v in consts.items()}}
+
+
 def compile_decode(bits: int, group: int, head_dim: int, kv_heads: int, qpk: int,
                    residual: int, warps: int, stages: int, maxnreg: int | None,
                    fp8_scales: bool = False):
@@ -51,12 +62,7 @@ def compile_decode(bits: int, group: int, head_dim: int, kv_heads: int, qpk: int
                   **attention.tile_shape(qpk, group, 1, True), DECODE=True,
                   W=width, NCH=nch, USE_ASM=True, SINGLE=False, PAGES=True, WRITE_LSE=True,
                   **format_constants(fmt))
-    signature = {n: POINTERS.get(n) or SCALARS.get(n) or
-                 ("i32" if n.startswith("stride_") else "constexpr") for n in names}
-    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in names
-             if n in POINTERS or n in ALIGNED_STRIDES}
-    src = ASTSource(fn=fn, signature=signature, attrs=attrs,
-                    constexprs={(names.index(k),): v for k, v in consts.items()})
+    src = ASTSource(fn=fn, **_launch_like(names, consts))
     options = dict(num_warps=warps, num_stages=stages)
     if maxnreg:
         options["maxnreg"] = maxnreg
@@ -79,12 +85,7 @@ def compile_gluon_decode(kv_heads: int, residual: int):
               if k in names}
     consts.update(R=residual, BLOCK_R=max(16, triton.next_power_of_2(residual)), TAIL=True,
                   SELF=True, SINGLE=True, WRITE_LSE=False)
-    signature = {n: POINTERS.get(n) or SCALARS.get(n) or
-                 ("i32" if n.startswith("stride_") else "constexpr") for n in names}
-    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in names
-             if n in POINTERS or n in ALIGNED_STRIDES}
-    src = GluonASTSource(fn=fn, signature=signature, attrs=attrs,
-                         constexprs={(names.index(k),): v for k, v in consts.items()})
+    src = GluonASTSource(fn=fn, **_launch_like(names, consts))
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 1})
 
 
