@@ -47,7 +47,6 @@ from kivi_vllm.kernels.common import plane_asm
 from kivi_vllm.page_format import PageFormat
 
 QPK = 4  # query heads per KV head
-SLOTS = 4  # pages per loop iteration
 
 
 def gluon_supports(fmt: PageFormat, qpk: int) -> bool:
