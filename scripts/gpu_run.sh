@@ -6,8 +6,14 @@ set -uo pipefail
 export PYTHONPATH=/tmp/site VLLM_USE_FLASHINFER_SAMPLER=0 PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
-python3 -m pip install -q --no-deps --no-build-isolation --no-compile --target /tmp/site . \
-  > "$OUT/pip.log" 2>&1 || { tail -20 "$OUT/pip.log"; exit 1; }
+install_tree() {  # the tree in the working directory into /tmp/site. pip --target skips a
+  # top-level entry that exists, and --upgrade would replace bin/ (vLLM's scripts) too: so
+  # the old package goes first and bin/ keeps its wrappers (they import kivi_vllm)
+  rm -rf /tmp/site/kivi_vllm /tmp/site/kivi_vllm-*.dist-info
+  python3 -m pip install -q --no-deps --no-build-isolation --no-compile --target /tmp/site . \
+    > "$OUT/pip.log" 2>&1 || { tail -20 "$OUT/pip.log"; exit 1; }
+}
+install_tree
 [ -f /tmp/kivi-tuned.env ] && source /tmp/kivi-tuned.env
 nvidia-smi --query-gpu=name,memory.total,memory.used --format=csv,noheader
 stage_smollm2() {  # needs /tmp/gq/{gguf.part0,gguf-*.whl} kept by an earlier call and
@@ -60,8 +66,7 @@ for step in "$@"; do
       cd "$dir" || exit 1
       OUT=$OUT/$(basename "$dir")
       mkdir -p "$OUT"
-      python3 -m pip install -q --no-deps --no-build-isolation --no-compile --upgrade \
-        --target /tmp/site . > "$OUT/pip.log" 2>&1 || { tail -20 "$OUT/pip.log"; exit 1; } ;;
+      install_tree ;;
     ncu:*)  # ncu:KV - hardware counters of one decode launch at KIVI_NCU_GRID (64x8192)
       kv=${step#ncu:}
       IFS=x read -r nb nc <<< "${KIVI_NCU_GRID:-64x8192}"
