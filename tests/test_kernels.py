@@ -299,11 +299,15 @@ def test_decode_v7_matches_reference(residual, sinks, dtype):
 
 @pytest.mark.skipif(DEVICE != "cpu", reason="the GPU runs the compiled kernel (above)")
 @pytest.mark.parametrize("gluon_tail", [True, False])
-@pytest.mark.parametrize(("residual", "sinks"), [(32, 0), (96, 32)])
-def test_decode_v7_source_matches_reference(residual, sinks, gluon_tail, monkeypatch):
+@pytest.mark.parametrize(("residual", "sinks", "key_mag", "value_mag"),
+                         [(32, 0, 1, 1), (96, 32, 1, 1), (32, 0, 30, 200)])
+def test_decode_v7_source_matches_reference(residual, sinks, key_mag, value_mag, gluon_tail,
+                                            monkeypatch):
     """Decode v7's Gluon source, executed on the CPU by ``tests/gluon_shim.py`` (index
-    arithmetic, masks, splits, tail, slot merge; not the lane layouts), through
-    ``attend_context`` as the backend calls it."""
+    arithmetic, masks, splits, tail, slot merge, float16 ranges; not the lane layouts),
+    through ``attend_context`` as the backend calls it. ``key_mag``/``value_mag`` scale the
+    keys and values (pages and tail) to where float16 operands need care: value scales of
+    a few hundred, near-one-hot softmax rows."""
     from kivi_vllm.kernels import attention, decode_gluon
     from tests.gluon_shim import emulate
 
@@ -315,6 +319,13 @@ def test_decode_v7_source_matches_reference(residual, sinks, gluon_tail, monkeyp
     ctx = [0, 5, 33, 95, 4 * 32, 4 * 32 + 1, 5 * 32 - 1, 9 * 32 + 7, 13 * 32]
     sc = make_scenario(fmt, residual, 8, ctx, [1] * len(ctx), seed=residual + sinks,
                        sinks=sinks)
+    views = fmt.views(sc.cache)
+    for name, mag in (("k_scale", key_mag), ("k_min", key_mag), ("v_scale", value_mag),
+                      ("v_min", value_mag)):
+        views[name].mul_(mag)
+    for x, mag in ((sc.tail[0], key_mag), (sc.key, key_mag), (sc.tail[1], value_mag),
+                   (sc.value, value_mag)):
+        x.mul_(mag)
     ref = reference_context_attention(sc, include_self=True)
     for splits in (1, 3):
         out = torch.full_like(sc.query, float("nan"))
