@@ -37,6 +37,18 @@ for step in "$@"; do
     ktest:*)  # ktest:EXPR - the kernel tests selected by pytest -k EXPR
       KIVI_KERNEL_DEVICE=cuda python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py \
         -k "${step#ktest:}" 2>&1 | tee "$OUT/ktest.log" | tail -15 ;;
+    v7)  # decode v7: its GPU tests, then KIVI-2 at 64 and 256 x 8k for v7, v7 with the
+      # Triton tail, and the Triton loop (v6e), one process each, in this call
+      KIVI_KERNEL_DEVICE=cuda python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py \
+        -k v7 2>&1 | tee "$OUT/v7-test.log" | tail -6
+      for grid in 64x8192 256x8192; do
+        IFS=x read -r vb vc <<< "$grid"
+        for variant in "KIVI_GLUON=1" "KIVI_GLUON=1 KIVI_GLUON_TAIL=0" "KIVI_GLUON=0"; do
+          tag=$(echo "$grid-$variant" | tr -c 'A-Za-z0-9_.\n-' '-')
+          env $variant python3 benchmarks/kernels.py --batches "$vb" --contexts "$vc" \
+            --kv kivi2 --out "$OUT/v7-$tag.json" 2>&1 | grep "^B=" | sed "s/^/$variant: /"
+        done
+      done 2>&1 | tee "$OUT/v7-bench.log" ;;
     engine-test)  # a fresh Triton cache: the JIT monitor must see no compile while serving
       rm -rf ~/.triton/cache
       python3 -m pytest -q -s -p no:cacheprovider tests/test_engine_gpu.py 2>&1 \
