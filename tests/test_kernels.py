@@ -261,15 +261,16 @@ def test_decode_attention_full_size(bits, head_dim, group, max_slots, monkeypatc
 def test_decode_v7_matches_reference(residual, sinks, dtype):
     """Decode v7 (the Gluon page loop, ``kernels/decode_gluon.py``) on its format: 2-bit,
     group 32, d=128, 32 query heads over 8 KV heads. Contexts of no pages, of fewer pages
-    than one loop iteration, not multiples of 4 pages or of the group, with prefix hits
-    (every third row) and sink groups; 1, 3 and 7 page splits (some of them empty);
-    poisoned outputs; also against the Triton page loop."""
+    than one loop iteration, not multiples of 4 pages or of the group, up to 12k, with
+    prefix hits (every third row) and sink groups; 1, 3 and 7 page splits (some of them
+    empty); poisoned outputs; also against the Triton page loop."""
     from kivi_vllm.kernels import attention
     from kivi_vllm.kernels.decode_gluon import gluon_supports
 
     fmt = PageFormat(2, 32, 128, 8)
     assert gluon_supports(fmt, 4)
-    ctx = [0, 5, 31, 32, 33, 95, 4 * 32, 4 * 32 + 1, 5 * 32 - 1, 300, 1000, 4097, 3000, 63]
+    ctx = [0, 5, 31, 32, 33, 95, 4 * 32, 4 * 32 + 1, 5 * 32 - 1, 300, 1000, 4097, 3000, 63,
+           12289]
     sc = make_scenario(fmt, residual, 32, ctx, [1] * len(ctx), dtype=dtype, seed=residual,
                        sinks=sinks)
     ref = reference_context_attention(sc, include_self=True)
@@ -292,9 +293,12 @@ def test_decode_v7_matches_reference(residual, sinks, dtype):
                 outs[name, splits] = out.float().cpu()
         finally:
             attention.USE_GLUON, attention.GLUON_TAIL = gluon_default
-    for name in loops:  # the same float16 operands: the loops agree closely
+    # the loops round differently (v7: p * s and subnormal codes; Triton: s * code + m), and
+    # bf16 outputs then differ by one ulp where they straddle a rounding boundary
+    close = 6e-3 if dtype == torch.bfloat16 else 2e-3
+    for name in loops:
         for splits in (1, 3, 7):
-            assert rel_err(outs[name, splits], outs["Triton", splits]) < 2e-3, (name, splits)
+            assert rel_err(outs[name, splits], outs["Triton", splits]) < close, (name, splits)
 
 
 @pytest.mark.skipif(DEVICE != "cpu", reason="the GPU runs the compiled kernel (above)")
