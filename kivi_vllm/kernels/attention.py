@@ -42,6 +42,7 @@ from kivi_vllm.kernels.common import (
     e4m3_to_f16,
     format_constants,
     plane_asm,
+    read_strides,
     require_unit_stride,
     scale_ptr,
 )
@@ -708,29 +709,26 @@ def attend_context(
     tiles = tile_shape(qpk, fmt.group_size, block_q, decode)
     slotted = tiles["SLOTS"] > 1
     constants = format_constants(fmt)
+    write_lse = not single or lse_out is not None
     grid_splits, ctx_o, ctx_lse = s, mid_o, mid_lse
     handle = None
     if v7:
         decode_pages(query, key, value, cache, tail, block_table, seq_lens, tail_slots,
                      valid_from, mid_o, mid_lse, scale, page_splits, sinks, residual, num_tiles,
                      constants, with_tail=GLUON_TAIL, add_self=add_self, single=single,
-                     write_lse=not single or lse_out is not None)
+                     write_lse=write_lse)
         grid_splits, ctx_o, ctx_lse = 1, mid_o[:, :, page_splits:], mid_lse[:, :, page_splits:]
     if not (v7 and GLUON_TAIL):
         handle = _kivi_attend_context[(num_tiles, hk, grid_splits)](
             query, key, value, cache, tail, block_table, seq_lens, query_start_loc,
             tail_slots, valid_from, seq_lens if first_valid is None else first_valid, tile_req,
             tile_tok, ctx_o, ctx_lse, scale, tok_base, grid_splits, sinks,
-            query.stride(0), query.stride(1), key.stride(0), key.stride(1),
-            value.stride(0), value.stride(1), block_table.stride(0),
-            tail.stride(0), tail.stride(1), tail.stride(2), tail.stride(3),
-            ctx_o.stride(0), ctx_o.stride(1), ctx_o.stride(2),
-            ctx_lse.stride(0), ctx_lse.stride(1),
+            *read_strides(query, key, value, block_table, tail, ctx_o, ctx_lse),
             R=residual, BLOCK_R=triton.next_power_of_2(residual), QPK=qpk, BLOCK_Q=block_q,
             **tiles, DECODE=decode, SELF=add_self, WINDOWED=first_valid is not None,
             TABLE_BY_SLOT=table_by_slot, W=width,
             NCH=nch, USE_ASM=USE_ASM,
-            SINGLE=single, PAGES=not v7, WRITE_LSE=not single or lse_out is not None,
+            SINGLE=single, PAGES=not v7, WRITE_LSE=write_lse,
             num_warps=DECODE_WARPS if decode else 4,
             num_stages=SLOT_STAGES if slotted else NUM_STAGES,
             maxnreg=(SLOT_MAX_REGISTERS if slotted else MAX_REGISTERS) if decode else None,

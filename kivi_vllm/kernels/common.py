@@ -65,6 +65,18 @@ def format_constants(fmt: PageFormat) -> dict[str, int]:
     }
 
 
+def read_strides(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                 block_table: torch.Tensor, tail: torch.Tensor, mid_o: torch.Tensor,
+                 mid_lse: torch.Tensor) -> tuple[int, ...]:
+    """The stride arguments of the read kernels (``attention._kivi_attend_context``,
+    ``decode_gluon._kivi_decode_pages``), in their order: query, key, value (token, head),
+    block table (row), tail (kv, slot, position, head), mid_o (token, head, split),
+    mid_lse (token, head)."""
+    return (query.stride(0), query.stride(1), key.stride(0), key.stride(1),
+            value.stride(0), value.stride(1), block_table.stride(0), *tail.stride()[:4],
+            *mid_o.stride()[:3], mid_lse.stride(0), mid_lse.stride(1))
+
+
 def require_unit_stride(**vectors: torch.Tensor | None) -> None:
     """The kernels index these per-row vectors as ``ptr + i``: each needs unit stride (a
     host-side check on metadata, no synchronisation)."""

@@ -43,7 +43,7 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy, mma_v2
 
-from kivi_vllm.kernels.common import plane_asm
+from kivi_vllm.kernels.common import plane_asm, read_strides
 from kivi_vllm.page_format import PageFormat
 
 QPK = 4  # query heads per KV head
@@ -549,11 +549,9 @@ def decode_pages(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     and natural-log LSE); ``constants``: ``common.format_constants`` of the format."""
     _kivi_decode_pages[(num_rows, constants["HK"], splits)](
         query, key, value, cache, tail, block_table, seq_lens, tail_slots, valid_from, mid_o,
-        mid_lse, scale, splits, sinks, query.stride(0), query.stride(1), key.stride(0),
-        key.stride(1), value.stride(0), value.stride(1), block_table.stride(0),
-        tail.stride(0), tail.stride(1), tail.stride(2), tail.stride(3),
-        mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0),
-        mid_lse.stride(1), R=residual, BLOCK_R=max(16, triton.next_power_of_2(residual)),
+        mid_lse, scale, splits, sinks,
+        *read_strides(query, key, value, block_table, tail, mid_o, mid_lse),
+        R=residual, BLOCK_R=max(16, triton.next_power_of_2(residual)),
         TAIL=with_tail, SELF=add_self, SINGLE=single, WRITE_LSE=write_lse,
         **{k: constants[k] for k in _FORMAT_ARGS}, num_warps=1,
     )
