@@ -194,6 +194,14 @@ def _tail_values(o, p16, p_self, ring_v, rows, ok, ch, self_v, oc, PLANE: gl.con
 
 
 @gluon.jit
+def _tail_rows(r, pinned, tstart, sinks, R: gl.constexpr):
+    """Tail row ``r``'s context position (sink positions ``[0, pinned)``, then ``tstart``
+    on) and its ring row (``store.ring_row``, as int64)."""
+    pos = gl.where(r < pinned, r, tstart + r - pinned)
+    return pos, gl.where(pos < sinks, pos, sinks + (pos - sinks) % (R - sinks)).to(gl.int64)
+
+
+@gluon.jit
 def _attend_tail(m_i, l_i, o0, o1, o2, o3, q0, q1, q2, q3, key, value, tail, tail_slots,
                  req, kvh, ctx, tstart, pinned, sinks, stride_kt, stride_kh, stride_vt,
                  stride_vh, stride_tail_kv, stride_tail_slot, stride_tail_pos, stride_tail_h,
@@ -209,10 +217,9 @@ def _attend_tail(m_i, l_i, o0, o1, o2, o3, q0, q1, q2, q3, key, value, tail, tai
     q2 = q2 * 2.0
     q3 = q3 * 8.0
     # key dot: tail rows as B columns, channels in fragment order (as the query's)
-    rk = gl.arange(0, BLOCK_R, layout=gl.SliceLayout(0, B))
-    pos_k = gl.where(rk < pinned, rk, tstart + rk - pinned)
-    row_k = gl.where(pos_k < sinks, pos_k, sinks + (pos_k - sinks) % (R - sinks))
-    row_k = row_k.to(gl.int64) * stride_tail_pos
+    pos_k, row_k = _tail_rows(gl.arange(0, BLOCK_R, layout=gl.SliceLayout(0, B)), pinned,
+                              tstart, sinks, R)
+    row_k = row_k * stride_tail_pos
     ch_k = _frag(gl.arange(0, 32, layout=gl.SliceLayout(1, B)))
     st = gl.zeros([16, BLOCK_R], gl.float32, layout=mma)
     st = _tail_dot(st, q0, ring, row_k, pos_k < ctx, ch_k, 0)
@@ -221,8 +228,8 @@ def _attend_tail(m_i, l_i, o0, o1, o2, o3, q0, q1, q2, q3, key, value, tail, tai
     st = _tail_dot(st, q3, ring, row_k, pos_k < ctx, ch_k, 3)
     rows = gl.arange(0, 16, layout=gl.SliceLayout(1, mma))
     first = (rows % 8) // 2 == 0
-    rc = gl.arange(0, BLOCK_R, layout=gl.SliceLayout(0, mma))
-    pos_c = gl.where(rc < pinned, rc, tstart + rc - pinned)
+    pos_c, _ = _tail_rows(gl.arange(0, BLOCK_R, layout=gl.SliceLayout(0, mma)), pinned, tstart,
+                          sinks, R)
     st = gl.where(first[:, None] & (pos_c < ctx)[None, :], st, float("-inf"))
     m_new = gl.maximum(m_i, gl.max(st, axis=1))
     oc = gl.arange(0, 32, layout=gl.SliceLayout(0, mma))
@@ -246,10 +253,9 @@ def _attend_tail(m_i, l_i, o0, o1, o2, o3, q0, q1, q2, q3, key, value, tail, tai
     l_i = l_i * alpha + gl.sum(pt, axis=1) + p_self
     p16 = gl.convert_layout(pt.to(gl.float16), A)
     # value dot: tail rows as B rows, channels in storage order
-    rv = gl.arange(0, BLOCK_R, layout=gl.SliceLayout(1, B))
-    pos_v = gl.where(rv < pinned, rv, tstart + rv - pinned)
-    row_v = gl.where(pos_v < sinks, pos_v, sinks + (pos_v - sinks) % (R - sinks))
-    row_v = row_v.to(gl.int64) * stride_tail_pos
+    pos_v, row_v = _tail_rows(gl.arange(0, BLOCK_R, layout=gl.SliceLayout(1, B)), pinned,
+                              tstart, sinks, R)
+    row_v = row_v * stride_tail_pos
     ch_v = gl.arange(0, 32, layout=gl.SliceLayout(0, B))
     ring_v = ring + stride_tail_kv
     o0 = _tail_values(o0 * alpha[:, None], p16, p_self, ring_v, row_v, pos_v < ctx, ch_v,
