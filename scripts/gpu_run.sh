@@ -14,6 +14,28 @@ install_tree() {  # the tree in the working directory into /tmp/site. pip --targ
     > "$OUT/pip.log" 2>&1 || { tail -20 "$OUT/pip.log"; exit 1; }
 }
 install_tree
+kernel_tests() {  # tests/test_kernels.py on the GPU, with pytest's extra arguments
+  KIVI_KERNEL_DEVICE=cuda python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py "$@"
+}
+run_variants() {  # decode time of each KIVI_VARIANTS entry at each KIVI_VARIANT_GRID
+  local variants grids grid i v vb vc kv
+  IFS=';' read -ra variants <<< "$KIVI_VARIANTS"
+  IFS=',' read -ra grids <<< "${KIVI_VARIANT_GRID:-64x8192}"
+  for grid in "${grids[@]}"; do
+    IFS=x read -r vb vc <<< "$grid"
+    for i in "${!variants[@]}"; do
+      read -ra v <<< "${variants[$i]}"
+      echo "--- $grid variant $i: ${v[*]}"
+      if [ "${v[0]}" = test ]; then
+        v=("${v[@]:1}")
+        (for kv in "${v[@]}"; do export "$kv"; done; kernel_tests -k full_size 2>&1 | tail -2)
+      fi
+      env "${v[@]}" python3 benchmarks/kernels.py --batches "$vb" --contexts "$vc" \
+        --kv "${KIVI_VARIANT_KV:-kivi4,kivi2}" --out "$OUT/kernels-variant-$grid-$i.json" \
+        2>&1 | grep -v "^INFO\|^WARNING" | tail -3
+    done
+  done
+}
 [ -f /tmp/kivi-tuned.env ] && source /tmp/kivi-tuned.env
 nvidia-smi --query-gpu=name,memory.total,memory.used --format=csv,noheader
 stage_smollm2() {  # needs /tmp/gq/{gguf.part0,gguf-*.whl} kept by an earlier call and
@@ -32,23 +54,15 @@ for step in "$@"; do
   echo "=== $step $(date +%T)"
   case "$step" in
     kernels-test)
-      KIVI_KERNEL_DEVICE=cuda python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py \
-        2>&1 | tee "$OUT/kernels-test.log" | tail -15 ;;
+      kernel_tests 2>&1 | tee "$OUT/kernels-test.log" | tail -15 ;;
     ktest:*)  # ktest:EXPR - the kernel tests selected by pytest -k EXPR
-      KIVI_KERNEL_DEVICE=cuda python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py \
-        -k "${step#ktest:}" 2>&1 | tee "$OUT/ktest.log" | tail -15 ;;
+      kernel_tests -k "${step#ktest:}" 2>&1 | tee "$OUT/ktest.log" | tail -15 ;;
     v7)  # decode v7: its GPU tests, then KIVI-2 at 64 and 256 x 8k for v7, v7 with the
       # Triton tail, and the Triton loop (v6e), one process each, in this call
-      KIVI_KERNEL_DEVICE=cuda python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py \
-        -k v7 2>&1 | tee "$OUT/v7-test.log" | tail -6
-      for grid in 64x8192 256x8192; do
-        IFS=x read -r vb vc <<< "$grid"
-        for variant in "KIVI_GLUON=1" "KIVI_GLUON=1 KIVI_GLUON_TAIL=0" "KIVI_GLUON=0"; do
-          tag=$(echo "$grid-$variant" | tr -c 'A-Za-z0-9_.\n-' '-')
-          env $variant python3 benchmarks/kernels.py --batches "$vb" --contexts "$vc" \
-            --kv kivi2 --out "$OUT/v7-$tag.json" 2>&1 | grep "^B=" | sed "s/^/$variant: /"
-        done
-      done 2>&1 | tee "$OUT/v7-bench.log" ;;
+      kernel_tests -k v7 2>&1 | tee "$OUT/v7-test.log" | tail -6
+      KIVI_VARIANTS="KIVI_GLUON=1;KIVI_GLUON=1 KIVI_GLUON_TAIL=0;KIVI_GLUON=0" \
+        KIVI_VARIANT_GRID=64x8192,256x8192 KIVI_VARIANT_KV=kivi2 run_variants \
+        2>&1 | tee "$OUT/v7-bench.log" ;;
     engine-test)  # a fresh Triton cache: the JIT monitor must see no compile while serving
       rm -rf ~/.triton/cache
       python3 -m pytest -q -s -p no:cacheprovider tests/test_engine_gpu.py 2>&1 \
@@ -58,20 +72,9 @@ for step in "$@"; do
       python3 benchmarks/kernels.py --out "$OUT/kernels.json" 2>&1 \
         | grep -v "^INFO\|^WARNING" | tee "$OUT/kernels-bench.log" | tail -25 ;;
     kvariants)  # KIVI_VARIANTS="A=1 B=2;A=3;..." (KIVI_* settings; a leading "test" also runs
-      # the full-size kernel tests): decode time per variant at KIVI_VARIANT_GRID (64x8192)
-      IFS=';' read -ra variants <<< "$KIVI_VARIANTS"
-      IFS=x read -r vb vc <<< "${KIVI_VARIANT_GRID:-64x8192}"
-      for i in "${!variants[@]}"; do
-        read -ra v <<< "${variants[$i]}"
-        echo "--- variant $i: ${v[*]}"
-        if [ "${v[0]}" = test ]; then
-          v=("${v[@]:1}")
-          env "${v[@]}" KIVI_KERNEL_DEVICE=cuda python3 -m pytest -q -p no:cacheprovider \
-            tests/test_kernels.py -k full_size 2>&1 | tail -2
-        fi
-        env "${v[@]}" python3 benchmarks/kernels.py --batches "$vb" --contexts "$vc" \
-          --out "$OUT/kernels-variant-$i.json" 2>&1 | grep -v "^INFO\|^WARNING" | tail -3
-      done 2>&1 | tee "$OUT/kvariants.log" ;;
+      # the full-size kernel tests): decode time per variant at KIVI_VARIANT_GRID (64x8192;
+      # several: 64x8192,256x8192) for KIVI_VARIANT_KV (kivi4,kivi2)
+      run_variants 2>&1 | tee "$OUT/kvariants.log" ;;
     src:*)  # src:DIR - install the tree in DIR (a copy with other kernels) and run the
       # next steps there, logging under $OUT/DIR's name
       dir=${step#src:}
