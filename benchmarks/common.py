@@ -55,3 +55,8 @@ def kv_fields(name: str) -> dict:
     if kivi is None:
         return {"kv": name}
     return {"kv": name, "group_size": kivi["group_size"], "residual": kivi["residual"]}
+
+
+def kivi_env() -> dict[str, str]:
+    """The ``KIVI_*`` environment settings of this run (kernel switches, launch settings)."""
+    return {k: v for k, v in sorted(os.environ.items()) if k.startswith("KIVI_")}

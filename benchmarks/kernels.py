@@ -18,6 +18,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks.common import kivi_env  # noqa: E402
 from kivi_vllm.kernels.attention import attend_context  # noqa: E402
 from kivi_vllm.page_format import PageFormat, bf16_bytes_per_token  # noqa: E402
 
@@ -155,7 +156,7 @@ def main() -> None:
     bw = copy_bandwidth()
     print(f"copy bandwidth: {bw / 1e12:.2f} TB/s (read + write)")
     gpu = torch.cuda.get_device_name()
-    settings = {k: v for k, v in sorted(os.environ.items()) if k.startswith("KIVI_")}
+    settings = kivi_env()
     print(f"settings: {settings}")
     records = []
     for batch in map(int, args.batches.split(",")):

@@ -27,7 +27,12 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import KV_SETTINGS, dummy_llama8b_dir, kv_fields  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    KV_SETTINGS,
+    dummy_llama8b_dir,
+    kivi_env,
+    kv_fields,
+)
 
 
 def parse_workloads(spec: str) -> list[tuple[int, int, int]]:
@@ -151,7 +156,7 @@ def run_one(kv: str, workloads: list[tuple[int, int, int]], args) -> list[dict]:
             "elapsed_s": round(elapsed, 2), "gpu": gpu, "date": str(datetime.date.today()),
             "enforce_eager": args.eager, "tensor_parallel_size": args.tp,
             "num_gpus": torch.cuda.device_count(), "model": args.model,
-            "kv_cache_gib": args.kv_cache_gib,
+            "kv_cache_gib": args.kv_cache_gib, "settings": kivi_env(),
         })
         if fastgen:
             records[-1].update(fastgen_figures(llm, fields["group_size"], in_len))

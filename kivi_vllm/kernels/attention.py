@@ -590,6 +590,8 @@ MAX_SPLITS = 32
 # Programs in flight: about one wave of the four-page loop (4 programs per SM, 132 SMs).
 # 64 decode rows x 8 KV heads then take one split and skip the reduce (-3.5% at 64 x 8k).
 SPLIT_TARGET = int(os.environ.get("KIVI_SPLIT_TARGET", 512))
+# Decode v7 runs one warp per program, so it wants more programs in flight.
+GLUON_SPLIT_TARGET = int(os.environ.get("KIVI_GLUON_SPLIT_TARGET", 1024))
 DECODE_WARPS = int(os.environ.get("KIVI_DECODE_WARPS", 2))
 NUM_STAGES = int(os.environ.get("KIVI_NUM_STAGES", 3))
 MAX_REGISTERS = int(os.environ.get("KIVI_MAX_REGISTERS", 128)) or None  # ptxas .maxnreg
@@ -604,9 +606,10 @@ USE_GLUON = USE_ASM and os.environ.get("KIVI_GLUON", "0") == "1"
 GLUON_TAIL = os.environ.get("KIVI_GLUON_TAIL", "1") == "1"  # else the tail by Triton
 
 
-def num_splits_for(num_rows: int, num_kv_heads: int, max_splits: int = MAX_SPLITS) -> int:
-    """Context splits per (row, KV head): enough programs in flight to fill the GPU."""
-    return max(1, min(max_splits, -(-SPLIT_TARGET // max(1, num_rows * num_kv_heads))))
+def num_splits_for(num_rows: int, num_kv_heads: int, max_splits: int = MAX_SPLITS,
+                   target: int = SPLIT_TARGET) -> int:
+    """Context splits per (row, KV head): about ``target`` programs in flight."""
+    return max(1, min(max_splits, -(-target // max(1, num_rows * num_kv_heads))))
 
 
 def tile_shape(qpk: int, group: int, block_q: int, decode: bool) -> dict[str, int]:
@@ -688,11 +691,12 @@ def attend_context(
     _, hq, d = query.shape
     hk = fmt.num_kv_heads
     qpk = hq // hk
-    s = num_splits or num_splits_for(num_tiles * block_q, hk)
     # decode v7: the pages by the Gluon loop, and the tail and own token too (GLUON_TAIL) or
     # by this kernel as one more split
     v7 = (decode and USE_GLUON and first_valid is None and not table_by_slot
           and gluon_supports(fmt, qpk))
+    s = num_splits or num_splits_for(num_tiles * block_q, hk,
+                                     target=GLUON_SPLIT_TARGET if v7 else SPLIT_TARGET)
     page_splits = s
     s += v7 and not GLUON_TAIL
     single = s == 1

@@ -37,6 +37,8 @@ source through ``tests/gluon_shim.py``; on the GPU they run it.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 from triton.experimental import gluon
@@ -45,6 +47,9 @@ from triton.experimental.gluon.language.nvidia.ampere import async_copy, mma_v2
 
 from kivi_vllm.kernels.common import plane_asm, read_strides
 from kivi_vllm.page_format import PageFormat
+
+# ptxas register cap (0: none; the loop takes 255 registers, so 8 programs fit an SM)
+MAX_REGISTERS = int(os.environ.get("KIVI_GLUON_MAX_REGISTERS", 0))
 
 QPK = 4  # query heads per KV head
 
@@ -560,6 +565,7 @@ def decode_pages(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
         R=residual, BLOCK_R=max(16, triton.next_power_of_2(residual)),
         TAIL=with_tail, SELF=add_self, SINGLE=single, WRITE_LSE=write_lse,
         **{k: constants[k] for k in _FORMAT_ARGS}, num_warps=1,
+        **({"maxnreg": MAX_REGISTERS} if MAX_REGISTERS else {}),
     )
 
 
