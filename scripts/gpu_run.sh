@@ -63,9 +63,11 @@ for step in "$@"; do
       KIVI_VARIANTS="KIVI_GLUON=1;KIVI_GLUON=1 KIVI_GLUON_TAIL=0;KIVI_GLUON=0" \
         KIVI_VARIANT_GRID=64x8192,256x8192 KIVI_VARIANT_KV=kivi2 run_variants \
         2>&1 | tee "$OUT/v7-bench.log" ;;
-    engine-test)  # a fresh Triton cache: the JIT monitor must see no compile while serving
+    engine-test|etest:*)  # a fresh Triton cache: the JIT monitor must see no compile while
+      # serving (etest:EXPR - the engine tests selected by pytest -k EXPR)
       rm -rf ~/.triton/cache
-      python3 -m pytest -q -s -p no:cacheprovider tests/test_engine_gpu.py 2>&1 \
+      sel=(); [[ "$step" == etest:* ]] && sel=(-k "${step#etest:}")
+      python3 -m pytest -q -s -p no:cacheprovider tests/test_engine_gpu.py "${sel[@]}" 2>&1 \
         | tee "$OUT/engine-test.log" | grep -v "^INFO\|^WARNING\|^(EngineCore" \
         | grep "^LEVERS\|passed\|failed\|Error\|^E " | tail -25 ;;
     kernels-bench)
