@@ -115,6 +115,10 @@ class SharedBuffer:
     def slice(self, start: int, length: int, dim: int = 0) -> SharedBuffer:
         return SharedBuffer(self.data.narrow(dim, start, length))
 
+    def _reinterpret(self, dtype, shape, layout=None) -> SharedBuffer:
+        # the kernel merges adjacent dims whose memory order matches their logical order
+        return SharedBuffer(self.data.view(dtype).view(shape))
+
     def load(self, layout=None) -> torch.Tensor:
         return self.data.clone()
 
