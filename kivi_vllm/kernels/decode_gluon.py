@@ -162,15 +162,14 @@ def _mins_and_ones(mbuf, stage, LMR: gl.constexpr, B: gl.constexpr):
 
 @gluon.jit
 def _stage(kbuf, vbuf, sbuf, mbuf, stage, kc, vc, vs, bt_row, p0, p_last, k_pg, k_off, v_pg,
-           v_off, s_pg, s_off, m_pg, m_off, PAGE_BYTES: gl.constexpr, COPY16: gl.constexpr):
+           v_off, s_pg, s_off, m_pg, m_off, PAGE_BYTES: gl.constexpr):
     """Start copying pages ``p0 .. p0 + 3`` (each clamped to ``p_last``) into one
-    shared-memory stage: the key and value code tiles, the value scales and mins (``kc``,
-    ``vc``, ``vs``: the head's sections in page 0)."""
-    if COPY16:  # the tiles with t and byte merged (the same bytes: byte is the fastest)
-        kbuf = kbuf._reinterpret(gl.uint8, [2, 16, 16, 8],
-                                 gl.SwizzledSharedLayout(1, 1, 1, [1, 3, 2, 0]))
-        vbuf = vbuf._reinterpret(gl.uint8, [4, 2, 16, 4, 8],
-                                 gl.SwizzledSharedLayout(1, 1, 1, [2, 4, 3, 1, 0]))
+    shared-memory stage: the key and value code tiles (as views with t and byte merged),
+    the value scales and mins (``kc``, ``vc``, ``vs``: the head's sections in page 0)."""
+    kbuf = kbuf._reinterpret(gl.uint8, [2, 16, 16, 8],
+                             gl.SwizzledSharedLayout(1, 1, 1, [1, 3, 2, 0]))
+    vbuf = vbuf._reinterpret(gl.uint8, [4, 2, 16, 4, 8],
+                             gl.SwizzledSharedLayout(1, 1, 1, [2, 4, 3, 1, 0]))
     kpages = gl.load(bt_row + gl.minimum(p0 + k_pg, p_last)).to(gl.int64) * PAGE_BYTES
     async_copy.async_copy_global_to_shared(kbuf, kc + kpages + k_off)
     vpages = gl.load(bt_row + gl.minimum(p0 + v_pg, p_last)).to(gl.int64) * PAGE_BYTES
@@ -411,49 +410,29 @@ def _kivi_decode_pages(
     bn = _ar(8, LB, 3, 4)  # key-min columns: the 4 pages (4 of 8 used)
     km_ok = bn < 4
     bcol = gl.arange(0, 8, layout=gl.SliceLayout(0, mma))
-    if COPY16:  # 16 bytes a lane and copy: a token's (a byte column's) half, t and byte
-        # merged; both halves in one warp-wide copy (whole 32-byte sectors)
-        LKC: gl.constexpr = gl.BlockedLayout([1, 16, 1, 1], [2, 1, 2, 8], [1, 1, 1, 1],
-                                             [1, 3, 2, 0])
-        LVC: gl.constexpr = gl.BlockedLayout([1, 1, 16, 1, 1], [1, 2, 1, 2, 8],
-                                             [1, 1, 1, 1, 1], [2, 4, 3, 1, 0])
-        # key code words [run, tb, j, ln]: bytes run*16 + tb of token frag(x)
-        k_j = _ar(16, LKC, 2, 4)
-        k_tok = _frag(((k_j % 4) * 8)[None, None, :, None] + _ar(8, LKC, 3, 4)[None, None, None, :])
-        k_off = (k_tok * 32 + (_ar(2, LKC, 0, 4) * 16)[:, None, None, None]
-                 + _ar(16, LKC, 1, 4)[None, :, None, None])
-        k_pg = (k_j // 4)[None, None, :, None]
-        # value code words [pg, run, tb, j, ln]: byte column j*8 + ln, token run*16 + tb
-        v_pg = _ar(4, LVC, 0, 5)[:, None, None, None, None]
-        v_pos = ((_ar(2, LVC, 1, 5) * 16)[None, :, None, None, None]
-                 + _ar(16, LVC, 2, 5)[None, None, :, None, None])
-        v_col = ((_ar(4, LVC, 3, 5) * 8)[None, None, None, :, None]
-                 + _ar(8, LVC, 4, 5)[None, None, None, None, :])
-        v_off = v_col * G + v_pos
-    else:
-        # key code words [run, t, byte, j, ln]: bytes run*16 + 4t + byte of token frag(x)
-        k_r = _ar(2, LK, 0, 5)
-        k_t = _ar(4, LK, 1, 5)
-        k_b = _ar(4, LK, 2, 5)
-        k_j = _ar(16, LK, 3, 5)
-        k_ln = _ar(8, LK, 4, 5)
-        k_tok = _frag(((k_j % 4) * 8)[None, None, None, :, None]
-                      + k_ln[None, None, None, None, :])
-        k_off = (k_tok * 32 + (k_r * 16)[:, None, None, None, None]
-                 + (k_t * 4)[None, :, None, None, None] + k_b[None, None, :, None, None])
-        k_pg = (k_j // 4)[None, None, None, :, None]
-        # value code words [pg, run, t, byte, j, ln]: byte column j*8 + ln, token pos
-        v_pg = _ar(4, LV, 0, 6)[:, None, None, None, None, None]
-        v_run = _ar(2, LV, 1, 6)
-        v_t = _ar(4, LV, 2, 6)
-        v_b = _ar(4, LV, 3, 6)
-        v_j = _ar(4, LV, 4, 6)
-        v_ln = _ar(8, LV, 5, 6)
-        v_pos = ((v_run * 16)[None, :, None, None, None, None]
-                 + (v_t * 4)[None, None, :, None, None, None]
-                 + v_b[None, None, None, :, None, None])
-        v_col = (v_j * 8)[None, None, None, None, :, None] + v_ln[None, None, None, None, None, :]
-        v_off = v_col * G + v_pos
+    # the code tiles are copied through views with t and byte merged (``tb``: byte is the
+    # fastest dim, so the same bytes): 4 bytes a lane and copy as LK/LV hold them, or
+    # (COPY16) 16, a token's (a byte column's) half, both halves in one warp-wide copy
+    LKC: gl.constexpr = (
+        gl.BlockedLayout([1, 16, 1, 1], [2, 1, 2, 8], [1, 1, 1, 1], [1, 3, 2, 0]) if COPY16
+        else gl.BlockedLayout([2, 4, 16, 1], [1, 4, 1, 8], [1, 1, 1, 1], [1, 3, 2, 0]))
+    LVC: gl.constexpr = (
+        gl.BlockedLayout([1, 1, 16, 1, 1], [1, 2, 1, 2, 8], [1, 1, 1, 1, 1], [2, 4, 3, 1, 0])
+        if COPY16
+        else gl.BlockedLayout([4, 2, 4, 4, 1], [1, 1, 4, 1, 8], [1, 1, 1, 1, 1], [2, 4, 3, 1, 0]))
+    # key code words [run, tb, j, ln]: bytes run*16 + tb of token frag(x)
+    k_j = _ar(16, LKC, 2, 4)
+    k_tok = _frag(((k_j % 4) * 8)[None, None, :, None] + _ar(8, LKC, 3, 4)[None, None, None, :])
+    k_off = (k_tok * 32 + (_ar(2, LKC, 0, 4) * 16)[:, None, None, None]
+             + _ar(16, LKC, 1, 4)[None, :, None, None])
+    k_pg = (k_j // 4)[None, None, :, None]
+    # value code words [pg, run, tb, j, ln]: byte column j*8 + ln, token run*16 + tb
+    v_pg = _ar(4, LVC, 0, 5)[:, None, None, None, None]
+    v_pos = ((_ar(2, LVC, 1, 5) * 16)[None, :, None, None, None]
+             + _ar(16, LVC, 2, 5)[None, None, :, None, None])
+    v_col = ((_ar(4, LVC, 3, 5) * 8)[None, None, None, :, None]
+             + _ar(8, LVC, 4, 5)[None, None, None, None, :])
+    v_off = v_col * G + v_pos
     # value scale words [pg, run, t, 4 tokens] of each plane
     s_pg = _ar(4, LSC, 0, 4)[:, None, None, None]
     s_pos = ((_ar(2, LSC, 1, 4) * 16)[None, :, None, None]
@@ -491,13 +470,13 @@ def _kivi_decode_pages(
     mbuf.index(1).slice(4, 4).store(gl.where(col == 0, 1.0, 0.0).to(gl.float16))
     if n_iter > 0:
         _stage(kbuf.index(0), vbuf.index(0), sbuf, mbuf, 0, kc, vc, vs, bt_row, p_lo, p_last,
-               k_pg, k_off, v_pg, v_off, s_pg, s_off, m_pg, m_off, PAGE_BYTES, COPY16)
+               k_pg, k_off, v_pg, v_off, s_pg, s_off, m_pg, m_off, PAGE_BYTES)
     for it in range(n_iter):
         p0 = p_lo + it * 4
         nxt = (it + 1) % 2
         _stage(kbuf.index(nxt), vbuf.index(nxt), sbuf, mbuf, nxt, kc, vc, vs, bt_row,
                gl.minimum(p0 + 4, p_lo + (n_iter - 1) * 4), p_last, k_pg, k_off, v_pg,
-               v_off, s_pg, s_off, m_pg, m_off, PAGE_BYTES, COPY16)
+               v_off, s_pg, s_off, m_pg, m_off, PAGE_BYTES)
         # key mins of the 4 pages as B columns: bias = q . m of each row's page
         col_page = gl.load(bt_row + gl.minimum(p0 + gl.minimum(bn, 3), p_last)).to(gl.int64)
         km_cols = km + col_page * PAGE16
