@@ -37,6 +37,7 @@ source through ``tests/gluon_shim.py``; on the GPU they run it.
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -50,15 +51,23 @@ from kivi_vllm.page_format import PageFormat
 
 # ptxas register cap (0: none; the loop takes 255 registers, so 8 programs fit an SM)
 MAX_REGISTERS = int(os.environ.get("KIVI_GLUON_MAX_REGISTERS", 0))
-COPY16 = os.environ.get("KIVI_GLUON_COPY16", "0") == "1"  # not yet run on a GPU
+# 16-byte code-tile copies: 10% slower than 4-byte ones on the H200 (kernel-notes "v7")
+COPY16 = os.environ.get("KIVI_GLUON_COPY16", "0") == "1"
 
 QPK = 4  # query heads per KV head
 
 
-def gluon_supports(fmt: PageFormat, qpk: int) -> bool:
-    """Whether the Gluon page loop serves this format and GQA ratio."""
+@functools.cache
+def _is_hopper(index: int | None) -> bool:
+    return torch.cuda.get_device_capability(index) == (9, 0)
+
+
+def gluon_supports(fmt: PageFormat, qpk: int, device: torch.device | None = None) -> bool:
+    """Whether the Gluon page loop serves this format and GQA ratio, and ``device`` where it
+    is a CUDA device: it is built and measured for Hopper (sm_90) only."""
+    on_device = device is None or device.type != "cuda" or _is_hopper(device.index)
     return (fmt.k_bits == fmt.v_bits == 2 and fmt.group_size == 32 and fmt.head_dim == 128
-            and not fmt.fp8_scales and qpk == QPK)
+            and not fmt.fp8_scales and qpk == QPK and on_device)
 
 
 @gluon.constexpr_function
