@@ -3,7 +3,8 @@
 Llama-3.1-8B head layout (32 query heads, 8 KV heads, head_dim 128), batch x context
 grid; achieved bytes/s against the card's measured copy bandwidth. Each case is timed as
 one CUDA-graph replay after an L2 flush, as the engine serves decode (full graphs), so small
-grids measure the GPU and not Python's launch cost (``--eager`` times plain launches).
+grids measure the GPU and not Python's launch cost (``--eager`` times plain launches);
+``--flush read`` leaves L2 clean instead of dirty before each call.
 GPU only:
 
     python benchmarks/kernels.py --out benchmarks/results/kernels-h100.json
@@ -15,6 +16,7 @@ import argparse
 import datetime
 import json
 import os
+import statistics
 import sys
 
 import torch
@@ -40,8 +42,11 @@ def copy_bandwidth() -> float:
     return 2 * src.numel() / (ms * 1e-3)
 
 
-def time_us(run, graph: bool) -> float:
-    """Median time of ``run`` in microseconds: a captured CUDA-graph replay, or a plain call."""
+def time_us(run, graph: bool, flush: str = "write") -> float:
+    """Median time of ``run`` in microseconds (a captured CUDA-graph replay, or a plain
+    call), each call after an L2 flush: ``write`` zeroes 256 MB (``triton.testing.do_bench``:
+    L2 left full of dirty lines, written back during the timed call), ``read`` reads 256 MB
+    (L2 left clean, as the layer's GEMMs leave it before attention in the engine)."""
     import triton.testing
 
     run()  # compiles
@@ -51,7 +56,20 @@ def time_us(run, graph: bool) -> float:
         with torch.cuda.graph(g):
             run()
         run = g.replay
-    return triton.testing.do_bench(run, warmup=25, rep=100, return_mode="median") * 1e3
+    if flush == "write":
+        return triton.testing.do_bench(run, warmup=25, rep=100, return_mode="median") * 1e3
+    buf = torch.ones(256 << 20, dtype=torch.int8, device="cuda")
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+              for _ in range(100)]
+    for i in range(110):
+        buf.sum()
+        if i >= 10:
+            events[i - 10][0].record()
+        run()
+        if i >= 10:
+            events[i - 10][1].record()
+    torch.cuda.synchronize()
+    return statistics.median(a.elapsed_time(b) for a, b in events) * 1e3
 
 
 def kivi_case(bits: int, batch: int, ctx: int, group: int = 32, residual: int = 32,
@@ -163,6 +181,9 @@ def main() -> None:
                         help=f"KIVI variants besides FlashAttention on bf16, from {KINDS}")
     parser.add_argument("--eager", action="store_true",
                         help="time plain launches (Python's launch cost included), no graph")
+    parser.add_argument("--flush", choices=("write", "read"), default="write",
+                        help="L2 flush before each timed call: zero 256 MB (do_bench's, "
+                             "dirty lines) or read it (clean lines, as in the engine)")
     parser.add_argument("--tune", action="store_true",
                         help="sweep warps and split targets at batch 64 x 8k, then exit")
     args = parser.parse_args()
@@ -186,9 +207,10 @@ def main() -> None:
             for kv in kinds:
                 run, nbytes = fa_case(batch, ctx) if kv == "bf16_fa" else kivi_case(
                     int(kv[4]), batch, ctx, fp8_scales=kv.endswith("-fp8s"))
-                us = time_us(run, graph=not args.eager)
+                us = time_us(run, graph=not args.eager, flush=args.flush)
                 rec = {"kv": kv, "batch": batch, "context": ctx, "loop": decode_loop(kv),
                        "timing": "eager" if args.eager else "cuda-graph",
+                       "l2_flush": args.flush,
                        "time_us": round(us, 2),
                        "bytes": nbytes, "bytes_per_s": round(nbytes / (us * 1e-6)),
                        "fraction_of_copy_bw": round(nbytes / (us * 1e-6) / bw, 3),

@@ -70,9 +70,12 @@ for step in "$@"; do
       python3 -m pytest -q -s -p no:cacheprovider tests/test_engine_gpu.py "${sel[@]}" 2>&1 \
         | tee "$OUT/engine-test.log" | grep -v "^INFO\|^WARNING\|^(EngineCore" \
         | grep "^LEVERS\|passed\|failed\|Error\|^E " | tail -25 ;;
-    kernels-bench)
-      python3 benchmarks/kernels.py --out "$OUT/kernels.json" 2>&1 \
-        | grep -v "^INFO\|^WARNING" | tee "$OUT/kernels-bench.log" | tail -25 ;;
+    kernels-bench|kbench:*)  # kbench:TAG - with $KIVI_BENCH_ARGS (e.g. --flush read), into
+      # kernels-TAG.json
+      tag=${step#kbench:}; [ "$step" = kernels-bench ] && tag=bench
+      # shellcheck disable=SC2086
+      python3 benchmarks/kernels.py ${KIVI_BENCH_ARGS:-} --out "$OUT/kernels-$tag.json" 2>&1 \
+        | grep -v "^INFO\|^WARNING" | tee "$OUT/kernels-$tag.log" | tail -25 ;;
     kvariants)  # KIVI_VARIANTS="A=1 B=2;A=3;..." (KIVI_* settings; a leading "test" also runs
       # the full-size kernel tests): decode time per variant at KIVI_VARIANT_GRID (64x8192;
       # several: 64x8192,256x8192) for KIVI_VARIANT_KV (kivi4,kivi2)
