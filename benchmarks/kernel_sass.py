@@ -69,7 +69,8 @@ def compile_decode(bits: int, group: int, head_dim: int, kv_heads: int, qpk: int
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
 
 
-def compile_gluon_decode(kv_heads: int, residual: int, copy16: bool = False):
+def compile_gluon_decode(kv_heads: int, residual: int, copy16: bool = False,
+                         key_stage: bool = False):
     """The Gluon page loop (``kernels/decode_gluon.py``, 2-bit, group 32, d=128), one warp."""
     import triton
     from triton.backends.compiler import GPUTarget
@@ -84,7 +85,8 @@ def compile_gluon_decode(kv_heads: int, residual: int, copy16: bool = False):
     consts = {k: v for k, v in format_constants(PageFormat(2, 32, 128, kv_heads)).items()
               if k in names}
     consts.update(R=residual, BLOCK_R=max(16, triton.next_power_of_2(residual)), TAIL=True,
-                  SELF=True, SINGLE=True, WRITE_LSE=False, COPY16=copy16)
+                  SELF=True, SINGLE=True, WRITE_LSE=False, COPY16=copy16,
+                  KEY_STAGE=key_stage)
     src = GluonASTSource(fn=fn, **_launch_like(names, consts))
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 1})
 
@@ -138,11 +140,14 @@ def main() -> None:
     p.add_argument("--gluon", action="store_true",
                    help="the Gluon page loop (decode v7) instead of the Triton kernel")
     p.add_argument("--copy16", action="store_true", help="v7 with 16-byte code tile copies")
+    p.add_argument("--key-stage", action="store_true",
+                   help="v7 with the key scales and mins copied with the stage")
     p.add_argument("--json", action="store_true",
                    help="print the register usage and each loop's opcode counts as JSON")
     a = p.parse_args()
     if a.gluon:
-        cubin = compile_gluon_decode(a.kv_heads, a.residual, a.copy16).asm["cubin"]
+        cubin = compile_gluon_decode(a.kv_heads, a.residual, a.copy16,
+                                     a.key_stage).asm["cubin"]
         if a.json:
             usage, loops = sass_loops(cubin)
             print(json.dumps({"usage": usage, "loops": [dict(body) for _, _, body in loops]}))

@@ -154,6 +154,8 @@ gl = types.SimpleNamespace(
     exp2=torch.exp2, log2=torch.log2,
     max=_reduce(torch.amax), sum=_reduce(torch.sum),
     reshape=lambda x, shape: x.reshape(shape), permute=lambda x, dims: x.permute(dims),
+    expand_dims=lambda x, axis: torch.as_tensor(x).unsqueeze(axis),
+    broadcast=lambda a, b: torch.broadcast_tensors(a, b),
     convert_layout=lambda x, layout: x,
     allocate_shared_memory=lambda dtype, shape, layout: SharedBuffer(
         torch.zeros(shape, dtype=dtype)),

@@ -21,17 +21,22 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.triton
 
 
-@pytest.fixture(scope="module")
-def page_loop() -> dict[str, int]:
+def compiled_page_loop(*flags: str) -> dict[str, int]:
+    """Opcode counts of one iteration of v7's page loop (``kernel_sass.py --gluon``)."""
     # a process of its own: once the Triton interpreter has run a kernel here
     # (tests/test_kernels.py on the CPU), compiling in this process fails
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     run = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "kernel_sass.py"),
-                          "--gluon", "--json"], capture_output=True, text=True, env=env,
-                         check=True)
+                          "--gluon", "--json", *flags], capture_output=True, text=True,
+                         env=env, check=True)
     report = json.loads(run.stdout.strip().splitlines()[-1])
     assert report["loops"], report["usage"]
     return max(report["loops"], key=lambda loop: sum(loop.values()))
+
+
+@pytest.fixture(scope="module")
+def page_loop() -> dict[str, int]:
+    return compiled_page_loop()
 
 
 def test_four_pages_of_tensor_core_work_per_iteration(page_loop):
@@ -48,3 +53,13 @@ def test_operands_stay_in_their_lanes(page_loop):
     assert page_loop["LDS.64"] == 32 + 8  # value scales as score columns, mins as B columns
     assert page_loop.get("LDL", 0) == 0  # no spill reloads
     assert sum(page_loop.values()) < 2100  # 2,023 when written; the Triton loop takes 3,468
+
+
+def test_staged_key_scales_leave_no_global_loads_in_the_loop():
+    """``KIVI_GLUON_KEY_STAGE``: the key scales and mins come with the stage's copies and
+    are read back into their operand lanes without shuffles."""
+    loop = compiled_page_loop("--key-stage")
+    assert loop.get("SHFL.IDX", 0) == 0 and loop.get("LDL", 0) == 0
+    assert loop.get("LDG.E.64", 0) == 0  # (16 in the default loop)
+    assert loop["LDGSTS.E.64"] == 8 + 8 and loop["LDS.64"] == 40 + 16
+    assert loop["HMMA.16816.F32"] == 128 + 128 + 8 + 8

@@ -280,12 +280,16 @@ def test_decode_v7_matches_reference(residual, sinks, dtype):
             torch.tensor(sc.valid_from, dtype=torch.int32, device=DEVICE), fmt, residual,
             sc.scale)
     outs = {}
-    gluon_default = attention.USE_GLUON, attention.GLUON_TAIL, decode_gluon.COPY16
-    loops = {"v7": (True, True, False), "v7, 16-byte copies": (True, True, True),
-             "v7, tail by Triton": (True, False, False), "Triton": (False, True, False)}
-    for name, (gluon, gluon_tail, copy16) in loops.items():
-        attention.USE_GLUON, attention.GLUON_TAIL, decode_gluon.COPY16 = (gluon, gluon_tail,
-                                                                          copy16)
+    switches = ((attention, "USE_GLUON"), (attention, "GLUON_TAIL"), (decode_gluon, "COPY16"),
+                (decode_gluon, "KEY_STAGE"))
+    default = [getattr(m, n) for m, n in switches]
+    loops = {"v7": (True, True, False, False), "v7, 16-byte copies": (True, True, True, False),
+             "v7, key scales staged": (True, True, False, True),
+             "v7, tail by Triton": (True, False, False, False),
+             "Triton": (False, True, False, False)}
+    for name, values in loops.items():
+        for (module, attr), value in zip(switches, values, strict=True):
+            setattr(module, attr, value)
         try:
             for splits in (1, 3, 7):
                 out = torch.full_like(dev.query, float("nan"))
@@ -294,7 +298,8 @@ def test_decode_v7_matches_reference(residual, sinks, dtype):
                 assert rel_err(out.float().cpu(), ref.float()) < 1e-2, (name, splits)
                 outs[name, splits] = out.float().cpu()
         finally:
-            attention.USE_GLUON, attention.GLUON_TAIL, decode_gluon.COPY16 = gluon_default
+            for (module, attr), value in zip(switches, default, strict=True):
+                setattr(module, attr, value)
     # the loops round differently (v7: p * s and subnormal codes; Triton: s * code + m), and
     # bf16 outputs then differ by one ulp where they straddle a rounding boundary
     close = 6e-3 if dtype == torch.bfloat16 else 2e-3
@@ -304,11 +309,13 @@ def test_decode_v7_matches_reference(residual, sinks, dtype):
 
 
 @pytest.mark.skipif(DEVICE != "cpu", reason="the GPU runs the compiled kernel (above)")
-@pytest.mark.parametrize(("gluon_tail", "copy16"), [(True, False), (False, False), (True, True)])
+@pytest.mark.parametrize(("gluon_tail", "copy16", "key_stage"),
+                         [(True, False, False), (False, False, False), (True, True, False),
+                          (True, False, True)])
 @pytest.mark.parametrize(("residual", "sinks", "key_mag", "value_mag"),
                          [(32, 0, 1, 1), (96, 32, 1, 1), (32, 0, 30, 200)])
 def test_decode_v7_source_matches_reference(residual, sinks, key_mag, value_mag, gluon_tail,
-                                            copy16, monkeypatch):
+                                            copy16, key_stage, monkeypatch):
     """Decode v7's Gluon source, executed on the CPU by ``tests/gluon_shim.py`` (index
     arithmetic, masks, splits, tail, slot merge, float16 ranges; not the lane layouts),
     through ``attend_context`` as the backend calls it. ``key_mag``/``value_mag`` scale the
@@ -322,6 +329,7 @@ def test_decode_v7_source_matches_reference(residual, sinks, key_mag, value_mag,
     monkeypatch.setattr(attention, "USE_GLUON", True)
     monkeypatch.setattr(attention, "GLUON_TAIL", gluon_tail)
     monkeypatch.setattr(decode_gluon, "COPY16", copy16)
+    monkeypatch.setattr(decode_gluon, "KEY_STAGE", key_stage)
     fmt = PageFormat(2, 32, 128, 2)
     ctx = [0, 5, 33, 95, 4 * 32, 4 * 32 + 1, 5 * 32 - 1, 9 * 32 + 7, 13 * 32]
     sc = make_scenario(fmt, residual, 8, ctx, [1] * len(ctx), seed=residual + sinks,

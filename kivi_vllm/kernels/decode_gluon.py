@@ -53,6 +53,8 @@ from kivi_vllm.page_format import PageFormat
 MAX_REGISTERS = int(os.environ.get("KIVI_GLUON_MAX_REGISTERS", 0))
 # 16-byte code-tile copies: 10% slower than 4-byte ones on the H200 (kernel-notes "v7")
 COPY16 = os.environ.get("KIVI_GLUON_COPY16", "0") == "1"
+# key scales and mins through the copy stages too (else loaded from global in the loop)
+KEY_STAGE = os.environ.get("KIVI_GLUON_KEY_STAGE", "0") == "1"
 
 QPK = 4  # query heads per KV head
 
@@ -139,12 +141,62 @@ def _codes(x, PLANE: gl.constexpr):
 
 
 @gluon.jit
-def _key_dot(s, q, ks_rows, kt, PLANE: gl.constexpr, LA: gl.constexpr, A: gl.constexpr,
-             B: gl.constexpr):
-    """``s += (q * ks) . k * 2**-21`` over bit plane PLANE's 32 channels: the codes are
-    subnormals ``code * 2**(2 PLANE - 24)`` and ``q`` holds ``2**(3 - 2 PLANE)``."""
-    a = q * _frag_a(ks_rows + 32 * PLANE, LA, A)
-    return mma_v2(a, _key_chunk(_codes(kt, PLANE), B), s)
+def _key_dot(s, q, ks, kt, PLANE: gl.constexpr, B: gl.constexpr):
+    """``s += (q * ks) . k * 2**-21`` over bit plane PLANE's 32 channels (``ks``: each row's
+    key scales, an A operand): the codes are subnormals ``code * 2**(2 PLANE - 24)`` and
+    ``q`` holds ``2**(3 - 2 PLANE)``."""
+    return mma_v2(q * ks, _key_chunk(_codes(kt, PLANE), B), s)
+
+
+@gluon.jit
+def _key_scales(qv, qi, ks_rows, PLANE: gl.constexpr, KEY_STAGE: gl.constexpr, PR: gl.constexpr,
+                LA: gl.constexpr, A: gl.constexpr):
+    """Each row's key scales of plane PLANE as an A operand: from the stage (``qv``'s entry
+    ``qi + PLANE``), or loaded from the rows' pages (``ks_rows``)."""
+    if KEY_STAGE:
+        x = _slot_rows(qv.index(qi + PLANE), PR, A)
+    else:
+        x = _frag_a(ks_rows + 32 * PLANE, LA, A)
+    return x
+
+
+@gluon.jit
+def _key_mins(qv, qi, km_cols, ok, PLANE: gl.constexpr, KEY_STAGE: gl.constexpr,
+              PC: gl.constexpr, LB: gl.constexpr, B: gl.constexpr):
+    """The 4 pages' key mins of plane PLANE as B columns 0-3 (4-7 zeros, or repeats from the
+    stage): from the stage (``qv``'s entry ``qi + 4 + PLANE``), or loaded from the pages
+    (``km_cols``, ``ok``)."""
+    if KEY_STAGE:
+        x = _slot_cols(qv.index(qi + 4 + PLANE), PC, B)
+    else:
+        x = _frag_b(km_cols + 32 * PLANE, ok, LB, B)
+    return x
+
+
+@gluon.jit
+def _slot_rows(kq, PR: gl.constexpr, A: gl.constexpr):
+    """A operand [16, 32] from one plane's staged key scales (or mins) ``kq`` [4 slot, 2 run,
+    4 t, 4 e]: row ``r`` reads slot ``(r % 8) // 2``, column ``k`` element ``frag(k)``. The
+    load leaves row bits 0 and 3 to lane and register replicas (``PR``: [row // 8, slot,
+    row % 2, run, t, e]), so each lane holds what ``_frag_a`` would load."""
+    x = kq.load(gl.SliceLayout(0, gl.SliceLayout(2, PR)))
+    x = gl.expand_dims(gl.expand_dims(x, 0), 2)
+    x, _ = gl.broadcast(x, gl.zeros([2, 4, 2, 2, 4, 4], gl.float16, layout=PR))
+    x = gl.permute(gl.reshape(x, [16, 2, 4, 2, 2]), [0, 1, 3, 2, 4])
+    return gl.convert_layout(gl.reshape(x, [16, 32]), A)
+
+
+@gluon.jit
+def _slot_cols(kq, PC: gl.constexpr, B: gl.constexpr):
+    """B operand [32, 8] from one plane's staged key mins ``kq`` [4 slot, 2 run, 4 t, 4 e]:
+    column ``n`` is slot ``n % 4`` (row ``k`` element ``frag(k)``; ``PC``: [n // 4, slot,
+    run, t, e], the high column bit a lane replica). Columns 4-7 repeat 0-3: the bias
+    reads only the row's own slot."""
+    x = kq.load(gl.SliceLayout(0, PC))
+    x, _ = gl.broadcast(gl.expand_dims(x, 0), gl.zeros([2, 4, 2, 4, 4], gl.float16, layout=PC))
+    x = gl.permute(gl.reshape(x, [8, 2, 4, 4]), [1, 2, 3, 0])
+    x = gl.permute(gl.reshape(x, [2, 4, 2, 2, 8]), [0, 2, 1, 3, 4])
+    return gl.convert_layout(gl.reshape(x, [32, 8]), B)
 
 
 @gluon.jit
@@ -170,11 +222,13 @@ def _mins_and_ones(mbuf, stage, LMR: gl.constexpr, B: gl.constexpr):
 
 
 @gluon.jit
-def _stage(kbuf, vbuf, sbuf, mbuf, stage, kc, vc, vs, bt_row, p0, p_last, k_pg, k_off, v_pg,
-           v_off, s_pg, s_off, m_pg, m_off, PAGE_BYTES: gl.constexpr):
+def _stage(kbuf, vbuf, sbuf, mbuf, qbuf, stage, kc, vc, vs, ks, bt_row, p0, p_last, k_pg, k_off,
+           v_pg, v_off, s_pg, s_off, m_pg, m_off, q_pg, q_off, PAGE_BYTES: gl.constexpr,
+           KEY_STAGE: gl.constexpr):
     """Start copying pages ``p0 .. p0 + 3`` (each clamped to ``p_last``) into one
     shared-memory stage: the key and value code tiles (as views with t and byte merged),
-    the value scales and mins (``kc``, ``vc``, ``vs``: the head's sections in page 0)."""
+    the value scales and mins, and (``KEY_STAGE``) the key scales and mins (``kc``, ``vc``,
+    ``vs``, ``ks``: the head's sections in page 0)."""
     kbuf = kbuf._reinterpret(gl.uint8, [2, 16, 16, 8],
                              gl.SwizzledSharedLayout(1, 1, 1, [1, 3, 2, 0]))
     vbuf = vbuf._reinterpret(gl.uint8, [4, 2, 16, 4, 8],
@@ -188,6 +242,9 @@ def _stage(kbuf, vbuf, sbuf, mbuf, stage, kc, vc, vs, bt_row, p0, p_last, k_pg, 
         async_copy.async_copy_global_to_shared(sbuf[i].index(stage), sp + s_off[i])
     mp = vs + gl.load(bt_row + gl.minimum(p0 + m_pg, p_last)).to(gl.int64) * (PAGE_BYTES // 2)
     async_copy.async_copy_global_to_shared(mbuf.index(stage).slice(0, 4), mp + m_off)
+    if KEY_STAGE:
+        qp = ks + gl.load(bt_row + gl.minimum(p0 + q_pg, p_last)).to(gl.int64) * (PAGE_BYTES // 2)
+        async_copy.async_copy_global_to_shared(qbuf.index(stage), qp + q_off)
     async_copy.commit_group()
 
 
@@ -348,6 +405,7 @@ def _kivi_decode_pages(
     G: gl.constexpr,
     D: gl.constexpr,
     COPY16: gl.constexpr = False,  # 16-byte copies of the code tiles (else 4-byte)
+    KEY_STAGE: gl.constexpr = False,  # key scales and mins copied with the stage
 ):
     req = gl.program_id(0)
     kvh = gl.program_id(1)
@@ -390,6 +448,15 @@ def _kivi_decode_pages(
                                          [4, 3, 2, 1, 0])
     LMR: gl.constexpr = gl.BlockedLayout([1, 4, 2, 1, 4], [8, 1, 1, 4, 1], [1, 1, 1, 1, 1],
                                          [4, 3, 2, 1, 0])
+    # (KEY_STAGE) key scales and mins: copied as [scale/min x plane, slot, run, t, 4 ch];
+    # read as [row // 8, slot, row % 2, run, t, 4 ch] (PR: LA's lanes and registers with
+    # rows 8 apart and rows 2 apart replicas) and [col // 4, slot, run, t, 4 ch] (PC: LB's)
+    LQC: gl.constexpr = gl.BlockedLayout([1, 1, 1, 1, 4], [1, 4, 2, 4, 1], [1, 1, 1, 1, 1],
+                                         [4, 3, 2, 1, 0])
+    PR: gl.constexpr = gl.BlockedLayout([2, 1, 1, 2, 1, 4], [1, 4, 2, 1, 4, 1],
+                                        [1, 1, 1, 1, 1, 1], [5, 4, 2, 1, 0, 3])
+    PC: gl.constexpr = gl.BlockedLayout([1, 1, 2, 1, 4], [2, 4, 1, 4, 1], [1, 1, 1, 1, 1],
+                                        [4, 3, 1, 0, 2])
     # the head's sections in page 0 (a page's are PAGE_BYTES further per block id)
     cache16 = cache.to(gl.pointer_type(gl.float16))
     kc = cache + (OFF_KC + kvh * G * 32)  # [G tokens, 32 bytes]
@@ -454,6 +521,13 @@ def _kivi_decode_pages(
              + (_ar(2, LMC, 2, 5) * 16)[None, None, :, None, None]
              + (_ar(4, LMC, 3, 5) * 4)[None, None, None, :, None]
              + _ar(4, LMC, 4, 5)[None, None, None, None, :])
+    # key scale and min words [scale/min x plane, slot, run, t, 4 ch]
+    q_wp = _ar(8, LQC, 0, 5)
+    q_pg = _ar(4, LQC, 1, 5)[None, :, None, None, None]
+    q_off = (((OFF_KM - OFF_KS) // 2 * (q_wp // 4) + (q_wp % 4) * 32)[:, None, None, None, None]
+             + (_ar(2, LQC, 2, 5) * 16)[None, None, :, None, None]
+             + (_ar(4, LQC, 3, 5) * 4)[None, None, None, :, None]
+             + _ar(4, LQC, 4, 5)[None, None, None, None, :])
 
     m_i = gl.full([16], -1e30, gl.float32, layout=gl.SliceLayout(1, mma))
     mo = gl.zeros([16, 8], gl.float32, layout=mma)  # p . min of planes 0-3; row sums
@@ -473,37 +547,49 @@ def _kivi_decode_pages(
     # the mins' B operand columns: 0-3 copied per stage, 4 ones, 5-7 zeros
     mbuf = gl.allocate_shared_memory(gl.float16, [2, 8, 4, 2, 4, 4],
                                      gl.SwizzledSharedLayout(1, 1, 1, [4, 3, 2, 1, 0]))
+    # [stage, scale/min x plane, slot, run, t, 4 ch]; read as [stage x scale/min x plane, ...]
+    qbuf = gl.allocate_shared_memory(gl.float16, [2, 8, 4, 2, 4, 4] if KEY_STAGE else
+                                     [2, 1, 1, 1, 1, 1],
+                                     gl.SwizzledSharedLayout(1, 1, 1, [4, 3, 2, 1, 0]))
+    qv = qbuf._reinterpret(gl.float16, [16, 4, 2, 4, 4] if KEY_STAGE else [2, 1, 1, 1, 1],
+                           gl.SwizzledSharedLayout(1, 1, 1, [3, 2, 1, 0]))
     col = _ar(4, LMC, 0, 5)[:, None, None, None, None] + gl.zeros([4, 4, 2, 4, 4], gl.int32,
                                                                     layout=LMC)
     mbuf.index(0).slice(4, 4).store(gl.where(col == 0, 1.0, 0.0).to(gl.float16))
     mbuf.index(1).slice(4, 4).store(gl.where(col == 0, 1.0, 0.0).to(gl.float16))
     if n_iter > 0:
-        _stage(kbuf.index(0), vbuf.index(0), sbuf, mbuf, 0, kc, vc, vs, bt_row, p_lo, p_last,
-               k_pg, k_off, v_pg, v_off, s_pg, s_off, m_pg, m_off, PAGE_BYTES)
+        _stage(kbuf.index(0), vbuf.index(0), sbuf, mbuf, qbuf, 0, kc, vc, vs, ks, bt_row, p_lo,
+               p_last, k_pg, k_off, v_pg, v_off, s_pg, s_off, m_pg, m_off, q_pg, q_off,
+               PAGE_BYTES, KEY_STAGE)
     for it in range(n_iter):
         p0 = p_lo + it * 4
         nxt = (it + 1) % 2
-        _stage(kbuf.index(nxt), vbuf.index(nxt), sbuf, mbuf, nxt, kc, vc, vs, bt_row,
-               gl.minimum(p0 + 4, p_lo + (n_iter - 1) * 4), p_last, k_pg, k_off, v_pg,
-               v_off, s_pg, s_off, m_pg, m_off, PAGE_BYTES)
-        # key mins of the 4 pages as B columns: bias = q . m of each row's page
+        _stage(kbuf.index(nxt), vbuf.index(nxt), sbuf, mbuf, qbuf, nxt, kc, vc, vs, ks,
+               bt_row, gl.minimum(p0 + 4, p_lo + (n_iter - 1) * 4), p_last, k_pg, k_off,
+               v_pg, v_off, s_pg, s_off, m_pg, m_off, q_pg, q_off, PAGE_BYTES, KEY_STAGE)
+        # key mins of the 4 pages as B columns (bias = q . m of each row's page) and each
+        # row's key scales: from the stage, or loaded here (the rows' pages, the mins masked)
+        qi = (it % 2) * 8  # this stage's key scales in qv, then its mins
+        if KEY_STAGE:
+            async_copy.wait_group(1)
+            gl.thread_barrier()  # ldmatrix reads words other lanes copied
         col_page = gl.load(bt_row + gl.minimum(p0 + gl.minimum(bn, 3), p_last)).to(gl.int64)
         km_cols = km + col_page * PAGE16
         bsc = gl.zeros([16, 8], gl.float32, layout=mma)  # (mins scaled as the query planes)
-        bsc = mma_v2(q0, _frag_b(km_cols, km_ok, LB, B) * 0.125, bsc)
-        bsc = mma_v2(q1, _frag_b(km_cols + 32, km_ok, LB, B) * 0.5, bsc)
-        bsc = mma_v2(q2, _frag_b(km_cols + 64, km_ok, LB, B) * 2.0, bsc)
-        bsc = mma_v2(q3, _frag_b(km_cols + 96, km_ok, LB, B) * 8.0, bsc)
-        # per-row key scales of the row's page
+        bsc = mma_v2(q0, _key_mins(qv, qi, km_cols, km_ok, 0, KEY_STAGE, PC, LB, B) * 0.125, bsc)
+        bsc = mma_v2(q1, _key_mins(qv, qi, km_cols, km_ok, 1, KEY_STAGE, PC, LB, B) * 0.5, bsc)
+        bsc = mma_v2(q2, _key_mins(qv, qi, km_cols, km_ok, 2, KEY_STAGE, PC, LB, B) * 2.0, bsc)
+        bsc = mma_v2(q3, _key_mins(qv, qi, km_cols, km_ok, 3, KEY_STAGE, PC, LB, B) * 8.0, bsc)
         ks_rows = ks + gl.load(bt_row + gl.minimum(p0 + ra_slot, p_last)).to(gl.int64) * PAGE16
-        async_copy.wait_group(1)
-        gl.thread_barrier()  # ldmatrix reads words other lanes copied
+        if not KEY_STAGE:
+            async_copy.wait_group(1)
+            gl.thread_barrier()  # ldmatrix reads words other lanes copied
         kt = kbuf.index(it % 2).load(LK)
         s = gl.zeros([16, 128], gl.float32, layout=mma)
-        s = _key_dot(s, q0, ks_rows, kt, 0, LA, A, B)
-        s = _key_dot(s, q1, ks_rows, kt, 1, LA, A, B)
-        s = _key_dot(s, q2, ks_rows, kt, 2, LA, A, B)
-        s = _key_dot(s, q3, ks_rows, kt, 3, LA, A, B)
+        s = _key_dot(s, q0, _key_scales(qv, qi, ks_rows, 0, KEY_STAGE, PR, LA, A), kt, 0, B)
+        s = _key_dot(s, q1, _key_scales(qv, qi, ks_rows, 1, KEY_STAGE, PR, LA, A), kt, 1, B)
+        s = _key_dot(s, q2, _key_scales(qv, qi, ks_rows, 2, KEY_STAGE, PR, LA, A), kt, 2, B)
+        s = _key_dot(s, q3, _key_scales(qv, qi, ks_rows, 3, KEY_STAGE, PR, LA, A), kt, 3, B)
         bias = gl.sum(gl.where(bcol[None, :] == slot[:, None], bsc, 0.0), axis=1)
         keep = same_page & (p0 + cols // 32 < p_hi)[None, :]
         s = gl.where(keep, s, float("-inf"))  # scores: s * SCORE + bias (a row constant)
@@ -582,7 +668,7 @@ def decode_pages(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
         R=residual, BLOCK_R=max(16, triton.next_power_of_2(residual)),
         TAIL=with_tail, SELF=add_self, SINGLE=single, WRITE_LSE=write_lse,
         **{k: constants[k] for k in _FORMAT_ARGS}, num_warps=1,
-        COPY16=COPY16, **({"maxnreg": MAX_REGISTERS} if MAX_REGISTERS else {}),
+        COPY16=COPY16, KEY_STAGE=KEY_STAGE, **({"maxnreg": MAX_REGISTERS} if MAX_REGISTERS else {}),
     )
 
 
