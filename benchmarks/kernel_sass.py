@@ -70,7 +70,7 @@ def compile_decode(bits: int, group: int, head_dim: int, kv_heads: int, qpk: int
 
 
 def compile_gluon_decode(kv_heads: int, residual: int, copy16: bool = False,
-                         key_stage: bool = False):
+                         key_stage: bool = False, ids_ahead: bool = False):
     """The Gluon page loop (``kernels/decode_gluon.py``, 2-bit, group 32, d=128), one warp."""
     import triton
     from triton.backends.compiler import GPUTarget
@@ -86,7 +86,7 @@ def compile_gluon_decode(kv_heads: int, residual: int, copy16: bool = False,
               if k in names}
     consts.update(R=residual, BLOCK_R=max(16, triton.next_power_of_2(residual)), TAIL=True,
                   SELF=True, SINGLE=True, WRITE_LSE=False, COPY16=copy16,
-                  KEY_STAGE=key_stage)
+                  KEY_STAGE=key_stage, IDS_AHEAD=ids_ahead)
     src = GluonASTSource(fn=fn, **_launch_like(names, consts))
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 1})
 
@@ -142,12 +142,14 @@ def main() -> None:
     p.add_argument("--copy16", action="store_true", help="v7 with 16-byte code tile copies")
     p.add_argument("--key-stage", action="store_true",
                    help="v7 with the key scales and mins copied with the stage")
+    p.add_argument("--ids-ahead", action="store_true",
+                   help="v7 with each stage's block ids loaded an iteration earlier")
     p.add_argument("--json", action="store_true",
                    help="print the register usage and each loop's opcode counts as JSON")
     a = p.parse_args()
     if a.gluon:
         cubin = compile_gluon_decode(a.kv_heads, a.residual, a.copy16,
-                                     a.key_stage).asm["cubin"]
+                                     a.key_stage, a.ids_ahead).asm["cubin"]
         if a.json:
             usage, loops = sass_loops(cubin)
             print(json.dumps({"usage": usage, "loops": [dict(body) for _, _, body in loops]}))

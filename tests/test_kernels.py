@@ -281,12 +281,14 @@ def test_decode_v7_matches_reference(residual, sinks, dtype):
             sc.scale)
     outs = {}
     switches = ((attention, "USE_GLUON"), (attention, "GLUON_TAIL"), (decode_gluon, "COPY16"),
-                (decode_gluon, "KEY_STAGE"))
+                (decode_gluon, "KEY_STAGE"), (decode_gluon, "IDS_AHEAD"))
     default = [getattr(m, n) for m, n in switches]
-    loops = {"v7": (True, True, False, False), "v7, 16-byte copies": (True, True, True, False),
-             "v7, key scales staged": (True, True, False, True),
-             "v7, tail by Triton": (True, False, False, False),
-             "Triton": (False, True, False, False)}
+    loops = {"v7": (True, True, False, False, False),
+             "v7, 16-byte copies": (True, True, True, False, False),
+             "v7, key scales staged": (True, True, False, True, False),
+             "v7, key scales staged, block ids ahead": (True, True, False, True, True),
+             "v7, tail by Triton": (True, False, False, False, False),
+             "Triton": (False, True, False, False, False)}
     for name, values in loops.items():
         for (module, attr), value in zip(switches, values, strict=True):
             setattr(module, attr, value)
@@ -309,13 +311,13 @@ def test_decode_v7_matches_reference(residual, sinks, dtype):
 
 
 @pytest.mark.skipif(DEVICE != "cpu", reason="the GPU runs the compiled kernel (above)")
-@pytest.mark.parametrize(("gluon_tail", "copy16", "key_stage"),
-                         [(True, False, False), (False, False, False), (True, True, False),
-                          (True, False, True)])
+@pytest.mark.parametrize(("gluon_tail", "copy16", "key_stage", "ids_ahead"),
+                         [(True, False, False, False), (False, False, False, False),
+                          (True, True, False, False), (True, False, True, True)])
 @pytest.mark.parametrize(("residual", "sinks", "key_mag", "value_mag"),
                          [(32, 0, 1, 1), (96, 32, 1, 1), (32, 0, 30, 200)])
 def test_decode_v7_source_matches_reference(residual, sinks, key_mag, value_mag, gluon_tail,
-                                            copy16, key_stage, monkeypatch):
+                                            copy16, key_stage, ids_ahead, monkeypatch):
     """Decode v7's Gluon source, executed on the CPU by ``tests/gluon_shim.py`` (index
     arithmetic, masks, splits, tail, slot merge, float16 ranges; not the lane layouts),
     through ``attend_context`` as the backend calls it. ``key_mag``/``value_mag`` scale the
@@ -330,6 +332,7 @@ def test_decode_v7_source_matches_reference(residual, sinks, key_mag, value_mag,
     monkeypatch.setattr(attention, "GLUON_TAIL", gluon_tail)
     monkeypatch.setattr(decode_gluon, "COPY16", copy16)
     monkeypatch.setattr(decode_gluon, "KEY_STAGE", key_stage)
+    monkeypatch.setattr(decode_gluon, "IDS_AHEAD", ids_ahead)
     fmt = PageFormat(2, 32, 128, 2)
     ctx = [0, 5, 33, 95, 4 * 32, 4 * 32 + 1, 5 * 32 - 1, 9 * 32 + 7, 13 * 32]
     sc = make_scenario(fmt, residual, 8, ctx, [1] * len(ctx), seed=residual + sinks,

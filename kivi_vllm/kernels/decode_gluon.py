@@ -55,6 +55,8 @@ MAX_REGISTERS = int(os.environ.get("KIVI_GLUON_MAX_REGISTERS", 0))
 COPY16 = os.environ.get("KIVI_GLUON_COPY16", "0") == "1"
 # key scales and mins through the copy stages too (else loaded from global in the loop)
 KEY_STAGE = os.environ.get("KIVI_GLUON_KEY_STAGE", "0") == "1"
+# the next stage's block ids loaded an iteration earlier (else looked up when it is issued)
+IDS_AHEAD = os.environ.get("KIVI_GLUON_IDS_AHEAD", "0") == "1"
 
 QPK = 4  # query heads per KV head
 
@@ -175,7 +177,7 @@ def _key_mins(qv, qi, km_cols, ok, PLANE: gl.constexpr, KEY_STAGE: gl.constexpr,
 
 @gluon.jit
 def _slot_rows(kq, PR: gl.constexpr, A: gl.constexpr):
-    """A operand [16, 32] from one plane's staged key scales (or mins) ``kq`` [4 slot, 2 run,
+    """A operand [16, 32] from one plane's staged key scales ``kq`` [4 slot, 2 run,
     4 t, 4 e]: row ``r`` reads slot ``(r % 8) // 2``, column ``k`` element ``frag(k)``. The
     load leaves row bits 0 and 3 to lane and register replicas (``PR``: [row // 8, slot,
     row % 2, run, t, e]), so each lane holds what ``_frag_a`` would load."""
@@ -222,28 +224,49 @@ def _mins_and_ones(mbuf, stage, LMR: gl.constexpr, B: gl.constexpr):
 
 
 @gluon.jit
-def _stage(kbuf, vbuf, sbuf, mbuf, qbuf, stage, kc, vc, vs, ks, bt_row, p0, p_last, k_pg, k_off,
-           v_pg, v_off, s_pg, s_off, m_pg, m_off, q_pg, q_off, PAGE_BYTES: gl.constexpr,
-           KEY_STAGE: gl.constexpr):
-    """Start copying pages ``p0 .. p0 + 3`` (each clamped to ``p_last``) into one
-    shared-memory stage: the key and value code tiles (as views with t and byte merged),
-    the value scales and mins, and (``KEY_STAGE``) the key scales and mins (``kc``, ``vc``,
-    ``vs``, ``ks``: the head's sections in page 0)."""
+def _stage_ids(bt_row, p0, p_last):
+    """Block ids of pages ``p0 .. p0 + 3``, each clamped to ``[0, p_last]``."""
+    return (gl.load(bt_row + gl.maximum(gl.minimum(p0, p_last), 0)),
+            gl.load(bt_row + gl.maximum(gl.minimum(p0 + 1, p_last), 0)),
+            gl.load(bt_row + gl.maximum(gl.minimum(p0 + 2, p_last), 0)),
+            gl.load(bt_row + gl.maximum(gl.minimum(p0 + 3, p_last), 0)))
+
+
+@gluon.jit
+def _block_of(pg, bt_row, p0, p_last, ids, IDS_AHEAD: gl.constexpr):
+    """Block id (int64) of page ``p0 + pg`` (clamped to ``p_last``): from ``ids``, the
+    stage's four loaded an iteration earlier, or looked up now."""
+    if IDS_AHEAD:
+        x = gl.where(pg == 0, ids[0], gl.where(pg == 1, ids[1],
+                                               gl.where(pg == 2, ids[2], ids[3])))
+    else:
+        x = gl.load(bt_row + gl.minimum(p0 + pg, p_last))
+    return x.to(gl.int64)
+
+
+@gluon.jit
+def _stage(kbuf, vbuf, sbuf, mbuf, qbuf, stage, kc, vc, vs, ks, bt_row, p0, p_last, ids, k_pg,
+           k_off, v_pg, v_off, s_pg, s_off, m_pg, m_off, q_pg, q_off,
+           PAGE_BYTES: gl.constexpr, KEY_STAGE: gl.constexpr, IDS_AHEAD: gl.constexpr):
+    """Start copying pages ``p0 .. p0 + 3`` (each clamped to ``p_last``; block ids ``ids``
+    where ``IDS_AHEAD``) into one shared-memory stage: the key and value code tiles (as
+    views with t and byte merged), the value scales and mins, and (``KEY_STAGE``) the key
+    scales and mins (``kc``, ``vc``, ``vs``, ``ks``: the head's sections in page 0)."""
     kbuf = kbuf._reinterpret(gl.uint8, [2, 16, 16, 8],
                              gl.SwizzledSharedLayout(1, 1, 1, [1, 3, 2, 0]))
     vbuf = vbuf._reinterpret(gl.uint8, [4, 2, 16, 4, 8],
                              gl.SwizzledSharedLayout(1, 1, 1, [2, 4, 3, 1, 0]))
-    kpages = gl.load(bt_row + gl.minimum(p0 + k_pg, p_last)).to(gl.int64) * PAGE_BYTES
+    kpages = _block_of(k_pg, bt_row, p0, p_last, ids, IDS_AHEAD) * PAGE_BYTES
     async_copy.async_copy_global_to_shared(kbuf, kc + kpages + k_off)
-    vpages = gl.load(bt_row + gl.minimum(p0 + v_pg, p_last)).to(gl.int64) * PAGE_BYTES
+    vpages = _block_of(v_pg, bt_row, p0, p_last, ids, IDS_AHEAD) * PAGE_BYTES
     async_copy.async_copy_global_to_shared(vbuf, vc + vpages + v_off)
-    sp = vs + gl.load(bt_row + gl.minimum(p0 + s_pg, p_last)).to(gl.int64) * (PAGE_BYTES // 2)
+    sp = vs + _block_of(s_pg, bt_row, p0, p_last, ids, IDS_AHEAD) * (PAGE_BYTES // 2)
     for i in gl.static_range(4):  # the scales of planes 0-3
         async_copy.async_copy_global_to_shared(sbuf[i].index(stage), sp + s_off[i])
-    mp = vs + gl.load(bt_row + gl.minimum(p0 + m_pg, p_last)).to(gl.int64) * (PAGE_BYTES // 2)
+    mp = vs + _block_of(m_pg, bt_row, p0, p_last, ids, IDS_AHEAD) * (PAGE_BYTES // 2)
     async_copy.async_copy_global_to_shared(mbuf.index(stage).slice(0, 4), mp + m_off)
     if KEY_STAGE:
-        qp = ks + gl.load(bt_row + gl.minimum(p0 + q_pg, p_last)).to(gl.int64) * (PAGE_BYTES // 2)
+        qp = ks + _block_of(q_pg, bt_row, p0, p_last, ids, IDS_AHEAD) * (PAGE_BYTES // 2)
         async_copy.async_copy_global_to_shared(qbuf.index(stage), qp + q_off)
     async_copy.commit_group()
 
@@ -406,6 +429,7 @@ def _kivi_decode_pages(
     D: gl.constexpr,
     COPY16: gl.constexpr = False,  # 16-byte copies of the code tiles (else 4-byte)
     KEY_STAGE: gl.constexpr = False,  # key scales and mins copied with the stage
+    IDS_AHEAD: gl.constexpr = False,  # the next stage's block ids loaded an iteration early
 ):
     req = gl.program_id(0)
     kvh = gl.program_id(1)
@@ -557,16 +581,21 @@ def _kivi_decode_pages(
                                                                     layout=LMC)
     mbuf.index(0).slice(4, 4).store(gl.where(col == 0, 1.0, 0.0).to(gl.float16))
     mbuf.index(1).slice(4, 4).store(gl.where(col == 0, 1.0, 0.0).to(gl.float16))
+    p_end = p_lo + (n_iter - 1) * 4  # the last iteration's first page
+    ids = _stage_ids(bt_row, p_lo, p_last)  # (IDS_AHEAD) the block ids of the next stage
     if n_iter > 0:
         _stage(kbuf.index(0), vbuf.index(0), sbuf, mbuf, qbuf, 0, kc, vc, vs, ks, bt_row, p_lo,
-               p_last, k_pg, k_off, v_pg, v_off, s_pg, s_off, m_pg, m_off, q_pg, q_off,
-               PAGE_BYTES, KEY_STAGE)
+               p_last, ids, k_pg, k_off, v_pg, v_off, s_pg, s_off, m_pg, m_off, q_pg, q_off,
+               PAGE_BYTES, KEY_STAGE, IDS_AHEAD)
+    ids = _stage_ids(bt_row, gl.minimum(p_lo + 4, p_end), p_last)
     for it in range(n_iter):
         p0 = p_lo + it * 4
         nxt = (it + 1) % 2
         _stage(kbuf.index(nxt), vbuf.index(nxt), sbuf, mbuf, qbuf, nxt, kc, vc, vs, ks,
-               bt_row, gl.minimum(p0 + 4, p_lo + (n_iter - 1) * 4), p_last, k_pg, k_off,
-               v_pg, v_off, s_pg, s_off, m_pg, m_off, q_pg, q_off, PAGE_BYTES, KEY_STAGE)
+               bt_row, gl.minimum(p0 + 4, p_end), p_last, ids, k_pg, k_off, v_pg, v_off,
+               s_pg, s_off, m_pg, m_off, q_pg, q_off, PAGE_BYTES, KEY_STAGE, IDS_AHEAD)
+        if IDS_AHEAD:
+            ids = _stage_ids(bt_row, gl.minimum(p0 + 8, p_end), p_last)
         # key mins of the 4 pages as B columns (bias = q . m of each row's page) and each
         # row's key scales: from the stage, or loaded here (the rows' pages, the mins masked)
         qi = (it % 2) * 8  # this stage's key scales in qv, then its mins
@@ -668,7 +697,8 @@ def decode_pages(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
         R=residual, BLOCK_R=max(16, triton.next_power_of_2(residual)),
         TAIL=with_tail, SELF=add_self, SINGLE=single, WRITE_LSE=write_lse,
         **{k: constants[k] for k in _FORMAT_ARGS}, num_warps=1,
-        COPY16=COPY16, KEY_STAGE=KEY_STAGE, **({"maxnreg": MAX_REGISTERS} if MAX_REGISTERS else {}),
+        COPY16=COPY16, KEY_STAGE=KEY_STAGE, IDS_AHEAD=IDS_AHEAD,
+        **({"maxnreg": MAX_REGISTERS} if MAX_REGISTERS else {}),
     )
 
 
