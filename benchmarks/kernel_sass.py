@@ -28,17 +28,21 @@ POINTERS = {
     "mid_lse": "*fp32",
 }
 SCALARS = {"sm_scale": "fp32", "tok_base": "i32", "S": "i32", "sinks": "i32"}
+# strides that are multiples of 16 in a launch (head_dim 128), as Triton specializes them
+# unless a kernel lists them in do_not_specialize
 ALIGNED_STRIDES = ("stride_bt", "stride_tail_kv", "stride_tail_slot", "stride_tail_pos",
-                   "stride_qt", "stride_kt", "stride_vt", "stride_ot", "stride_oh", "stride_os")
+                   "stride_tail_h", "stride_qt", "stride_qh", "stride_kt", "stride_kh",
+                   "stride_vt", "stride_vh", "stride_ot", "stride_oh", "stride_os")
 
 
-def _launch_like(names: list[str], consts: dict) -> dict:
-    """Signature, alignment attributes and constexprs of a kernel with arguments ``names``
-    as a real launch specializes them."""
+def _launch_like(fn, consts: dict) -> dict:
+    """Signature, alignment attributes and constexprs of kernel ``fn`` as a real launch
+    specializes them."""
+    names = fn.arg_names
     signature = {n: POINTERS.get(n) or SCALARS.get(n) or
                  ("i32" if n.startswith("stride_") else "constexpr") for n in names}
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in names
-             if n in POINTERS or n in ALIGNED_STRIDES}
+             if (n in POINTERS or n in ALIGNED_STRIDES) and n not in fn.do_not_specialize}
     return {"signature": signature, "attrs": attrs,
             "constexprs": {(names.index(k),): v for k, v in consts.items()}}
 
@@ -57,12 +61,11 @@ def compile_decode(bits: int, group: int, head_dim: int, kv_heads: int, qpk: int
     fmt = PageFormat(bits, group, head_dim, kv_heads, fp8_scales=fp8_scales)
     width, nch = attention.chunking(fmt)
     fn = attention._kivi_attend_context
-    names = fn.arg_names
     consts = dict(R=residual, BLOCK_R=triton.next_power_of_2(residual), QPK=qpk, BLOCK_Q=1,
                   **attention.tile_shape(qpk, group, 1, True), DECODE=True,
                   W=width, NCH=nch, USE_ASM=True, SINGLE=False, PAGES=True, WRITE_LSE=True,
                   **format_constants(fmt))
-    src = ASTSource(fn=fn, **_launch_like(names, consts))
+    src = ASTSource(fn=fn, **_launch_like(fn, consts))
     options = dict(num_warps=warps, num_stages=stages)
     if maxnreg:
         options["maxnreg"] = maxnreg
@@ -87,7 +90,7 @@ def compile_gluon_decode(kv_heads: int, residual: int, copy16: bool = False,
     consts.update(R=residual, BLOCK_R=max(16, triton.next_power_of_2(residual)), TAIL=True,
                   SELF=True, SINGLE=True, WRITE_LSE=False, COPY16=copy16,
                   KEY_STAGE=key_stage, IDS_AHEAD=ids_ahead)
-    src = GluonASTSource(fn=fn, **_launch_like(names, consts))
+    src = GluonASTSource(fn=fn, **_launch_like(fn, consts))
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 1})
 
 
