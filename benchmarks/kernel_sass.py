@@ -72,9 +72,9 @@ def compile_decode(bits: int, group: int, head_dim: int, kv_heads: int, qpk: int
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
 
 
-def compile_gluon_decode(kv_heads: int, residual: int, copy16: bool = False,
-                         key_stage: bool = False, ids_ahead: bool = False):
-    """The Gluon page loop (``kernels/decode_gluon.py``, 2-bit, group 32, d=128), one warp."""
+def compile_gluon_decode(kv_heads: int, residual: int, *switches: str):
+    """The Gluon page loop (``kernels/decode_gluon.py``, 2-bit, group 32, d=128), one warp,
+    with the named constexpr switches on (``COPY16``, ``KEY_STAGE``, ...)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
@@ -84,12 +84,13 @@ def compile_gluon_decode(kv_heads: int, residual: int, copy16: bool = False,
     from kivi_vllm.page_format import PageFormat
 
     fn = decode_gluon._kivi_decode_pages
-    names = fn.arg_names
+    if unknown := [s for s in switches if s not in decode_gluon.SWITCHES]:
+        raise SystemExit(f"unknown v7 switch {unknown}; allowed: {decode_gluon.SWITCHES}")
     consts = {k: v for k, v in format_constants(PageFormat(2, 32, 128, kv_heads)).items()
-              if k in names}
+              if k in fn.arg_names}
     consts.update(R=residual, BLOCK_R=max(16, triton.next_power_of_2(residual)), TAIL=True,
-                  SELF=True, SINGLE=True, WRITE_LSE=False, COPY16=copy16,
-                  KEY_STAGE=key_stage, IDS_AHEAD=ids_ahead)
+                  SELF=True, SINGLE=True, WRITE_LSE=False,
+                  **{name: name in switches for name in decode_gluon.SWITCHES})
     src = GluonASTSource(fn=fn, **_launch_like(fn, consts))
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 1})
 
@@ -142,17 +143,13 @@ def main() -> None:
     p.add_argument("--fp8-scales", action="store_true", help="the kivi.fp8_scales variant")
     p.add_argument("--gluon", action="store_true",
                    help="the Gluon page loop (decode v7) instead of the Triton kernel")
-    p.add_argument("--copy16", action="store_true", help="v7 with 16-byte code tile copies")
-    p.add_argument("--key-stage", action="store_true",
-                   help="v7 with the key scales and mins copied with the stage")
-    p.add_argument("--ids-ahead", action="store_true",
-                   help="v7 with each stage's block ids loaded an iteration earlier")
+    p.add_argument("--on", nargs="*", default=[], metavar="SWITCH",
+                   help="v7 with these constexpr switches on (kernels/decode_gluon.SWITCHES)")
     p.add_argument("--json", action="store_true",
                    help="print the register usage and each loop's opcode counts as JSON")
     a = p.parse_args()
     if a.gluon:
-        cubin = compile_gluon_decode(a.kv_heads, a.residual, a.copy16,
-                                     a.key_stage, a.ids_ahead).asm["cubin"]
+        cubin = compile_gluon_decode(a.kv_heads, a.residual, *a.on).asm["cubin"]
         if a.json:
             usage, loops = sass_loops(cubin)
             print(json.dumps({"usage": usage, "loops": [dict(body) for _, _, body in loops]}))

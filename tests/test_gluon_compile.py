@@ -58,7 +58,7 @@ def test_operands_stay_in_their_lanes(page_loop):
 def test_staged_key_scales_leave_no_global_loads_in_the_loop():
     """``KIVI_GLUON_KEY_STAGE``: the key scales and mins come with the stage's copies and
     are read back into their operand lanes without shuffles."""
-    loop = compiled_page_loop("--key-stage")
+    loop = compiled_page_loop("--on", "KEY_STAGE")
     assert loop.get("SHFL.IDX", 0) == 0 and loop.get("LDL", 0) == 0
     assert loop.get("LDG.E.64", 0) == 0  # (16 in the default loop)
     assert loop["LDGSTS.E.64"] == 8 + 8 and loop["LDS.64"] == 40 + 16
@@ -68,6 +68,6 @@ def test_staged_key_scales_leave_no_global_loads_in_the_loop():
 def test_block_ids_ahead_leave_four_scalar_loads_in_the_loop():
     """``KIVI_GLUON_IDS_AHEAD`` with the key stage: the only global loads left in the loop
     are the four block ids of the stage after next."""
-    loop = compiled_page_loop("--key-stage", "--ids-ahead")
+    loop = compiled_page_loop("--on", "KEY_STAGE", "IDS_AHEAD")
     assert loop.get("LDG.E", 0) == 4 and loop.get("LDG.E.64", 0) == 0
     assert loop.get("SHFL.IDX", 0) == 0 and loop.get("LDL", 0) == 0

@@ -280,18 +280,18 @@ def test_decode_v7_matches_reference(residual, sinks, dtype):
             torch.tensor(sc.valid_from, dtype=torch.int32, device=DEVICE), fmt, residual,
             sc.scale)
     outs = {}
-    switches = ((attention, "USE_GLUON"), (attention, "GLUON_TAIL"), (decode_gluon, "COPY16"),
-                (decode_gluon, "KEY_STAGE"), (decode_gluon, "IDS_AHEAD"))
+    switches = [(attention, "USE_GLUON"), (attention, "GLUON_TAIL")]
+    switches += [(decode_gluon, name) for name in decode_gluon.SWITCHES]
     default = [getattr(m, n) for m, n in switches]
-    loops = {"v7": (True, True, False, False, False),
-             "v7, 16-byte copies": (True, True, True, False, False),
-             "v7, key scales staged": (True, True, False, True, False),
-             "v7, key scales staged, block ids ahead": (True, True, False, True, True),
-             "v7, tail by Triton": (True, False, False, False, False),
-             "Triton": (False, True, False, False, False)}
-    for name, values in loops.items():
-        for (module, attr), value in zip(switches, values, strict=True):
-            setattr(module, attr, value)
+    loops = {  # (Gluon loop, its tail, the decode_gluon switches on)
+        "v7": (True, True, ()), "v7, 16-byte copies": (True, True, ("COPY16",)),
+        "v7, staged": (True, True, ("KEY_STAGE",)),
+        "v7, all switches but COPY16": (True, True, ("KEY_STAGE", "IDS_AHEAD", "SLOT_SUM")),
+        "v7, tail by Triton": (True, False, ()), "Triton": (False, True, ())}
+    for name, (gluon, gluon_tail, on) in loops.items():
+        attention.USE_GLUON, attention.GLUON_TAIL = gluon, gluon_tail
+        for switch in decode_gluon.SWITCHES:
+            setattr(decode_gluon, switch, switch in on)
         try:
             for splits in (1, 3, 7):
                 out = torch.full_like(dev.query, float("nan"))
@@ -311,13 +311,13 @@ def test_decode_v7_matches_reference(residual, sinks, dtype):
 
 
 @pytest.mark.skipif(DEVICE != "cpu", reason="the GPU runs the compiled kernel (above)")
-@pytest.mark.parametrize(("gluon_tail", "copy16", "key_stage", "ids_ahead"),
-                         [(True, False, False, False), (False, False, False, False),
-                          (True, True, False, False), (True, False, True, True)])
+@pytest.mark.parametrize(("gluon_tail", "on"),
+                         [(True, ()), (False, ()), (True, ("COPY16",)),
+                          (True, ("KEY_STAGE", "IDS_AHEAD", "SLOT_SUM"))])
 @pytest.mark.parametrize(("residual", "sinks", "key_mag", "value_mag"),
                          [(32, 0, 1, 1), (96, 32, 1, 1), (32, 0, 30, 200)])
 def test_decode_v7_source_matches_reference(residual, sinks, key_mag, value_mag, gluon_tail,
-                                            copy16, key_stage, ids_ahead, monkeypatch):
+                                            on, monkeypatch):
     """Decode v7's Gluon source, executed on the CPU by ``tests/gluon_shim.py`` (index
     arithmetic, masks, splits, tail, slot merge, float16 ranges; not the lane layouts),
     through ``attend_context`` as the backend calls it. ``key_mag``/``value_mag`` scale the
@@ -330,9 +330,8 @@ def test_decode_v7_source_matches_reference(residual, sinks, key_mag, value_mag,
                         emulate(decode_gluon, "_kivi_decode_pages"))
     monkeypatch.setattr(attention, "USE_GLUON", True)
     monkeypatch.setattr(attention, "GLUON_TAIL", gluon_tail)
-    monkeypatch.setattr(decode_gluon, "COPY16", copy16)
-    monkeypatch.setattr(decode_gluon, "KEY_STAGE", key_stage)
-    monkeypatch.setattr(decode_gluon, "IDS_AHEAD", ids_ahead)
+    for name in decode_gluon.SWITCHES:
+        monkeypatch.setattr(decode_gluon, name, name in on)
     fmt = PageFormat(2, 32, 128, 2)
     ctx = [0, 5, 33, 95, 4 * 32, 4 * 32 + 1, 5 * 32 - 1, 9 * 32 + 7, 13 * 32]
     sc = make_scenario(fmt, residual, 8, ctx, [1] * len(ctx), seed=residual + sinks,

@@ -51,12 +51,14 @@ from kivi_vllm.page_format import PageFormat
 
 # ptxas register cap (0: none; the loop takes 255 registers, so 8 programs fit an SM)
 MAX_REGISTERS = int(os.environ.get("KIVI_GLUON_MAX_REGISTERS", 0))
-# 16-byte code-tile copies: 10% slower than 4-byte ones on the H200 (kernel-notes "v7")
-COPY16 = os.environ.get("KIVI_GLUON_COPY16", "0") == "1"
-# key scales and mins through the copy stages too (else loaded from global in the loop)
-KEY_STAGE = os.environ.get("KIVI_GLUON_KEY_STAGE", "0") == "1"
-# the next stage's block ids loaded an iteration earlier (else looked up when it is issued)
-IDS_AHEAD = os.environ.get("KIVI_GLUON_IDS_AHEAD", "0") == "1"
+# constexpr switches of the kernel, each KIVI_GLUON_<NAME>=1 (docs/kernel-notes.md "v7"):
+# COPY16 16-byte code-tile copies (10% slower than 4-byte ones on the H200); KEY_STAGE the
+# key scales and mins through the copy stages (else loaded from global in the loop);
+# IDS_AHEAD the next stage's block ids loaded an iteration earlier (else looked up when it
+# is issued); SLOT_SUM the page slots' rows merged by one reduction (else one per head)
+SWITCHES = ("COPY16", "KEY_STAGE", "IDS_AHEAD", "SLOT_SUM")
+COPY16, KEY_STAGE, IDS_AHEAD, SLOT_SUM = (
+    os.environ.get(f"KIVI_GLUON_{name}", "0") == "1" for name in SWITCHES)
 
 QPK = 4  # query heads per KV head
 
@@ -369,6 +371,33 @@ def _attend_tail(m_i, l_i, o0, o1, o2, o3, q0, q1, q2, q3, key, value, tail, tai
 
 
 @gluon.jit
+def _merge_per_head(out, lse_out, o0, o1, o2, o3, m_i, l_i, stride_oh, stride_lh,
+                    SINGLE: gl.constexpr, WRITE_LSE: gl.constexpr, mma: gl.constexpr):
+    """Merge the 4 slot rows of each query head by log-sum-exp, one head at a time (a
+    reduction over all 16 rows per head and chunk), and store the heads at ``out`` (the KV
+    head's first query head; their LSE at ``lse_out``)."""
+    rows = gl.arange(0, 16, layout=gl.SliceLayout(1, mma))
+    lse_r = gl.where(l_i > 0.0, m_i + gl.log2(gl.maximum(l_i, 1e-30)), float("-inf"))
+    head_r = (rows % 2) + 2 * (rows // 8)
+    oc = gl.arange(0, 32, layout=gl.SliceLayout(0, mma))
+    for h in gl.static_range(4):
+        sel = head_r == h
+        mx = gl.max(gl.where(sel, lse_r, float("-inf")), axis=0)
+        mx_safe = gl.where(mx == float("-inf"), 0.0, mx)
+        wr = gl.where(sel, gl.exp2(lse_r - mx_safe), 0.0)
+        total = gl.sum(wr, axis=0)
+        # o_r / l_r weighted by exp2(lse_r - mx) / total = exp2(m_r - mx) / total
+        f = gl.where(l_i > 0.0, gl.exp2(m_i - mx_safe), 0.0) / gl.where(total > 0.0, total, 1.0)
+        _store_head(out + h * stride_oh, o0, o1, o2, o3, f, sel, oc)
+        lse = gl.where(total > 0.0, mx_safe + gl.log2(gl.where(total > 0.0, total, 1.0)),
+                       float("-inf"))
+        if SINGLE:
+            lse = lse * 0.6931471805599453
+        if WRITE_LSE:
+            gl.store(lse_out + h * stride_lh, lse)
+
+
+@gluon.jit
 def _store_head(mid_o, o0, o1, o2, o3, f, sel, oc):
     """Row-weighted sum of the rows ``sel`` of the four output chunks, stored at ``mid_o``."""
     w = gl.where(sel, f, 0.0)[:, None]
@@ -377,6 +406,46 @@ def _store_head(mid_o, o0, o1, o2, o3, f, sel, oc):
     gl.store(mid_o + 32 + oc, gl.sum(o1 * w, axis=0).to(dtype))
     gl.store(mid_o + 64 + oc, gl.sum(o2 * w, axis=0).to(dtype))
     gl.store(mid_o + 96 + oc, gl.sum(o3 * w, axis=0).to(dtype))
+
+
+@gluon.jit
+def _merge_by_slot_sum(out, lse_out, o0, o1, o2, o3, m_i, l_i, stride_oh, stride_lh,
+                       SINGLE: gl.constexpr, WRITE_LSE: gl.constexpr, mma: gl.constexpr):
+    """``_merge_per_head`` with the rows viewed as [row // 8, slot, row % 2] (head 2 (row //
+    8) + row % 2): one reduction over the slot axis serves all 4 heads."""
+    rows = gl.arange(0, 16, layout=gl.SliceLayout(1, mma))
+    oc = gl.arange(0, 32, layout=gl.SliceLayout(0, mma))
+    lse3 = gl.reshape(gl.where(l_i > 0.0, m_i + gl.log2(gl.maximum(l_i, 1e-30)),
+                               float("-inf")), [2, 4, 2])
+    mx = gl.max(lse3, axis=1)
+    mx_safe = gl.where(mx == float("-inf"), 0.0, mx)
+    total = gl.sum(gl.exp2(lse3 - gl.expand_dims(mx_safe, 1)), axis=1)
+    total_safe = gl.where(total > 0.0, total, 1.0)
+    # o_r / l_r weighted by exp2(lse_r - mx) / total = exp2(m_r - mx) / total
+    f = gl.where(gl.reshape(l_i, [2, 4, 2]) > 0.0,
+                 gl.exp2(gl.reshape(m_i, [2, 4, 2]) - gl.expand_dims(mx_safe, 1)), 0.0)
+    f = gl.convert_layout(gl.reshape(f / gl.expand_dims(total_safe, 1), [16]),
+                          gl.SliceLayout(1, mma))[:, None]
+    # each head's output offsets, in the layout of the slot sums (the 4 slots' are equal)
+    head_r = (rows % 2) + 2 * (rows // 8)
+    o_off = _slot_sum(head_r[:, None] * stride_oh + oc[None, :]) // 4
+    dtype: gl.constexpr = out.dtype.element_ty
+    gl.store(out + o_off, _slot_sum(o0 * f).to(dtype))
+    gl.store(out + 32 + o_off, _slot_sum(o1 * f).to(dtype))
+    gl.store(out + 64 + o_off, _slot_sum(o2 * f).to(dtype))
+    gl.store(out + 96 + o_off, _slot_sum(o3 * f).to(dtype))
+    lse = gl.where(total > 0.0, mx_safe + gl.log2(total_safe), float("-inf"))
+    if SINGLE:
+        lse = lse * 0.6931471805599453
+    if WRITE_LSE:
+        gl.store(lse_out + gl.max(gl.reshape(head_r, [2, 4, 2]), axis=1) * stride_lh, lse)
+
+
+@gluon.jit
+def _slot_sum(x):
+    """[16, 32] -> [2, 2, 32]: the sum of each query head's 4 slot rows (rows as [row // 8,
+    slot, row % 2]; head 2 (row // 8) + row % 2)."""
+    return gl.sum(gl.reshape(x, [2, 4, 2, 32]), axis=1)
 
 
 @gluon.jit(do_not_specialize=["S", "sinks", "stride_bt", "stride_ot", "stride_oh",
@@ -430,6 +499,7 @@ def _kivi_decode_pages(
     COPY16: gl.constexpr = False,  # 16-byte copies of the code tiles (else 4-byte)
     KEY_STAGE: gl.constexpr = False,  # key scales and mins copied with the stage
     IDS_AHEAD: gl.constexpr = False,  # the next stage's block ids loaded an iteration early
+    SLOT_SUM: gl.constexpr = False,  # merge the slot rows by one reduction for all heads
 ):
     req = gl.program_id(0)
     kvh = gl.program_id(1)
@@ -658,26 +728,14 @@ def _kivi_decode_pages(
                 SELF, mma, A, B)
 
     # merge the 4 slot rows of each query head by log-sum-exp; write the split's output
-    lse_r = gl.where(l_i > 0.0, m_i + gl.log2(gl.maximum(l_i, 1e-30)), float("-inf"))
-    head_r = (rows % 2) + 2 * (rows // 8)
-    oc = gl.arange(0, 32, layout=gl.SliceLayout(0, mma))
-    for h in gl.static_range(4):
-        sel = head_r == h
-        mx = gl.max(gl.where(sel, lse_r, float("-inf")), axis=0)
-        mx_safe = gl.where(mx == float("-inf"), 0.0, mx)
-        wr = gl.where(sel, gl.exp2(lse_r - mx_safe), 0.0)
-        total = gl.sum(wr, axis=0)
-        # o_r / l_r weighted by exp2(lse_r - mx) / total = exp2(m_r - mx) / total
-        f = gl.where(l_i > 0.0, gl.exp2(m_i - mx_safe), 0.0) / gl.where(total > 0.0, total, 1.0)
-        head = kvh * 4 + h
-        _store_head(mid_o + req.to(gl.int64) * stride_ot + head * stride_oh + split * stride_os,
-                    o0, o1, o2, o3, f, sel, oc)
-        lse = gl.where(total > 0.0, mx_safe + gl.log2(gl.where(total > 0.0, total, 1.0)),
-                       float("-inf"))
-        if SINGLE:
-            lse = lse * 0.6931471805599453
-        if WRITE_LSE:
-            gl.store(mid_lse + req.to(gl.int64) * stride_lt + head * stride_lh + split, lse)
+    out = mid_o + req.to(gl.int64) * stride_ot + kvh * 4 * stride_oh + split * stride_os
+    lse_out = mid_lse + req.to(gl.int64) * stride_lt + kvh * 4 * stride_lh + split
+    if SLOT_SUM:
+        _merge_by_slot_sum(out, lse_out, o0, o1, o2, o3, m_i, l_i, stride_oh, stride_lh,
+                           SINGLE, WRITE_LSE, mma)
+    else:
+        _merge_per_head(out, lse_out, o0, o1, o2, o3, m_i, l_i, stride_oh, stride_lh,
+                        SINGLE, WRITE_LSE, mma)
 
 
 def decode_pages(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -697,7 +755,7 @@ def decode_pages(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
         R=residual, BLOCK_R=max(16, triton.next_power_of_2(residual)),
         TAIL=with_tail, SELF=add_self, SINGLE=single, WRITE_LSE=write_lse,
         **{k: constants[k] for k in _FORMAT_ARGS}, num_warps=1,
-        COPY16=COPY16, KEY_STAGE=KEY_STAGE, IDS_AHEAD=IDS_AHEAD,
+        COPY16=COPY16, KEY_STAGE=KEY_STAGE, IDS_AHEAD=IDS_AHEAD, SLOT_SUM=SLOT_SUM,
         **({"maxnreg": MAX_REGISTERS} if MAX_REGISTERS else {}),
     )
 
