@@ -85,7 +85,7 @@ def compile_gluon_decode(kv_heads: int, residual: int, *switches: str):
 
     fn = decode_gluon._kivi_decode_pages
     if unknown := [s for s in switches if s not in decode_gluon.SWITCHES]:
-        raise SystemExit(f"unknown v7 switch {unknown}; allowed: {decode_gluon.SWITCHES}")
+        raise ValueError(f"unknown v7 switch {unknown}; allowed: {decode_gluon.SWITCHES}")
     consts = {k: v for k, v in format_constants(PageFormat(2, 32, 128, kv_heads)).items()
               if k in fn.arg_names}
     consts.update(R=residual, BLOCK_R=max(16, triton.next_power_of_2(residual)), TAIL=True,

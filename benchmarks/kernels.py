@@ -172,7 +172,6 @@ def tune() -> None:
 
 
 def main() -> None:
-
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--batches", default="1,16,64,256")
     parser.add_argument("--contexts", default="1024,4096,8192,32768")
