@@ -95,8 +95,10 @@ def compile_gluon_decode(kv_heads: int, residual: int, *switches: str):
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 1})
 
 
-def sass_loops(cubin: bytes) -> tuple[str, list[tuple[int, int, collections.Counter]]]:
-    """(register usage line, [(start, end, opcode histogram of one iteration)] per loop)."""
+def sass_loops(cubin: bytes) -> tuple[str, list[tuple[int, int, collections.Counter]],
+                                       collections.Counter]:
+    """(register usage line, [(start, end, opcode histogram of one iteration)] per loop,
+    opcode histogram of the instructions outside every loop)."""
     import triton
 
     tool = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/cuobjdump")
@@ -116,17 +118,23 @@ def sass_loops(cubin: bytes) -> tuple[str, list[tuple[int, int, collections.Coun
         if target and int(target.group(1), 16) < addr:  # a backward branch closes a loop
             lo = int(target.group(1), 16)
             loops.append((lo, addr, collections.Counter(o for a, o, _ in ins if lo <= a <= addr)))
-    return usage.stdout.strip().splitlines()[-1].strip(), loops
+    outside = collections.Counter(o for a, o, _ in ins
+                                  if not any(lo <= a <= hi for lo, hi, _ in loops))
+    return usage.stdout.strip().splitlines()[-1].strip(), loops, outside
 
 
 def sass_report(cubin: bytes) -> None:
-    usage, loops = sass_loops(cubin)
+    usage, loops, outside = sass_loops(cubin)
     print(usage)
+    top = int(os.environ.get("KIVI_SASS_TOP", 24))
     for lo, hi, body in loops:
         print(f"loop {lo:#x}-{hi:#x}: {sum(body.values())} instructions per warp "
               "per iteration")
-        for name, count in body.most_common(int(os.environ.get("KIVI_SASS_TOP", 24))):
+        for name, count in body.most_common(top):
             print(f"  {count:5d} {name}")
+    print(f"outside the loops: {sum(outside.values())} instructions")
+    for name, count in outside.most_common(top):
+        print(f"  {count:5d} {name}")
 
 
 def main() -> None:
@@ -146,13 +154,15 @@ def main() -> None:
     p.add_argument("--on", nargs="*", default=[], metavar="SWITCH",
                    help="v7 with these constexpr switches on (kernels/decode_gluon.SWITCHES)")
     p.add_argument("--json", action="store_true",
-                   help="print the register usage and each loop's opcode counts as JSON")
+                   help="print the register usage and the opcode counts of each loop and "
+                        "outside the loops as JSON")
     a = p.parse_args()
     if a.gluon:
         cubin = compile_gluon_decode(a.kv_heads, a.residual, *a.on).asm["cubin"]
         if a.json:
-            usage, loops = sass_loops(cubin)
-            print(json.dumps({"usage": usage, "loops": [dict(body) for _, _, body in loops]}))
+            usage, loops, outside = sass_loops(cubin)
+            print(json.dumps({"usage": usage, "loops": [dict(body) for _, _, body in loops],
+                              "outside": dict(outside)}))
         else:
             sass_report(cubin)
         return
