@@ -371,13 +371,12 @@ def _attend_tail(m_i, l_i, o0, o1, o2, o3, q0, q1, q2, q3, key, value, tail, tai
 
 
 @gluon.jit
-def _merge_per_head(out, lse_out, o0, o1, o2, o3, m_i, l_i, stride_oh, stride_lh,
+def _merge_per_head(out, lse_out, o0, o1, o2, o3, m_i, l_i, lse_r, stride_oh, stride_lh,
                     SINGLE: gl.constexpr, WRITE_LSE: gl.constexpr, mma: gl.constexpr):
-    """Merge the 4 slot rows of each query head by log-sum-exp, one head at a time (a
-    reduction over all 16 rows per head and chunk), and store the heads at ``out`` (the KV
-    head's first query head; their LSE at ``lse_out``)."""
+    """Merge the 4 slot rows of each query head by log-sum-exp (``lse_r``: each row's),
+    one head at a time (a reduction over all 16 rows per head and chunk), and store the
+    heads at ``out`` (the KV head's first query head; their LSE at ``lse_out``)."""
     rows = gl.arange(0, 16, layout=gl.SliceLayout(1, mma))
-    lse_r = gl.where(l_i > 0.0, m_i + gl.log2(gl.maximum(l_i, 1e-30)), float("-inf"))
     head_r = (rows % 2) + 2 * (rows // 8)
     oc = gl.arange(0, 32, layout=gl.SliceLayout(0, mma))
     for h in gl.static_range(4):
@@ -409,14 +408,13 @@ def _store_head(mid_o, o0, o1, o2, o3, f, sel, oc):
 
 
 @gluon.jit
-def _merge_by_slot_sum(out, lse_out, o0, o1, o2, o3, m_i, l_i, stride_oh, stride_lh,
+def _merge_by_slot_sum(out, lse_out, o0, o1, o2, o3, m_i, l_i, lse_r, stride_oh, stride_lh,
                        SINGLE: gl.constexpr, WRITE_LSE: gl.constexpr, mma: gl.constexpr):
     """``_merge_per_head`` with the rows viewed as [row // 8, slot, row % 2] (head 2 (row //
     8) + row % 2): one reduction over the slot axis serves all 4 heads."""
     rows = gl.arange(0, 16, layout=gl.SliceLayout(1, mma))
     oc = gl.arange(0, 32, layout=gl.SliceLayout(0, mma))
-    lse3 = gl.reshape(gl.where(l_i > 0.0, m_i + gl.log2(gl.maximum(l_i, 1e-30)),
-                               float("-inf")), [2, 4, 2])
+    lse3 = gl.reshape(lse_r, [2, 4, 2])
     mx = gl.max(lse3, axis=1)
     mx_safe = gl.where(mx == float("-inf"), 0.0, mx)
     total = gl.sum(gl.exp2(lse3 - gl.expand_dims(mx_safe, 1)), axis=1)
@@ -730,11 +728,12 @@ def _kivi_decode_pages(
     # merge the 4 slot rows of each query head by log-sum-exp; write the split's output
     out = mid_o + req.to(gl.int64) * stride_ot + kvh * 4 * stride_oh + split * stride_os
     lse_out = mid_lse + req.to(gl.int64) * stride_lt + kvh * 4 * stride_lh + split
+    lse_r = gl.where(l_i > 0.0, m_i + gl.log2(gl.maximum(l_i, 1e-30)), float("-inf"))
     if SLOT_SUM:
-        _merge_by_slot_sum(out, lse_out, o0, o1, o2, o3, m_i, l_i, stride_oh, stride_lh,
-                           SINGLE, WRITE_LSE, mma)
+        _merge_by_slot_sum(out, lse_out, o0, o1, o2, o3, m_i, l_i, lse_r, stride_oh,
+                           stride_lh, SINGLE, WRITE_LSE, mma)
     else:
-        _merge_per_head(out, lse_out, o0, o1, o2, o3, m_i, l_i, stride_oh, stride_lh,
+        _merge_per_head(out, lse_out, o0, o1, o2, o3, m_i, l_i, lse_r, stride_oh, stride_lh,
                         SINGLE, WRITE_LSE, mma)
 
 
