@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import itertools
 import json
 import os
 import re
@@ -72,9 +73,9 @@ def compile_decode(bits: int, group: int, head_dim: int, kv_heads: int, qpk: int
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
 
 
-def compile_gluon_decode(kv_heads: int, residual: int, *switches: str):
-    """The Gluon page loop (``kernels/decode_gluon.py``, 2-bit, group 32, d=128), one warp,
-    with the named constexpr switches on (``COPY16``, ``KEY_STAGE``, ...)."""
+def compile_gluon_decode(kv_heads: int, residual: int, **flags: bool):
+    """The Gluon page loop (``kernels/decode_gluon.py``, 2-bit, group 32, d=128), one warp;
+    ``flags`` override its constexprs (TAIL, SELF, SINGLE, WRITE_LSE)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
@@ -84,29 +85,45 @@ def compile_gluon_decode(kv_heads: int, residual: int, *switches: str):
     from kivi_vllm.page_format import PageFormat
 
     fn = decode_gluon._kivi_decode_pages
-    if unknown := [s for s in switches if s not in decode_gluon.SWITCHES]:
-        raise ValueError(f"unknown v7 switch {unknown}; allowed: {decode_gluon.SWITCHES}")
     consts = {k: v for k, v in format_constants(PageFormat(2, 32, 128, kv_heads)).items()
               if k in fn.arg_names}
     consts.update(R=residual, BLOCK_R=max(16, triton.next_power_of_2(residual)), TAIL=True,
-                  SELF=True, SINGLE=True, WRITE_LSE=False,
-                  **{name: name in switches for name in decode_gluon.SWITCHES})
+                  SELF=True, SINGLE=True, WRITE_LSE=False)
+    consts.update(flags)
     src = GluonASTSource(fn=fn, **_launch_like(fn, consts))
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 1})
 
 
-def sass_loops(cubin: bytes) -> tuple[str, list[tuple[int, int, collections.Counter]],
-                                       collections.Counter]:
-    """(register usage line, [(start, end, opcode histogram of one iteration)] per loop,
-    opcode histogram of the instructions outside every loop)."""
+def dump_gluon_variants(folder: str) -> None:
+    """Write v7's SASS for every combination of its launch flags (TAIL, SELF, SINGLE,
+    WRITE_LSE) and residuals 32 and 96 into ``folder``, one file each: two trees' folders
+    diff to nothing when a source change leaves the machine code as it was."""
+    os.makedirs(folder, exist_ok=True)
+    names = ("TAIL", "SELF", "SINGLE", "WRITE_LSE")
+    for values in itertools.product((True, False), repeat=len(names)):
+        for residual in (32, 96):
+            cubin = compile_gluon_decode(8, residual, **dict(zip(names, values, strict=True)))
+            tag = "-".join(f"{n}{int(v)}" for n, v in zip(names, values, strict=True))
+            with open(os.path.join(folder, f"{tag}-R{residual}.sass"), "w") as f:
+                f.write(_sass(cubin.asm["cubin"], "-sass"))
+
+
+def _sass(cubin: bytes, flag: str) -> str:
+    """``cuobjdump FLAG`` (the Triton wheel's) of a cubin."""
     import triton
 
     tool = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/cuobjdump")
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        usage = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True)
-        sass = subprocess.run([tool, "-sass", f.name], capture_output=True, text=True).stdout
+        return subprocess.run([tool, flag, f.name], capture_output=True, text=True).stdout
+
+
+def sass_loops(cubin: bytes) -> tuple[str, list[tuple[int, int, collections.Counter]],
+                                       collections.Counter]:
+    """(register usage line, [(start, end, opcode histogram of one iteration)] per loop,
+    opcode histogram of the instructions outside every loop)."""
+    usage, sass = _sass(cubin, "-res-usage"), _sass(cubin, "-sass")
     ins = []
     for line in sass.splitlines():
         m = re.match(r"\s*/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z0-9_.]+)(.*);", line)
@@ -120,7 +137,7 @@ def sass_loops(cubin: bytes) -> tuple[str, list[tuple[int, int, collections.Coun
             loops.append((lo, addr, collections.Counter(o for a, o, _ in ins if lo <= a <= addr)))
     outside = collections.Counter(o for a, o, _ in ins
                                   if not any(lo <= a <= hi for lo, hi, _ in loops))
-    return usage.stdout.strip().splitlines()[-1].strip(), loops, outside
+    return usage.strip().splitlines()[-1].strip(), loops, outside
 
 
 def sass_report(cubin: bytes) -> None:
@@ -151,14 +168,17 @@ def main() -> None:
     p.add_argument("--fp8-scales", action="store_true", help="the kivi.fp8_scales variant")
     p.add_argument("--gluon", action="store_true",
                    help="the Gluon page loop (decode v7) instead of the Triton kernel")
-    p.add_argument("--on", nargs="*", default=[], metavar="SWITCH",
-                   help="v7 with these constexpr switches on (kernels/decode_gluon.SWITCHES)")
+    p.add_argument("--dump", metavar="DIR",
+                   help="with --gluon: write the SASS of every launch-flag combination to DIR")
     p.add_argument("--json", action="store_true",
                    help="print the register usage and the opcode counts of each loop and "
                         "outside the loops as JSON")
     a = p.parse_args()
+    if a.gluon and a.dump:
+        dump_gluon_variants(a.dump)
+        return
     if a.gluon:
-        cubin = compile_gluon_decode(a.kv_heads, a.residual, *a.on).asm["cubin"]
+        cubin = compile_gluon_decode(a.kv_heads, a.residual).asm["cubin"]
         if a.json:
             usage, loops, outside = sass_loops(cubin)
             print(json.dumps({"usage": usage, "loops": [dict(body) for _, _, body in loops],

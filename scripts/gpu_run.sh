@@ -57,13 +57,10 @@ for step in "$@"; do
       kernel_tests 2>&1 | tee "$OUT/kernels-test.log" | tail -15 ;;
     ktest:*)  # ktest:EXPR - the kernel tests selected by pytest -k EXPR
       kernel_tests -k "${step#ktest:}" 2>&1 | tee "$OUT/ktest.log" | tail -15 ;;
-    v7)  # decode v7: its GPU tests (every switch), then KIVI-2 at 64 and 256 x 8k and
-      # 256 x 1k for v7, with its switches (decode_gluon.SWITCHES but COPY16) one by one and
-      # together, and the Triton loop (v6e), one process each, in this call
+    v7)  # decode v7: its GPU tests, then KIVI-2 at 64 and 256 x 8k and 256 x 1k for v7 and
+      # the Triton loop (v6e), one process each, in this call
       kernel_tests -k v7 2>&1 | tee "$OUT/v7-test.log" | tail -6
-      KIVI_VARIANTS="KIVI_GLUON=1;KIVI_GLUON_KEY_STAGE=1;KIVI_GLUON_KEY_STAGE=1 \
-KIVI_GLUON_IDS_AHEAD=1;KIVI_GLUON_SLOT_SUM=1;KIVI_GLUON_KEY_STAGE=1 KIVI_GLUON_IDS_AHEAD=1 \
-KIVI_GLUON_SLOT_SUM=1;KIVI_GLUON=0" KIVI_VARIANT_GRID=64x8192,256x8192,256x1024 \
+      KIVI_VARIANTS="KIVI_GLUON=1;KIVI_GLUON=0" KIVI_VARIANT_GRID=64x8192,256x8192,256x1024 \
         KIVI_VARIANT_KV=kivi2 run_variants 2>&1 | tee "$OUT/v7-bench.log" ;;
     engine-test|etest:*)  # a fresh Triton cache: the JIT monitor must see no compile while
       # serving (etest:EXPR - the engine tests selected by pytest -k EXPR)

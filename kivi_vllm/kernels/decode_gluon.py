@@ -16,8 +16,9 @@ the layouts be chosen so that no operand moves between lanes:
   holds token ``frag(n)`` (the key tile rows are loaded in that order). The score
   accumulator then is the value dot's A operand in registers; the value codes are read in
   storage order, the value scales and mins in that token order.
-- The next iteration's code tiles, value scales and value mins come by ``cp.async`` into a
-  second shared-memory stage while this one is computed.
+- The next iteration's code tiles and all its scales and mins come by ``cp.async`` into a
+  second shared-memory stage while this one is computed (the block ids of the stage after
+  that are loaded an iteration ahead): the loop's only global loads are those four ids.
 - Codes enter both dots as float16 subnormals (``plane_asm(subnormal=True)``: a mask and
   two byte permutes per four codes, no offset to subtract). Plane ``p`` reads ``code *
   2**(2p - 24)``: the query planes carry ``2**(3 - 2p)`` so that every score product carries
@@ -25,7 +26,8 @@ the layouts be chosen so that no operand moves between lanes:
 - Values are ``s * code + m`` per token: the scales multiply the probabilities (the
   A operand, one float16 product per pair), and ``p . m`` of the four planes comes from
   one more n8 tile whose column 4 is ones (the row sums).
-- The 4 page slots of a query head are merged by log-sum-exp at the end.
+- The 4 page slots of a query head are merged by log-sum-exp at the end, all heads by
+  one reduction over the slot axis.
 
 The last split also reads the full-precision tail ring and the step's own token (``TAIL``;
 else the Triton kernel does, as one more split). A program writes its split's output and
@@ -51,14 +53,6 @@ from kivi_vllm.page_format import PageFormat
 
 # ptxas register cap (0: none; the loop takes 255 registers, so 8 programs fit an SM)
 MAX_REGISTERS = int(os.environ.get("KIVI_GLUON_MAX_REGISTERS", 0))
-# constexpr switches of the kernel, each KIVI_GLUON_<NAME>=1 (docs/kernel-notes.md "v7"):
-# COPY16 16-byte code-tile copies (10% slower than 4-byte ones on the H200); KEY_STAGE the
-# key scales and mins through the copy stages (else loaded from global in the loop);
-# IDS_AHEAD the next stage's block ids loaded an iteration earlier (else looked up when it
-# is issued); SLOT_SUM the page slots' rows merged by one reduction (else one per head)
-SWITCHES = ("COPY16", "KEY_STAGE", "IDS_AHEAD", "SLOT_SUM")
-COPY16, KEY_STAGE, IDS_AHEAD, SLOT_SUM = (
-    os.environ.get(f"KIVI_GLUON_{name}", "0") == "1" for name in SWITCHES)
 
 QPK = 4  # query heads per KV head
 
@@ -125,19 +119,6 @@ def _frag_a(rows, LA: gl.constexpr, A: gl.constexpr):
 
 
 @gluon.jit
-def _frag_b(cols, ok, LB: gl.constexpr, B: gl.constexpr):
-    """[8] column pointers -> B operand [32, 8] (0 where not ``ok``): row ``k`` of a column
-    reads element ``frag(k)``."""
-    run = _ar(2, LB, 0, 4)
-    t = _ar(4, LB, 1, 4)
-    e = _ar(4, LB, 2, 4)
-    off = (run * 16)[:, None, None, None] + (t * 4)[None, :, None, None] + e[None, None, :, None]
-    x = gl.load(cols[None, None, None, :] + off, mask=ok[None, None, None, :], other=0.0)
-    x = gl.permute(gl.reshape(x, [2, 4, 2, 2, 8]), [0, 2, 1, 3, 4])
-    return gl.convert_layout(gl.reshape(x, [32, 8]), B)
-
-
-@gluon.jit
 def _codes(x, PLANE: gl.constexpr):
     """Bit plane PLANE of code bytes as float16 subnormals ``code * 2**(2 PLANE - 24)``."""
     return gl.inline_asm_elementwise(plane_asm(2, PLANE, False, True), "=r,=r,r", [x],
@@ -150,31 +131,6 @@ def _key_dot(s, q, ks, kt, PLANE: gl.constexpr, B: gl.constexpr):
     key scales, an A operand): the codes are subnormals ``code * 2**(2 PLANE - 24)`` and
     ``q`` holds ``2**(3 - 2 PLANE)``."""
     return mma_v2(q * ks, _key_chunk(_codes(kt, PLANE), B), s)
-
-
-@gluon.jit
-def _key_scales(qv, qi, ks_rows, PLANE: gl.constexpr, KEY_STAGE: gl.constexpr, PR: gl.constexpr,
-                LA: gl.constexpr, A: gl.constexpr):
-    """Each row's key scales of plane PLANE as an A operand: from the stage (``qv``'s entry
-    ``qi + PLANE``), or loaded from the rows' pages (``ks_rows``)."""
-    if KEY_STAGE:
-        x = _slot_rows(qv.index(qi + PLANE), PR, A)
-    else:
-        x = _frag_a(ks_rows + 32 * PLANE, LA, A)
-    return x
-
-
-@gluon.jit
-def _key_mins(qv, qi, km_cols, ok, PLANE: gl.constexpr, KEY_STAGE: gl.constexpr,
-              PC: gl.constexpr, LB: gl.constexpr, B: gl.constexpr):
-    """The 4 pages' key mins of plane PLANE as B columns 0-3 (4-7 zeros, or repeats from the
-    stage): from the stage (``qv``'s entry ``qi + 4 + PLANE``), or loaded from the pages
-    (``km_cols``, ``ok``)."""
-    if KEY_STAGE:
-        x = _slot_cols(qv.index(qi + 4 + PLANE), PC, B)
-    else:
-        x = _frag_b(km_cols + 32 * PLANE, ok, LB, B)
-    return x
 
 
 @gluon.jit
@@ -235,41 +191,35 @@ def _stage_ids(bt_row, p0, p_last):
 
 
 @gluon.jit
-def _block_of(pg, bt_row, p0, p_last, ids, IDS_AHEAD: gl.constexpr):
-    """Block id (int64) of page ``p0 + pg`` (clamped to ``p_last``): from ``ids``, the
-    stage's four loaded an iteration earlier, or looked up now."""
-    if IDS_AHEAD:
-        x = gl.where(pg == 0, ids[0], gl.where(pg == 1, ids[1],
-                                               gl.where(pg == 2, ids[2], ids[3])))
-    else:
-        x = gl.load(bt_row + gl.minimum(p0 + pg, p_last))
+def _block_of(pg, ids):
+    """Block id (int64) of the stage's page ``pg`` from ``ids``, its four (loaded an
+    iteration earlier)."""
+    x = gl.where(pg == 0, ids[0], gl.where(pg == 1, ids[1], gl.where(pg == 2, ids[2], ids[3])))
     return x.to(gl.int64)
 
 
 @gluon.jit
-def _stage(kbuf, vbuf, sbuf, mbuf, qbuf, stage, kc, vc, vs, ks, bt_row, p0, p_last, ids, k_pg,
-           k_off, v_pg, v_off, s_pg, s_off, m_pg, m_off, q_pg, q_off,
-           PAGE_BYTES: gl.constexpr, KEY_STAGE: gl.constexpr, IDS_AHEAD: gl.constexpr):
-    """Start copying pages ``p0 .. p0 + 3`` (each clamped to ``p_last``; block ids ``ids``
-    where ``IDS_AHEAD``) into one shared-memory stage: the key and value code tiles (as
-    views with t and byte merged), the value scales and mins, and (``KEY_STAGE``) the key
-    scales and mins (``kc``, ``vc``, ``vs``, ``ks``: the head's sections in page 0)."""
+def _stage(kbuf, vbuf, sbuf, mbuf, qbuf, stage, kc, vc, vs, ks, ids, k_pg, k_off, v_pg, v_off,
+           s_pg, s_off, m_pg, m_off, q_pg, q_off, PAGE_BYTES: gl.constexpr):
+    """Start copying four pages (block ids ``ids``, from ``_stage_ids``) into one
+    shared-memory stage: the key and value code tiles (as views with t and byte merged),
+    the value scales and mins, and the key scales and mins (``kc``, ``vc``, ``vs``, ``ks``:
+    the head's sections in page 0)."""
     kbuf = kbuf._reinterpret(gl.uint8, [2, 16, 16, 8],
                              gl.SwizzledSharedLayout(1, 1, 1, [1, 3, 2, 0]))
     vbuf = vbuf._reinterpret(gl.uint8, [4, 2, 16, 4, 8],
                              gl.SwizzledSharedLayout(1, 1, 1, [2, 4, 3, 1, 0]))
-    kpages = _block_of(k_pg, bt_row, p0, p_last, ids, IDS_AHEAD) * PAGE_BYTES
+    kpages = _block_of(k_pg, ids) * PAGE_BYTES
     async_copy.async_copy_global_to_shared(kbuf, kc + kpages + k_off)
-    vpages = _block_of(v_pg, bt_row, p0, p_last, ids, IDS_AHEAD) * PAGE_BYTES
+    vpages = _block_of(v_pg, ids) * PAGE_BYTES
     async_copy.async_copy_global_to_shared(vbuf, vc + vpages + v_off)
-    sp = vs + _block_of(s_pg, bt_row, p0, p_last, ids, IDS_AHEAD) * (PAGE_BYTES // 2)
+    sp = vs + _block_of(s_pg, ids) * (PAGE_BYTES // 2)
     for i in gl.static_range(4):  # the scales of planes 0-3
         async_copy.async_copy_global_to_shared(sbuf[i].index(stage), sp + s_off[i])
-    mp = vs + _block_of(m_pg, bt_row, p0, p_last, ids, IDS_AHEAD) * (PAGE_BYTES // 2)
+    mp = vs + _block_of(m_pg, ids) * (PAGE_BYTES // 2)
     async_copy.async_copy_global_to_shared(mbuf.index(stage).slice(0, 4), mp + m_off)
-    if KEY_STAGE:
-        qp = ks + _block_of(q_pg, bt_row, p0, p_last, ids, IDS_AHEAD) * (PAGE_BYTES // 2)
-        async_copy.async_copy_global_to_shared(qbuf.index(stage), qp + q_off)
+    qp = ks + _block_of(q_pg, ids) * (PAGE_BYTES // 2)
+    async_copy.async_copy_global_to_shared(qbuf.index(stage), qp + q_off)
     async_copy.commit_group()
 
 
@@ -371,47 +321,12 @@ def _attend_tail(m_i, l_i, o0, o1, o2, o3, q0, q1, q2, q3, key, value, tail, tai
 
 
 @gluon.jit
-def _merge_per_head(out, lse_out, o0, o1, o2, o3, m_i, l_i, lse_r, stride_oh, stride_lh,
-                    SINGLE: gl.constexpr, WRITE_LSE: gl.constexpr, mma: gl.constexpr):
-    """Merge the 4 slot rows of each query head by log-sum-exp (``lse_r``: each row's),
-    one head at a time (a reduction over all 16 rows per head and chunk), and store the
-    heads at ``out`` (the KV head's first query head; their LSE at ``lse_out``)."""
-    rows = gl.arange(0, 16, layout=gl.SliceLayout(1, mma))
-    head_r = (rows % 2) + 2 * (rows // 8)
-    oc = gl.arange(0, 32, layout=gl.SliceLayout(0, mma))
-    for h in gl.static_range(4):
-        sel = head_r == h
-        mx = gl.max(gl.where(sel, lse_r, float("-inf")), axis=0)
-        mx_safe = gl.where(mx == float("-inf"), 0.0, mx)
-        wr = gl.where(sel, gl.exp2(lse_r - mx_safe), 0.0)
-        total = gl.sum(wr, axis=0)
-        # o_r / l_r weighted by exp2(lse_r - mx) / total = exp2(m_r - mx) / total
-        f = gl.where(l_i > 0.0, gl.exp2(m_i - mx_safe), 0.0) / gl.where(total > 0.0, total, 1.0)
-        _store_head(out + h * stride_oh, o0, o1, o2, o3, f, sel, oc)
-        lse = gl.where(total > 0.0, mx_safe + gl.log2(gl.where(total > 0.0, total, 1.0)),
-                       float("-inf"))
-        if SINGLE:
-            lse = lse * 0.6931471805599453
-        if WRITE_LSE:
-            gl.store(lse_out + h * stride_lh, lse)
-
-
-@gluon.jit
-def _store_head(mid_o, o0, o1, o2, o3, f, sel, oc):
-    """Row-weighted sum of the rows ``sel`` of the four output chunks, stored at ``mid_o``."""
-    w = gl.where(sel, f, 0.0)[:, None]
-    dtype: gl.constexpr = mid_o.dtype.element_ty
-    gl.store(mid_o + oc, gl.sum(o0 * w, axis=0).to(dtype))
-    gl.store(mid_o + 32 + oc, gl.sum(o1 * w, axis=0).to(dtype))
-    gl.store(mid_o + 64 + oc, gl.sum(o2 * w, axis=0).to(dtype))
-    gl.store(mid_o + 96 + oc, gl.sum(o3 * w, axis=0).to(dtype))
-
-
-@gluon.jit
 def _merge_by_slot_sum(out, lse_out, o0, o1, o2, o3, m_i, l_i, lse_r, stride_oh, stride_lh,
                        SINGLE: gl.constexpr, WRITE_LSE: gl.constexpr, mma: gl.constexpr):
-    """``_merge_per_head`` with the rows viewed as [row // 8, slot, row % 2] (head 2 (row //
-    8) + row % 2): one reduction over the slot axis serves all 4 heads."""
+    """Merge the 4 slot rows of each query head by log-sum-exp (``lse_r``: each row's) and
+    store the heads at ``out`` (the KV head's first query head; their LSE at ``lse_out``).
+    The rows are viewed as [row // 8, slot, row % 2] (head 2 (row // 8) + row % 2): one
+    reduction over the slot axis serves all 4 heads."""
     rows = gl.arange(0, 16, layout=gl.SliceLayout(1, mma))
     oc = gl.arange(0, 32, layout=gl.SliceLayout(0, mma))
     lse3 = gl.reshape(lse_r, [2, 4, 2])
@@ -494,10 +409,6 @@ def _kivi_decode_pages(
     OFF_VM: gl.constexpr,
     G: gl.constexpr,
     D: gl.constexpr,
-    COPY16: gl.constexpr = False,  # 16-byte copies of the code tiles (else 4-byte)
-    KEY_STAGE: gl.constexpr = False,  # key scales and mins copied with the stage
-    IDS_AHEAD: gl.constexpr = False,  # the next stage's block ids loaded an iteration early
-    SLOT_SUM: gl.constexpr = False,  # merge the slot rows by one reduction for all heads
 ):
     req = gl.program_id(0)
     kvh = gl.program_id(1)
@@ -524,7 +435,6 @@ def _kivi_decode_pages(
     # elements, cols] for B, [run, t, 4 bytes, j, ln] key codes, [pg, run, t, 4 bytes, j,
     # ln] value codes; each converts to its dot operand without moving data between lanes
     LA: gl.constexpr = gl.BlockedLayout([1, 1, 1, 4], [8, 1, 4, 1], [1, 1, 1, 1], [3, 2, 0, 1])
-    LB: gl.constexpr = gl.BlockedLayout([1, 1, 4, 1], [1, 4, 1, 8], [1, 1, 1, 1], [2, 1, 3, 0])
     LK: gl.constexpr = gl.BlockedLayout([2, 1, 4, 16, 1], [1, 4, 1, 1, 8], [1, 1, 1, 1, 1],
                                         [2, 1, 4, 3, 0])
     LV: gl.constexpr = gl.BlockedLayout([4, 2, 1, 4, 4, 1], [1, 1, 4, 1, 1, 8],
@@ -540,9 +450,10 @@ def _kivi_decode_pages(
                                          [4, 3, 2, 1, 0])
     LMR: gl.constexpr = gl.BlockedLayout([1, 4, 2, 1, 4], [8, 1, 1, 4, 1], [1, 1, 1, 1, 1],
                                          [4, 3, 2, 1, 0])
-    # (KEY_STAGE) key scales and mins: copied as [scale/min x plane, slot, run, t, 4 ch];
-    # read as [row // 8, slot, row % 2, run, t, 4 ch] (PR: LA's lanes and registers with
-    # rows 8 apart and rows 2 apart replicas) and [col // 4, slot, run, t, 4 ch] (PC: LB's)
+    # key scales and mins: copied as [scale/min x plane, slot, run, t, 4 ch]; read as
+    # [row // 8, slot, row % 2, run, t, 4 ch] (PR: LA's lanes and registers with rows 8
+    # apart and rows 2 apart replicas) and [col // 4, slot, run, t, 4 ch] (PC: the lanes and
+    # registers of B columns loaded in storage order, [run, t, 4 elements, cols])
     LQC: gl.constexpr = gl.BlockedLayout([1, 1, 1, 1, 4], [1, 4, 2, 4, 1], [1, 1, 1, 1, 1],
                                          [4, 3, 2, 1, 0])
     PR: gl.constexpr = gl.BlockedLayout([2, 1, 1, 2, 1, 4], [1, 4, 2, 1, 4, 1],
@@ -554,16 +465,13 @@ def _kivi_decode_pages(
     kc = cache + (OFF_KC + kvh * G * 32)  # [G tokens, 32 bytes]
     vc = cache + (OFF_VC + kvh * 32 * G)  # [32 byte columns, G tokens]
     ks = cache16 + (OFF_KS // 2 + kvh * D)  # [D] float16
-    km = cache16 + (OFF_KM // 2 + kvh * D)
     vs = cache16 + (OFF_VS // 2 + kvh * 4 * G)  # [4 groups, G tokens] float16; mins after
     # the key codes enter the score dot as subnormals code * 2**(2p - 24): query plane p
     # holds 2**(3 - 2p), so every plane's products carry 2**-21 (SCORE undoes it)
     SCORE: gl.constexpr = 2097152.0
-    PAGE16: gl.constexpr = PAGE_BYTES // 2
     # dot row r: query head r % 2 + 2 (r // 8), page slot (r % 8) // 2; rows r and r + 8
     # of a lane share a page, so no operand register is a known zero or a duplicate
     ra = _ar(16, LA, 0, 4)
-    ra_slot = (ra % 8) // 2
     qk_scale = sm_scale * 1.4426950408889634
     q_rows = (query + req.to(gl.int64) * stride_qt
               + (kvh * 4 + (ra % 2) + 2 * (ra // 8)).to(gl.int64) * stride_qh)
@@ -575,19 +483,13 @@ def _kivi_decode_pages(
     cols = gl.arange(0, 128, layout=gl.SliceLayout(0, mma))
     slot = (rows % 8) // 2
     same_page = slot[:, None] == (cols // 32)[None, :]
-    bn = _ar(8, LB, 3, 4)  # key-min columns: the 4 pages (4 of 8 used)
-    km_ok = bn < 4
     bcol = gl.arange(0, 8, layout=gl.SliceLayout(0, mma))
     # the code tiles are copied through views with t and byte merged (``tb``: byte is the
-    # fastest dim, so the same bytes): 4 bytes a lane and copy as LK/LV hold them, or
-    # (COPY16) 16, a token's (a byte column's) half, both halves in one warp-wide copy
-    LKC: gl.constexpr = (
-        gl.BlockedLayout([1, 16, 1, 1], [2, 1, 2, 8], [1, 1, 1, 1], [1, 3, 2, 0]) if COPY16
-        else gl.BlockedLayout([2, 4, 16, 1], [1, 4, 1, 8], [1, 1, 1, 1], [1, 3, 2, 0]))
-    LVC: gl.constexpr = (
-        gl.BlockedLayout([1, 1, 16, 1, 1], [1, 2, 1, 2, 8], [1, 1, 1, 1, 1], [2, 4, 3, 1, 0])
-        if COPY16
-        else gl.BlockedLayout([4, 2, 4, 4, 1], [1, 1, 4, 1, 8], [1, 1, 1, 1, 1], [2, 4, 3, 1, 0]))
+    # fastest dim, so the same bytes): 4 bytes a lane and copy as LK/LV hold them (16-byte
+    # copies, a token's or byte column's half a lane, were 10% slower on the H200)
+    LKC: gl.constexpr = gl.BlockedLayout([2, 4, 16, 1], [1, 4, 1, 8], [1, 1, 1, 1], [1, 3, 2, 0])
+    LVC: gl.constexpr = gl.BlockedLayout([4, 2, 4, 4, 1], [1, 1, 4, 1, 8], [1, 1, 1, 1, 1],
+                                         [2, 4, 3, 1, 0])
     # key code words [run, tb, j, ln]: bytes run*16 + tb of token frag(x)
     k_j = _ar(16, LKC, 2, 4)
     k_tok = _frag(((k_j % 4) * 8)[None, None, :, None] + _ar(8, LKC, 3, 4)[None, None, None, :])
@@ -640,53 +542,42 @@ def _kivi_decode_pages(
     mbuf = gl.allocate_shared_memory(gl.float16, [2, 8, 4, 2, 4, 4],
                                      gl.SwizzledSharedLayout(1, 1, 1, [4, 3, 2, 1, 0]))
     # [stage, scale/min x plane, slot, run, t, 4 ch]; read as [stage x scale/min x plane, ...]
-    qbuf = gl.allocate_shared_memory(gl.float16, [2, 8, 4, 2, 4, 4] if KEY_STAGE else
-                                     [2, 1, 1, 1, 1, 1],
+    qbuf = gl.allocate_shared_memory(gl.float16, [2, 8, 4, 2, 4, 4],
                                      gl.SwizzledSharedLayout(1, 1, 1, [4, 3, 2, 1, 0]))
-    qv = qbuf._reinterpret(gl.float16, [16, 4, 2, 4, 4] if KEY_STAGE else [2, 1, 1, 1, 1],
+    qv = qbuf._reinterpret(gl.float16, [16, 4, 2, 4, 4],
                            gl.SwizzledSharedLayout(1, 1, 1, [3, 2, 1, 0]))
     col = _ar(4, LMC, 0, 5)[:, None, None, None, None] + gl.zeros([4, 4, 2, 4, 4], gl.int32,
                                                                     layout=LMC)
     mbuf.index(0).slice(4, 4).store(gl.where(col == 0, 1.0, 0.0).to(gl.float16))
     mbuf.index(1).slice(4, 4).store(gl.where(col == 0, 1.0, 0.0).to(gl.float16))
     p_end = p_lo + (n_iter - 1) * 4  # the last iteration's first page
-    ids = _stage_ids(bt_row, p_lo, p_last)  # (IDS_AHEAD) the block ids of the next stage
+    ids = _stage_ids(bt_row, p_lo, p_last)
     if n_iter > 0:
-        _stage(kbuf.index(0), vbuf.index(0), sbuf, mbuf, qbuf, 0, kc, vc, vs, ks, bt_row, p_lo,
-               p_last, ids, k_pg, k_off, v_pg, v_off, s_pg, s_off, m_pg, m_off, q_pg, q_off,
-               PAGE_BYTES, KEY_STAGE, IDS_AHEAD)
-    ids = _stage_ids(bt_row, gl.minimum(p_lo + 4, p_end), p_last)
+        _stage(kbuf.index(0), vbuf.index(0), sbuf, mbuf, qbuf, 0, kc, vc, vs, ks, ids, k_pg,
+               k_off, v_pg, v_off, s_pg, s_off, m_pg, m_off, q_pg, q_off, PAGE_BYTES)
+    ids = _stage_ids(bt_row, gl.minimum(p_lo + 4, p_end), p_last)  # the next stage's
     for it in range(n_iter):
         p0 = p_lo + it * 4
         nxt = (it + 1) % 2
-        _stage(kbuf.index(nxt), vbuf.index(nxt), sbuf, mbuf, qbuf, nxt, kc, vc, vs, ks,
-               bt_row, gl.minimum(p0 + 4, p_end), p_last, ids, k_pg, k_off, v_pg, v_off,
-               s_pg, s_off, m_pg, m_off, q_pg, q_off, PAGE_BYTES, KEY_STAGE, IDS_AHEAD)
-        if IDS_AHEAD:
-            ids = _stage_ids(bt_row, gl.minimum(p0 + 8, p_end), p_last)
-        # key mins of the 4 pages as B columns (bias = q . m of each row's page) and each
-        # row's key scales: from the stage, or loaded here (the rows' pages, the mins masked)
+        _stage(kbuf.index(nxt), vbuf.index(nxt), sbuf, mbuf, qbuf, nxt, kc, vc, vs, ks, ids,
+               k_pg, k_off, v_pg, v_off, s_pg, s_off, m_pg, m_off, q_pg, q_off, PAGE_BYTES)
+        ids = _stage_ids(bt_row, gl.minimum(p0 + 8, p_end), p_last)  # an iteration ahead
+        # from this stage: the key mins of its 4 pages as B columns (bias = q . m of each
+        # row's page), then each row's key scales
         qi = (it % 2) * 8  # this stage's key scales in qv, then its mins
-        if KEY_STAGE:
-            async_copy.wait_group(1)
-            gl.thread_barrier()  # ldmatrix reads words other lanes copied
-        col_page = gl.load(bt_row + gl.minimum(p0 + gl.minimum(bn, 3), p_last)).to(gl.int64)
-        km_cols = km + col_page * PAGE16
+        async_copy.wait_group(1)
+        gl.thread_barrier()  # ldmatrix reads words other lanes copied
         bsc = gl.zeros([16, 8], gl.float32, layout=mma)  # (mins scaled as the query planes)
-        bsc = mma_v2(q0, _key_mins(qv, qi, km_cols, km_ok, 0, KEY_STAGE, PC, LB, B) * 0.125, bsc)
-        bsc = mma_v2(q1, _key_mins(qv, qi, km_cols, km_ok, 1, KEY_STAGE, PC, LB, B) * 0.5, bsc)
-        bsc = mma_v2(q2, _key_mins(qv, qi, km_cols, km_ok, 2, KEY_STAGE, PC, LB, B) * 2.0, bsc)
-        bsc = mma_v2(q3, _key_mins(qv, qi, km_cols, km_ok, 3, KEY_STAGE, PC, LB, B) * 8.0, bsc)
-        ks_rows = ks + gl.load(bt_row + gl.minimum(p0 + ra_slot, p_last)).to(gl.int64) * PAGE16
-        if not KEY_STAGE:
-            async_copy.wait_group(1)
-            gl.thread_barrier()  # ldmatrix reads words other lanes copied
+        bsc = mma_v2(q0, _slot_cols(qv.index(qi + 4), PC, B) * 0.125, bsc)
+        bsc = mma_v2(q1, _slot_cols(qv.index(qi + 5), PC, B) * 0.5, bsc)
+        bsc = mma_v2(q2, _slot_cols(qv.index(qi + 6), PC, B) * 2.0, bsc)
+        bsc = mma_v2(q3, _slot_cols(qv.index(qi + 7), PC, B) * 8.0, bsc)
         kt = kbuf.index(it % 2).load(LK)
         s = gl.zeros([16, 128], gl.float32, layout=mma)
-        s = _key_dot(s, q0, _key_scales(qv, qi, ks_rows, 0, KEY_STAGE, PR, LA, A), kt, 0, B)
-        s = _key_dot(s, q1, _key_scales(qv, qi, ks_rows, 1, KEY_STAGE, PR, LA, A), kt, 1, B)
-        s = _key_dot(s, q2, _key_scales(qv, qi, ks_rows, 2, KEY_STAGE, PR, LA, A), kt, 2, B)
-        s = _key_dot(s, q3, _key_scales(qv, qi, ks_rows, 3, KEY_STAGE, PR, LA, A), kt, 3, B)
+        s = _key_dot(s, q0, _slot_rows(qv.index(qi), PR, A), kt, 0, B)
+        s = _key_dot(s, q1, _slot_rows(qv.index(qi + 1), PR, A), kt, 1, B)
+        s = _key_dot(s, q2, _slot_rows(qv.index(qi + 2), PR, A), kt, 2, B)
+        s = _key_dot(s, q3, _slot_rows(qv.index(qi + 3), PR, A), kt, 3, B)
         bias = gl.sum(gl.where(bcol[None, :] == slot[:, None], bsc, 0.0), axis=1)
         keep = same_page & (p0 + cols // 32 < p_hi)[None, :]
         s = gl.where(keep, s, float("-inf"))  # scores: s * SCORE + bias (a row constant)
@@ -729,12 +620,8 @@ def _kivi_decode_pages(
     out = mid_o + req.to(gl.int64) * stride_ot + kvh * 4 * stride_oh + split * stride_os
     lse_out = mid_lse + req.to(gl.int64) * stride_lt + kvh * 4 * stride_lh + split
     lse_r = gl.where(l_i > 0.0, m_i + gl.log2(gl.maximum(l_i, 1e-30)), float("-inf"))
-    if SLOT_SUM:
-        _merge_by_slot_sum(out, lse_out, o0, o1, o2, o3, m_i, l_i, lse_r, stride_oh,
-                           stride_lh, SINGLE, WRITE_LSE, mma)
-    else:
-        _merge_per_head(out, lse_out, o0, o1, o2, o3, m_i, l_i, lse_r, stride_oh, stride_lh,
-                        SINGLE, WRITE_LSE, mma)
+    _merge_by_slot_sum(out, lse_out, o0, o1, o2, o3, m_i, l_i, lse_r, stride_oh, stride_lh,
+                       SINGLE, WRITE_LSE, mma)
 
 
 def decode_pages(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -754,7 +641,6 @@ def decode_pages(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
         R=residual, BLOCK_R=max(16, triton.next_power_of_2(residual)),
         TAIL=with_tail, SELF=add_self, SINGLE=single, WRITE_LSE=write_lse,
         **{k: constants[k] for k in _FORMAT_ARGS}, num_warps=1,
-        COPY16=COPY16, KEY_STAGE=KEY_STAGE, IDS_AHEAD=IDS_AHEAD, SLOT_SUM=SLOT_SUM,
         **({"maxnreg": MAX_REGISTERS} if MAX_REGISTERS else {}),
     )
 
