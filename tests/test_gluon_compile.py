@@ -21,22 +21,18 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.triton
 
 
-def compiled_page_loop(*flags: str) -> dict[str, int]:
+@pytest.fixture(scope="module")
+def page_loop() -> dict[str, int]:
     """Opcode counts of one iteration of v7's page loop (``kernel_sass.py --gluon``)."""
     # a process of its own: once the Triton interpreter has run a kernel here
     # (tests/test_kernels.py on the CPU), compiling in this process fails
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     run = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "kernel_sass.py"),
-                          "--gluon", "--json", *flags], capture_output=True, text=True,
-                         env=env, check=True)
+                          "--gluon", "--json"], capture_output=True, text=True, env=env,
+                         check=True)
     report = json.loads(run.stdout.strip().splitlines()[-1])
     assert report["loops"], report["usage"]
     return max(report["loops"], key=lambda loop: sum(loop.values()))
-
-
-@pytest.fixture(scope="module")
-def page_loop() -> dict[str, int]:
-    return compiled_page_loop()
 
 
 def test_four_pages_of_tensor_core_work_per_iteration(page_loop):
